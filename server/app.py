@@ -1,0 +1,100 @@
+"""The composition root: builds settings, analyser, store, narrator and session manager,
+and wires the transports (REST, Socket.IO, static pages) onto one aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import socketio
+from aiohttp import web
+
+from server.analysis.analyser import Analyser
+from server.analysis.backends import make_analyser, pose_calibration_factory
+from server.config import Settings
+from server.observability import Instruments
+from server.session.manager import SessionManager
+from server.session.narrative import make_narrator
+from server.session.store import Store
+from server.signaling.http_api import cors_middleware, error_middleware
+from server.signaling.rest import build_api
+from server.signaling.socketio_events import ProctorNamespace
+
+log = logging.getLogger(__name__)
+
+MANAGER = web.AppKey("manager", SessionManager)
+SETTINGS = web.AppKey("settings", Settings)
+INSTRUMENTS = web.AppKey("instruments", Instruments)
+SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
+
+# Room for base64 (4/3) and the JSON around the largest allowed frame.
+def _max_body(settings: Settings) -> int:
+    return settings.max_frame_bytes * 4 // 3 + 64 * 1024
+
+
+def _file(path: Path) -> web.StreamResponse:
+    if not path.is_file():
+        raise web.HTTPNotFound(reason=f"{path.name} is not installed")
+    return web.FileResponse(path)
+
+
+def create_app(settings: Settings | None = None, *, analyser: Analyser | None = None) -> web.Application:
+    settings = settings or Settings()
+    instruments = Instruments()
+    analyser = analyser or make_analyser(settings, instruments)
+    manager = SessionManager(
+        settings,
+        analyser,
+        Store(settings.database_path),
+        instruments,
+        narrator=make_narrator(settings, instruments),
+        pose_calibration_factory=pose_calibration_factory(analyser),
+    )
+    app = web.Application(
+        client_max_size=_max_body(settings),
+        middlewares=[cors_middleware(settings.cors_origins), error_middleware],
+    )
+    app[MANAGER] = manager
+    app[SETTINGS] = settings
+    app[INSTRUMENTS] = instruments
+
+    sio = socketio.AsyncServer(
+        async_mode="aiohttp",
+        cors_allowed_origins=settings.cors_origins if "*" not in settings.cors_origins else "*",
+        # Above the largest valid frame, so an oversized one gets our error event instead
+        # of engine.io closing the connection.
+        max_http_buffer_size=_max_body(settings) * 2,
+        logger=False,
+        engineio_logger=False,
+    )
+    sio.register_namespace(ProctorNamespace(manager, settings))
+    sio.attach(app)
+    app[SOCKETIO] = sio
+
+    build_api(manager, settings, instruments).attach(app)
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        return _file(settings.public_dir / "index.html")
+
+    async def client_example(request: web.Request) -> web.StreamResponse:
+        return _file(settings.client_example)
+
+    async def socketio_client(request: web.Request) -> web.StreamResponse:
+        return _file(settings.node_modules_dir / "socket.io-client" / "dist" / "socket.io.min.js")
+
+    app.router.add_get("/", index)
+    app.router.add_get("/client_example.html", client_example)
+    app.router.add_get("/static/socket.io.min.js", socketio_client)
+    if settings.public_dir.is_dir():
+        app.router.add_static("/static", settings.public_dir)
+
+    async def on_startup(app: web.Application) -> None:
+        await manager.start()
+        log.info("analyser backend: %s", analyser.name)
+
+    async def on_shutdown(app: web.Application) -> None:
+        await manager.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    return app

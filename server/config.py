@@ -1,0 +1,120 @@
+"""Settings, read from the environment or `.env` (pydantic-settings).
+
+Every threshold and rate the product contract names is a setting here, so operators tune
+them without code. Names are the environment variables, case-insensitive.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["auto", "rekognition", "local"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- server ---------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 5001
+    secret_key: str = ""
+    api_token: str = Field(
+        default="",
+        description="Server-wide operator token; guards listing, any report and /metrics.",
+    )
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    log_level: str = "INFO"
+    public_dir: Path = Path(__file__).resolve().parent.parent / "public"
+    client_example: Path = Path(__file__).resolve().parent.parent / "client_example.html"
+    node_modules_dir: Path = Path(__file__).resolve().parent.parent / "node_modules"
+
+    # --- storage ------------------------------------------------------------------------
+    database_path: Path = Path("data/proctor.sqlite3")
+
+    # --- sessions -----------------------------------------------------------------------
+    max_live_sessions: int = 200
+    session_idle_timeout_s: float = 300.0
+    idle_sweep_interval_s: float = 5.0
+    max_frame_bytes: int = 5 * 1024 * 1024  # Rekognition's image limit
+    max_frame_dimension: int = 1920  # larger frames are downscaled, never refused
+    jpeg_quality: int = 85
+
+    # --- analyser -----------------------------------------------------------------------
+    analyser_backend: BackendName = "auto"
+    analyser_max_concurrency: int = 16  # analyser calls in flight server-wide
+    analyser_timeout_s: float = 10.0
+    labels_interval_s: float = 5.0  # DetectLabels at most this often per session
+    text_interval_s: float = 10.0  # DetectText at most this often per session
+
+    # --- AWS / Rekognition ----------------------------------------------------------------
+    aws_access_key_id: str = ""
+    aws_secret_access_key: str = ""
+    aws_session_token: str = ""
+    aws_region: str = "us-east-1"
+    aws_profile: str = ""
+    rekognition_max_attempts: int = 3  # total attempts, botocore adaptive retry mode
+    rekognition_connect_timeout_s: float = 2.0
+    rekognition_read_timeout_s: float = 5.0
+    rekognition_min_face_confidence: float = 50.0
+    rekognition_min_label_confidence: float = 60.0
+
+    # --- scoring ----------------------------------------------------------------------------
+    posture_window_frames: int = 10
+    positive_emotions: list[str] = Field(default_factory=lambda: ["HAPPY", "CALM", "SURPRISED"])
+
+    # --- alert rules (defaults are the product contract's) -----------------------------------
+    no_face_frames: int = 3
+    looking_away_yaw_deg: float = 30.0
+    looking_away_pitch_deg: float = 25.0
+    looking_away_frames: int = 5
+    low_engagement_threshold: float = 40.0
+    low_engagement_frames: int = 10
+    multiple_faces_frames: int = 1
+    suspicious_object_confidence: float = 70.0
+    suspicious_labels: list[str] = Field(
+        default_factory=lambda: [
+            "Mobile Phone",
+            "Cell Phone",
+            "Phone",
+            "Book",
+            "Paper",
+            "Document",
+            "Notebook",
+            "Monitor",
+            "Screen",
+            "Laptop",
+            "Computer",
+            "Tablet Computer",
+            "Electronics",
+            "Headphones",
+        ]
+    )
+    text_min_confidence: float = 80.0
+    text_min_chars: int = 8  # "significant" text: this many characters over confident lines
+
+    # --- LLM narrative -------------------------------------------------------------------------
+    openai_api_key: str = ""
+    anthropic_api_key: str = ""
+    llm_provider: Literal["auto", "openai", "anthropic", "none"] = "auto"
+    openai_model: str = "gpt-4o-mini"
+    anthropic_model: str = "claude-3-5-haiku-latest"
+    llm_timeout_s: float = 30.0
+    llm_max_tokens: int = 800
+
+    @property
+    def has_aws_credentials(self) -> bool:
+        return bool(self.aws_access_key_id and self.aws_secret_access_key) or bool(
+            self.aws_profile
+        )
+
+    @property
+    def resolved_backend(self) -> Literal["rekognition", "local"]:
+        if self.analyser_backend == "auto":
+            return "rekognition" if self.has_aws_credentials else "local"
+        return self.analyser_backend

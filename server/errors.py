@@ -1,0 +1,58 @@
+"""Errors the product reports to clients: each has a stable code and an HTTP status.
+
+Transports map these to their own form (REST JSON body, Socket.IO `error` event, data
+channel `error` message); anything else is a bug and is reported as `internal_error`.
+"""
+
+from __future__ import annotations
+
+
+class ProctorError(Exception):
+    code = "error"
+    status = 400
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ProctorError):
+    code = "bad_request"
+    status = 400
+
+
+class Unauthorized(ProctorError):
+    code = "unauthorized"
+    status = 401
+
+
+class SessionNotFound(ProctorError):
+    code = "session_not_found"
+    status = 404
+
+
+class SessionEnded(ProctorError):
+    code = "session_ended"
+    status = 409
+
+
+class ReportNotReady(ProctorError):
+    code = "report_not_ready"
+    status = 409
+
+
+class Overloaded(ProctorError):
+    code = "overloaded"
+    status = 429
+
+
+class BackendUnavailable(ProctorError):
+    code = "backend_unavailable"
+    status = 503

@@ -1,0 +1,231 @@
+"""Frames: one image to analyse, whatever transport brought it.
+
+Parsing a data URL is cheap and done on the event loop so bad input is refused at once
+(base64, magic bytes, size, header dimensions). Pixel work — decoding, resizing,
+re-encoding — is done lazily by `Frame.jpeg()` / `Frame.bgr()`, which callers run in a
+worker thread (the analyser backends do), never on the loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from server.errors import ProctorError
+
+if TYPE_CHECKING:
+    import av
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class FrameError(ProctorError):
+    """A frame we refuse; `code` is the stable machine-readable error code."""
+
+    code = "invalid_frame"
+    status = 400
+
+
+class MalformedFrame(FrameError):
+    code = "malformed_frame"
+
+
+class UnsupportedImage(FrameError):
+    code = "unsupported_image"
+
+
+class FrameTooLarge(FrameError):
+    code = "frame_too_large"
+    status = 413
+
+
+def _b64_decoded_size(text: str) -> int:
+    return len(text) * 3 // 4 - text[-2:].count("=")
+
+
+def parse_data_url(value: object, max_bytes: int) -> tuple[bytes, str]:
+    """Decode `data:image/jpeg;base64,...` (or bare base64) to bytes and its MIME type.
+
+    Raises a `FrameError` subclass saying exactly what is wrong.
+    """
+    if not isinstance(value, str | bytes):
+        raise MalformedFrame("frame must be a data URL or base64 string")
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not text:
+        raise MalformedFrame("frame is empty")
+    if text.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if not sep:
+            raise MalformedFrame("data URL has no ',' separating header and payload")
+        if ";base64" not in header:
+            raise MalformedFrame("data URL must be base64-encoded (';base64')")
+        text = payload
+    # Refuse before decoding so a huge payload costs no memory or time.
+    if _b64_decoded_size(text) > max_bytes:
+        raise FrameTooLarge(f"frame exceeds the maximum of {max_bytes} bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedFrame(f"frame is not valid base64: {exc}") from None
+    if len(data) > max_bytes:
+        raise FrameTooLarge(f"frame exceeds the maximum of {max_bytes} bytes")
+    return data, sniff_image(data)
+
+
+def sniff_image(data: bytes) -> str:
+    if data.startswith(JPEG_MAGIC):
+        return "image/jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "image/png"
+    raise UnsupportedImage("frame is not a JPEG or PNG image")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the image header only (no pixel decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.width), int(img.height)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MalformedFrame(f"image header cannot be read: {exc}") from None
+
+
+def _scale_for(width: int, height: int, max_dim: int) -> float:
+    longest = max(width, height)
+    return 1.0 if longest <= max_dim else max_dim / longest
+
+
+@dataclass(eq=False)
+class Frame:
+    """One image plus when it was captured. Exactly one source is set at construction;
+    conversions are cached and thread-safe, so several checks share one decode."""
+
+    captured_at: float = field(default_factory=time.time)
+    encoded: bytes | None = None
+    mime: str | None = None
+    width: int = 0
+    height: int = 0
+    _bgr: np.ndarray | None = None
+    _video_frame: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _jpeg_cache: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)
+    _bgr_cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_data_url(
+        cls, value: object, max_bytes: int, captured_at: float | None = None
+    ) -> Frame:
+        data, mime = parse_data_url(value, max_bytes)
+        return cls.from_encoded(data, mime, captured_at)
+
+    @classmethod
+    def from_encoded(cls, data: bytes, mime: str, captured_at: float | None = None) -> Frame:
+        width, height = image_size(data)
+        if width < 1 or height < 1:
+            raise MalformedFrame("image has no pixels")
+        return cls(
+            captured_at=captured_at if captured_at is not None else time.time(),
+            encoded=data,
+            mime=mime,
+            width=width,
+            height=height,
+        )
+
+    @classmethod
+    def from_bgr(cls, image: np.ndarray, captured_at: float | None = None) -> Frame:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise MalformedFrame("expected an H×W×3 BGR image")
+        return cls(
+            captured_at=captured_at if captured_at is not None else time.time(),
+            width=int(image.shape[1]),
+            height=int(image.shape[0]),
+            _bgr=image,
+        )
+
+    @classmethod
+    def from_video_frame(cls, frame: av.VideoFrame, captured_at: float | None = None) -> Frame:
+        """Wrap a decoded WebRTC frame without converting it (conversion happens only if
+        the frame is sampled for analysis)."""
+        return cls(
+            captured_at=captured_at if captured_at is not None else time.time(),
+            width=int(frame.width),
+            height=int(frame.height),
+            _video_frame=frame,
+        )
+
+    # --- pixel work: call these off the event loop -------------------------------------
+
+    def bgr(self, max_dim: int = 1920) -> np.ndarray:
+        """The frame as a BGR uint8 array, downscaled so its longest side ≤ max_dim."""
+        with self._lock:
+            cached = self._bgr_cache.get(max_dim)
+            if cached is not None:
+                return cached
+            image = self._to_bgr(max_dim)
+            self._bgr_cache[max_dim] = image
+            return image
+
+    def _to_bgr(self, max_dim: int) -> np.ndarray:
+        import cv2
+
+        scale = _scale_for(self.width, self.height, max_dim)
+        if self._video_frame is not None:
+            vf = self._video_frame
+            if scale < 1.0:
+                w = max(2, int(vf.width * scale) // 2 * 2)
+                h = max(2, int(vf.height * scale) // 2 * 2)
+                return vf.reformat(width=w, height=h, format="bgr24").to_ndarray()
+            return vf.to_ndarray(format="bgr24")
+        if self._bgr is not None:
+            image = self._bgr
+        else:
+            assert self.encoded is not None
+            arr = np.frombuffer(self.encoded, dtype=np.uint8)
+            decoded = cv2.imdecode(arr, cv2.IMREAD_COLOR)
+            if decoded is None:
+                raise MalformedFrame("image data cannot be decoded")
+            image = decoded
+        if scale < 1.0:
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        return image
+
+    def jpeg(self, max_dim: int = 1920, quality: int = 85, max_bytes: int = 5 << 20) -> bytes:
+        """Bytes fit for an image API: the original when it already fits, otherwise
+        re-encoded (and downscaled) until it is under max_bytes."""
+        key = (max_dim, quality)
+        with self._lock:
+            cached = self._jpeg_cache.get(key)
+            if cached is not None:
+                return cached
+        if (
+            self.encoded is not None
+            and len(self.encoded) <= max_bytes
+            and max(self.width, self.height) <= max_dim
+        ):
+            return self.encoded
+        import cv2
+
+        image = self.bgr(max_dim)
+        q = quality
+        while True:
+            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, q])
+            if not ok:
+                raise MalformedFrame("frame cannot be encoded as JPEG")
+            data = buf.tobytes()
+            if len(data) <= max_bytes or q <= 30:
+                break
+            q -= 15
+        with self._lock:
+            self._jpeg_cache[key] = data
+        return data

@@ -1,0 +1,128 @@
+"""REST endpoints (fixed paths from the product contract), on the shared session model."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server import __version__
+from server.config import Settings
+from server.errors import BadRequest
+from server.media.frames import Frame
+from server.observability import Instruments
+from server.session.live_session import LiveSession
+from server.session.manager import SessionManager
+from server.signaling.auth import require_operator
+from server.signaling.http_api import Api, json_response, parse_body
+from server.signaling.schemas import (
+    FrameRequest,
+    FrameResult,
+    Health,
+    LiveMetrics,
+    Report,
+    SessionList,
+    SessionStarted,
+    StartSessionRequest,
+)
+
+LIST_LIMIT_MAX = 1000
+
+
+def build_api(manager: SessionManager, settings: Settings, instruments: Instruments) -> Api:
+    api = Api("Proctoring server", __version__)
+    started = time.monotonic()
+
+    async def live(request: web.Request) -> LiveSession:
+        return await manager.get_live(request.match_info["session_id"])
+
+    @api.route("GET", "/health", summary="Health check", tag="operations", response=Health)
+    async def health(request: web.Request) -> web.Response:
+        return json_response(
+            {
+                "status": "ok",
+                "backend": manager.analyser.name,
+                "live_sessions": manager.live_count,
+                "uptime_s": round(time.monotonic() - started, 3),
+                "version": __version__,
+            }
+        )
+
+    @api.route(
+        "POST", "/api/sessions/start", summary="Start a session", request=StartSessionRequest,
+        response=SessionStarted, errors=(400, 429),
+    )
+    async def start_session(request: web.Request) -> web.Response:
+        body = await parse_body(request, StartSessionRequest)
+        session = await manager.start_session(body.job_data, transport="rest")
+        return json_response(manager.started_payload(session))
+
+    @api.route(
+        "POST", "/api/sessions/{session_id}/frame", summary="Analyse one frame",
+        request=FrameRequest, response=FrameResult, errors=(400, 404, 409, 413),
+    )
+    async def analyse_frame(request: web.Request) -> web.Response:
+        session = await live(request)
+        body = await parse_body(request, FrameRequest)
+        frame = Frame.from_data_url(body.frame, settings.max_frame_bytes, body.timestamp)
+        result = await manager.submit(session, frame)
+        if result.get("status") == "dropped":
+            return json_response({"session_id": session.id, **result})
+        return json_response({"session_id": session.id, "status": "analysed", "result": result})
+
+    @api.route(
+        "GET", "/api/sessions/{session_id}/metrics", summary="Aggregated live metrics",
+        response=LiveMetrics, errors=(404, 409),
+    )
+    async def session_metrics(request: web.Request) -> web.Response:
+        return json_response((await live(request)).live_metrics())
+
+    @api.route(
+        "POST", "/api/sessions/{session_id}/end", summary="End a session and get its report",
+        response=Report, errors=(404, 409),
+    )
+    async def end_session(request: web.Request) -> web.Response:
+        return json_response(await manager.end_session(request.match_info["session_id"]))
+
+    @api.route(
+        "GET", "/api/sessions/{session_id}/report", summary="The report of an ended or interrupted session",
+        response=Report, errors=(404, 409), operator=True,
+    )
+    async def session_report(request: web.Request) -> web.Response:
+        require_operator(request, settings.api_token)
+        return json_response(await manager.report(request.match_info["session_id"]))
+
+    @api.route(
+        "GET", "/api/sessions", summary="List sessions (newest first); ?status=live|ended|interrupted&limit=&offset=",
+        response=SessionList, errors=(400,), operator=True,
+    )
+    async def list_sessions(request: web.Request) -> web.Response:
+        require_operator(request, settings.api_token)
+        status = request.query.get("status")
+        if status not in (None, "live", "ended", "interrupted"):
+            raise BadRequest("status must be live, ended or interrupted", code="invalid_field")
+        try:
+            limit = int(request.query.get("limit", "100"))
+            offset = int(request.query.get("offset", "0"))
+        except ValueError:
+            raise BadRequest("limit and offset must be integers", code="invalid_field") from None
+        if not (1 <= limit <= LIST_LIMIT_MAX) or offset < 0:
+            raise BadRequest(f"limit must be 1..{LIST_LIMIT_MAX}, offset ≥ 0", code="invalid_field")
+        sessions = await manager.store.list_sessions(status, limit, offset)
+        return json_response({"sessions": sessions, "count": len(sessions)})
+
+    @api.route(
+        "GET", "/metrics", summary="Prometheus metrics", tag="operations", operator=True,
+        response_content_type=CONTENT_TYPE_LATEST,
+    )
+    async def prometheus_metrics(request: web.Request) -> web.Response:
+        require_operator(request, settings.api_token)
+        body = generate_latest(instruments.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @api.route("GET", "/api/openapi.json", summary="This API's OpenAPI document", tag="operations")
+    async def openapi(request: web.Request) -> web.Response:
+        return json_response(api.openapi())
+
+    return api

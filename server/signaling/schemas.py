@@ -1,0 +1,100 @@
+"""Request and response models of the REST API; the handlers validate with them and the
+OpenAPI document is generated from them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error code")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class StartSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    job_data: dict[str, Any] = Field(
+        default_factory=dict, description='Free-form job description, e.g. {"jobTitle": "..."}'
+    )
+
+
+class SessionStarted(BaseModel):
+    session_id: str
+    started_at: float
+    backend: str
+    transport: str
+    job_data: dict[str, Any]
+    status: str
+
+
+class FrameRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    frame: str = Field(description="data:image/jpeg;base64,... URL (JPEG or PNG); bare base64 accepted")
+    timestamp: float | None = Field(
+        default=None, description="Capture time (Unix seconds); defaults to arrival time"
+    )
+
+
+class FrameResult(BaseModel):
+    session_id: str
+    status: Literal["analysed", "dropped"]
+    reason: str | None = Field(default=None, description="Why a frame was dropped")
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="metrics{eye_contact,engagement,facial_expression,posture,confidence}, "
+        "faces_count, dominant_emotion, emotions, labels, text, alerts, timings, ...",
+    )
+
+
+class LiveMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    session_id: str
+    status: str
+    metrics: dict[str, Any]
+    frames_received: int
+    frames_analysed: int
+    frames_dropped: int
+    active_alerts: list[dict[str, Any]]
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    session_id: str
+    summary: dict[str, Any]
+    behavioural_scores: dict[str, Any]
+    body_language: dict[str, Any]
+    cultural_fit: dict[str, Any]
+    emotion_timeline: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]
+    ai_summary: dict[str, Any] | None
+    token_usage: dict[str, Any]
+
+
+class SessionRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    session_id: str
+    status: Literal["live", "ended", "interrupted"]
+    transport: str
+    backend: str
+    started_at: float
+    ended_at: float | None
+    end_reason: str | None
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionRecord]
+    count: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    backend: str
+    live_sessions: int
+    uptime_s: float
+    version: str

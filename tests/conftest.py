@@ -1,0 +1,89 @@
+"""Shared fixtures: a real server on a free loopback port, backed by the fake Rekognition
+(reached through real boto3) unless a test asks otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from server.app import MANAGER, create_app
+from server.config import Settings
+from server.session.manager import SessionManager
+from tests.fakes.rekognition import FakeRekognition
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    settings: Settings
+
+    @property
+    def manager(self) -> SessionManager:
+        return self.app[MANAGER]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_path": tmp_path / "proctor.sqlite3",
+        "analyser_backend": "rekognition",
+        # Every frame asks every question unless a test is about cadence.
+        "labels_interval_s": 0.0,
+        "text_interval_s": 0.0,
+        "rekognition_max_attempts": 1,
+        "openai_api_key": "",
+        "anthropic_api_key": "",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+async def start_server(settings: Settings, **app_kwargs: Any) -> RunningServer:
+    app = create_app(settings, **app_kwargs)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return RunningServer(f"http://127.0.0.1:{port}", app, runner, settings)
+
+
+@pytest.fixture
+async def rekognition(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeRekognition]:
+    fake = FakeRekognition()
+    await fake.start()
+    for key, value in fake.env().items():
+        monkeypatch.setenv(key, value)
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override in a test module to change the server's settings."""
+    return {}
+
+
+@pytest.fixture
+async def server(
+    tmp_path: Path, rekognition: FakeRekognition, settings_overrides: dict[str, Any]
+) -> AsyncIterator[RunningServer]:
+    running = await start_server(make_settings(tmp_path, **settings_overrides))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -1,0 +1,152 @@
+"""client_example.html in real headless Chromium, with a fake camera, against a real server.
+
+The camera plays a .y4m file (Chromium loops it); the page captures frames to a canvas,
+pushes JPEG data URLs over Socket.IO, and renders what the server sends back.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from aiohttp import web
+
+from server.app import create_app
+from server.config import Settings
+from tests.browser_kit import (
+    ConsoleWatch,
+    blank_frames,
+    face_frames,
+    launch_browser,
+    require_chromium,
+    write_y4m,
+)
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
+
+pytestmark = pytest.mark.browser
+
+SCREENSHOT = Path("/tmp/client_example_browser.png")  # for a human look; never committed
+
+
+@pytest.fixture
+async def demo_server(tmp_path: Path) -> AsyncIterator[str]:
+    """The real app on a free loopback port; yields its base URL."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]  # ignore a developer's .env
+        host="127.0.0.1",
+        port=0,
+        database_path=tmp_path / "proctor.sqlite3",
+        analyser_backend="local",
+        llm_provider="none",
+        openai_api_key="",
+        anthropic_api_key="",
+        api_token="",
+    )
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    site = web.SockSite(runner, sock)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def _number(page: Page, selector: str) -> float:
+    text = (await page.inner_text(selector)).strip()
+    match = re.search(r"-?\d+(\.\d+)?", text)
+    assert match, f"{selector} shows no number: {text!r}"
+    return float(match.group())
+
+
+async def test_demo_page_shows_live_metrics_and_report(demo_server: str, tmp_path: Path) -> None:
+    require_chromium()
+    y4m = write_y4m(tmp_path / "face.y4m", face_frames())
+    async with launch_browser(y4m, tmp_path / "profile") as context:
+        page = context.pages[0] if context.pages else await context.new_page()
+        console = ConsoleWatch().attach(page)
+        await page.goto(f"{demo_server}/client_example.html")
+
+        await page.wait_for_function(
+            "document.getElementById('connection-status').textContent === 'connected'"
+        )
+        assert await page.is_disabled("#end-btn")
+        await page.fill("#job-title", "Site Reliability Engineer")
+        await page.fill("#fps", "5")  # quicker than the 2 fps default, still paced by acks
+        await page.click("#start-btn")
+        await page.wait_for_function("document.body.dataset.state === 'running'")
+        assert re.fullmatch(r"[\w-]{16,}", (await page.inner_text("#session-id")).strip())
+        assert await page.is_disabled("#start-btn")
+
+        # Several analysed frames in which the bars show a face's scores.
+        await page.wait_for_function(
+            """() => {
+                const n = Number(document.getElementById('frames-analysed').textContent);
+                const c = Number(document.getElementById('value-confidence').dataset.value || 0);
+                return n >= 3 && c > 0;
+            }""",
+            timeout=30_000,
+        )
+        assert await _number(page, "#faces-count") == 1
+        assert await _number(page, "#value-confidence") > 0
+        assert await _number(page, "#value-eye_contact") > 0
+        width = await page.eval_on_selector("#bar-eye_contact", "e => e.style.width")
+        assert float(width.rstrip("%")) > 0
+        assert (await page.inner_text("#dominant-emotion")).strip() not in ("", "—")
+        assert (await page.inner_text("#backend")).strip() not in ("", "—")
+        sent = await _number(page, "#frames-sent")
+        assert sent >= await _number(page, "#frames-analysed") - 1
+        await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        await page.click("#end-btn")
+        await page.wait_for_function("document.body.dataset.state === 'ended'", timeout=30_000)
+        assert await page.is_visible("#report")
+        analysed = await _number(page, "#report-summary tr[data-key='frames_analysed'] td")
+        assert analysed > 0
+        assert await page.locator("#report-scores tr[data-metric='eye_contact']").count() == 1
+        assert (await page.inner_text("#report-text")).strip()  # narrative rendered
+        raw = await page.text_content("#report-raw")  # inside a closed <details>
+        assert raw is not None and '"behavioural_scores"' in raw
+        assert await page.is_enabled("#start-btn")
+
+    assert console.errors == []
+
+
+async def test_demo_page_lists_no_face_alert(demo_server: str, tmp_path: Path) -> None:
+    require_chromium()
+    y4m = write_y4m(tmp_path / "blank.y4m", blank_frames())
+    async with launch_browser(y4m, tmp_path / "profile") as context:
+        page = context.pages[0] if context.pages else await context.new_page()
+        console = ConsoleWatch().attach(page)
+        await page.goto(f"{demo_server}/client_example.html")
+        await page.wait_for_function(
+            "document.getElementById('connection-status').textContent === 'connected'"
+        )
+        await page.fill("#fps", "5")
+        await page.click("#start-btn")
+
+        # The spec's default: three faceless frames raise one no_face_detected episode.
+        alert = page.locator("#alerts-list li[data-type='no_face_detected']")
+        await alert.wait_for(timeout=30_000)
+        assert await alert.get_attribute("data-status") == "onset"
+        assert await alert.get_attribute("data-severity") == "warning"
+        assert await _number(page, "#faces-count") == 0
+        assert (await page.inner_text("#value-eye_contact")).strip() == "—"
+        assert "1 active" in await page.inner_text("#active-alerts")
+
+        await page.click("#end-btn")
+        await page.wait_for_function("document.body.dataset.state === 'ended'", timeout=30_000)
+        history = page.locator("#report-alerts tr[data-testid='report-alert']")
+        assert await history.count() >= 1
+        assert "No face detected" in await history.first.inner_text()
+
+    assert console.errors == []
