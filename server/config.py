@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     anthropic_api_key: str = ""
     llm_provider: Literal["auto", "openai", "anthropic", "none"] = "auto"
     openai_model: str = "gpt-4o-mini"
-    anthropic_model: str = "claude-3-5-haiku-latest"
+    anthropic_model: str = "claude-haiku-4-5"
     llm_timeout_s: float = 30.0
     llm_max_tokens: int = 800
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -77,9 +78,10 @@ def report(n_alerts: int = 3) -> dict[str, Any]:
             "department": "Platform",
             "description": "Builds distributed systems. " * 400,
         },
+        # As server/session/report.py writes them: ISO in the summary, epoch in alerts.
         "summary": {
-            "started_at": t0,
-            "ended_at": t0 + 1800,
+            "started_at": datetime.fromtimestamp(t0, UTC).isoformat(),
+            "ended_at": datetime.fromtimestamp(t0 + 1800, UTC).isoformat(),
             "duration_seconds": 1800,
             "frames_received": 3600,
             "frames_analysed": 1800,

@@ -113,6 +113,10 @@ CREDENTIAL_ERRORS = (
 _WARN_EVERY_S = 30.0  # one warning per (check, outcome) per this interval, not per frame
 
 
+class AnalyserClosed(RuntimeError):
+    """analyse() on an analyser that was closed (or closed while the frame waited)."""
+
+
 @dataclass(slots=True)
 class _CheckResult:
     value: Any = None  # the parsed tuple, None when the check has no answer
@@ -272,7 +276,7 @@ class RekognitionAnalyser:
         """Build the boto3 client (loads service models: blocking, so in the pool).
         A configuration error such as an unknown profile raises here, at startup."""
         if self._closed:
-            raise RuntimeError("analyser is closed")
+            raise AnalyserClosed("analyser is closed")
         async with self._client_lock:
             if self._client is None:
                 self._client = await self._run(self._make_client)
@@ -297,8 +301,11 @@ class RekognitionAnalyser:
     # --- the pool ----------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
+        return fn()
         await self._slots.acquire()
         try:
+            if self._closed:
+                raise AnalyserClosed("analyser is closed")
             future = self._executor.submit(fn)
         except BaseException:
             self._slots.release()
@@ -312,7 +319,14 @@ class RekognitionAnalyser:
                 pass
 
         future.add_done_callback(release)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and self._closed and not (task and task.cancelling()):
+                # close() dropped this queued job; the caller was not cancelled.
+                raise AnalyserClosed("analyser closed while the frame waited") from None
+            raise
 
     # --- analysis ------------------------------------------------------------------------------
 
@@ -374,8 +388,8 @@ class RekognitionAnalyser:
     async def _check(self, name: str, image: bytes) -> _CheckResult:
         operation = OPERATIONS[name]
         client = self._client
-        if client is None:  # closed while this frame waited
-            return _CheckResult(outcome="unavailable")
+        if client is None:
+            raise AnalyserClosed("analyser closed while the frame waited")
         if name == "faces":
             call = functools.partial(
                 client.detect_faces, Image={"Bytes": image}, Attributes=["ALL"]
@@ -391,6 +405,8 @@ class RekognitionAnalyser:
 
         try:
             response: dict[str, Any] = await self._run(call)
+        except AnalyserClosed:
+            raise
         except Exception as exc:  # service faults must degrade the check, never raise
             outcome = classify(exc)
             self._count(operation, outcome, _retries(getattr(exc, "response", None)))

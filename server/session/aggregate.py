@@ -71,7 +71,7 @@ class RunningStat:
             "current": None if self.last is None else round(self.last, 1),
             "samples": self.n,
             "trend": self.trend,
-            "slope_per_min": None if slope is None else round(slope, 2),
+            "slope_per_min": None if slope is None else round(slope, 2) + 0.0,
         }
 
 

@@ -128,12 +128,14 @@ def facts_from_report(report: dict[str, Any]) -> dict[str, Any]:
     alert episodes (the most severe, then longest, kept in time order), times given as
     seconds from the session start. Everything else (timelines, frames) is dropped."""
     summary = _scalars(report.get("summary"))
+    scores = report.get("behavioural_scores")
+    scores = scores if isinstance(scores, dict) else {}
     facts: dict[str, Any] = {
         "job_data": _scalars(report.get("job_data"), MAX_JOB_STR),
         "summary": summary,
         "behavioural_scores": {
             str(name): _scalars(stat)
-            for name, stat in list((report.get("behavioural_scores") or {}).items())[:MAX_KEYS]
+            for name, stat in list(scores.items())[:MAX_KEYS]
             if isinstance(stat, dict)
         },
     }
@@ -155,7 +157,7 @@ def facts_from_report(report: dict[str, Any]) -> dict[str, Any]:
         range(len(alerts)),
         key=lambda i: (
             _SEVERITY_RANK.get(str(alerts[i].get("severity")), 3),
-            -float(alerts[i].get("duration_s") or 0.0),
+            -(_epoch(alerts[i].get("duration_s")) or 0.0),  # any number; junk counts as 0
             i,
         ),
     )[:MAX_ALERTS]

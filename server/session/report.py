@@ -166,6 +166,13 @@ def build_report(
         agg.add(t, summary)
     counters = session.get("counters") or {}
     duration = max(0.0, float(ended) - started)
+    # Episodes still open when the process died end where the evidence ends.
+    alerts = [
+        a if a.get("ended_at") is not None
+        else {**a, "ended_at": ended, "end_reason": "interrupted",
+              "duration_s": round(max(0.0, float(ended) - a["started_at"]), 3)}
+        for a in alerts
+    ]
     summary_text = rule_based_summary(agg, alerts, duration)
     return {
         "report_version": REPORT_VERSION,

@@ -212,6 +212,16 @@ def _image_header_size(data: bytes) -> tuple[int, int]:
         return 0, 0
 
 
+def _truncated(data: bytes) -> bool:
+    """Cheap stand-in for the service's full decode: a JPEG must end with its EOI marker
+    (allowing a little trailing padding), a PNG with its IEND chunk."""
+    if data.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" not in data[-64:]
+    if data.startswith(b"\x89PNG"):
+        return not data.endswith(b"IEND\xaeB`\x82")
+    return False
+
+
 def _has_texture(data: bytes, threshold: float) -> bool:
     """True when the decoded image is not near-uniform (grey std-dev above threshold)."""
     import cv2
@@ -237,6 +247,7 @@ class FakeRekognition:
         self._labels: list[dict[str, Any]] = []
         self._text: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
+        self._arrived: asyncio.Condition | None = None  # made in the loop on first use
         self.url = ""
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -244,7 +255,8 @@ class FakeRekognition:
     async def start(self) -> str:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_post("/", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Short shutdown: stop() must not wait out a slow scripted latency.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -317,6 +329,14 @@ class FakeRekognition:
             return len(self.calls)
         return sum(1 for c in self.calls if c.operation == operation)
 
+    async def wait_for_calls(self, n: int, operation: str | None = None) -> None:
+        """Wait until at least `n` requests (of `operation`) have arrived; wrap it in
+        `asyncio.timeout()` to bound the wait."""
+        if self._arrived is None:
+            self._arrived = asyncio.Condition()
+        async with self._arrived:
+            await self._arrived.wait_for(lambda: self.count(operation) >= n)
+
     def reset(self) -> None:
         self.calls.clear()
         self._scripts.clear()
@@ -358,6 +378,9 @@ class FakeRekognition:
         self.calls.append(
             Call(operation, len(raw), width, height, arrived, params, access_key, region)
         )
+        if self._arrived is not None:
+            async with self._arrived:
+                self._arrived.notify_all()
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
 
@@ -370,7 +393,7 @@ class FakeRekognition:
 
         if len(raw) > MAX_IMAGE_BYTES:
             return self._error("ImageTooLargeException", "Image size is too large.")
-        if width == 0:
+        if width == 0 or _truncated(raw):
             return self._error(
                 "InvalidImageFormatException", "Request has unsupported image format"
             )

@@ -1,0 +1,1024 @@
+// Candidate / interviewer page: sends the camera to the server over WebRTC and shows the
+// analysis that comes back on the "proctoring" data channel. Plain browser JavaScript, no
+// build step, no third-party code. The contract with the server is /api/rtc/offer plus the
+// JSON messages listed in the README.
+(() => {
+  "use strict";
+
+  const METRICS = [
+    ["eye_contact", "Eye contact"],
+    ["engagement", "Engagement"],
+    ["facial_expression", "Expression"],
+    ["posture", "Posture"],
+    ["confidence", "Confidence"],
+  ];
+  const OFFER_URL = "/api/rtc/offer";
+  const ICE_GATHER_TIMEOUT_MS = 5000; // aiortc has no trickle ICE: wait, but not forever
+  const OPEN_TIMEOUT_MS = 20000; // answer → data channel open
+  const DISCONNECTED_GRACE_MS = 3000; // "disconnected" often heals by itself
+  const RECONNECT_MAX_DELAY_MS = 8000;
+  const OVERLOAD_RETRIES = 3; // 503 + Retry-After on the first connect
+  const END_TIMEOUT_MS = 90000; // the report may wait for an LLM
+  const LIVE_METRICS_EVERY_MS = 5000;
+  const PING_EVERY_MS = 5000;
+  const STATS_EVERY_MS = 2000;
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    sessionState: $("session-state"), rtcState: $("rtc-state"), dcState: $("dc-state"),
+    banner: $("error-banner"), bannerText: $("error-banner-text"), bannerClose: $("error-dismiss"),
+    job: $("job-title"), connect: $("connect-btn"), end: $("end-btn"),
+    video: $("preview"), overlay: $("video-overlay"),
+    sessionId: $("session-id"), backend: $("backend"), sendStats: $("send-stats"),
+    videoLimits: $("video-limits"), rtt: $("rtt"), reconnects: $("reconnects"),
+    metrics: $("metrics"), faces: $("faces-count"), emotion: $("dominant-emotion"),
+    analysed: $("frames-analysed"), latency: $("analysis-latency"),
+    emotions: $("emotions"), labels: $("labels"), text: $("text-seen"),
+    counters: $("server-counters"), notes: $("frame-notes"),
+    alerts: $("alerts-list"), alertsEmpty: $("alerts-empty"), activeAlerts: $("active-alerts"),
+    status: $("status-line"), log: $("error-log"), timings: $("timings"),
+    report: $("report"), reportHeadline: $("report-headline"),
+    reportSummary: $("report-summary"), reportScores: $("report-scores"),
+    reportBody: $("report-body-language"), reportFit: $("report-cultural-fit"),
+    reportAiBlock: $("report-ai-summary-block"), reportAi: $("report-ai-summary"),
+    reportAiProvider: $("report-ai-provider"), reportAlerts: $("report-alerts"),
+    reportTokens: $("report-tokens"), reportRaw: $("report-raw"),
+  };
+
+  // phase: idle → connecting → live ⇄ reconnecting → ending → ended (→ connecting again)
+  const state = {
+    phase: "idle",
+    config: loadConfig(),
+    stream: null,
+    track: null,
+    sessionId: null,
+    gen: 0, // bumps with every peer connection; events from older ones are ignored
+    pc: null,
+    dc: null,
+    sender: null,
+    videoLimits: null,
+    reconnects: 0,
+    disconnectTimer: null,
+    endTimer: null,
+    timers: [],
+    analyses: 0,
+    alertItems: new Map(), // episode key → {li, alert}
+    resyncAlerts: false,
+    marks: {},
+  };
+  // Read-only view for tests and for anyone debugging from the console.
+  window.proctorPage = { marks: state.marks, get phase() { return state.phase; },
+                         get sessionId() { return state.sessionId; } };
+
+  // --- small helpers ---------------------------------------------------------------------
+  function el(tag, text, cls) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (cls) node.className = cls;
+    return node;
+  }
+  function toDate(value) {
+    if (value === null || value === undefined || value === "") return null;
+    if (typeof value === "number") return new Date(value > 1e12 ? value : value * 1000);
+    const d = new Date(value);
+    return Number.isNaN(d.getTime()) ? null : d;
+  }
+  function fmtTime(value) {
+    const d = toDate(value);
+    return d ? d.toLocaleTimeString() : "—";
+  }
+  function fmtNum(value, digits = 1) {
+    if (value === null || value === undefined || value === "") return "—";
+    const n = Number(value);
+    return Number.isFinite(n) ? n.toFixed(digits).replace(/\.0+$/, "") : String(value);
+  }
+  function fmtDuration(seconds) {
+    const s = Number(seconds);
+    if (!Number.isFinite(s)) return "—";
+    if (s < 60) return `${s.toFixed(1)} s`;
+    return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  }
+  function human(key) {
+    return String(key).replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
+  }
+  function errText(err) {
+    return err && err.message ? err.message : String(err);
+  }
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  function loadConfig() {
+    let cfg = {};
+    const node = document.getElementById("proctor-config");
+    if (node && node.textContent.trim()) {
+      try {
+        cfg = JSON.parse(node.textContent);
+      } catch (err) {
+        console.warn("ignoring unreadable #proctor-config:", err);
+      }
+    }
+    if (window.PROCTOR_CONFIG && typeof window.PROCTOR_CONFIG === "object") {
+      cfg = { ...cfg, ...window.PROCTOR_CONFIG };
+    }
+    return {
+      iceServers: Array.isArray(cfg.iceServers) ? cfg.iceServers : [],
+      // The server decodes H.264 for about a third of VP8's CPU; "" keeps the browser's order.
+      preferCodec: typeof cfg.preferCodec === "string" ? cfg.preferCodec : "H264",
+    };
+  }
+
+  function mark(name) {
+    if (state.marks[name] !== undefined) return;
+    state.marks[name] = Math.round(performance.now());
+    const dt = el("dt", human(name));
+    const dd = el("dd", `${state.marks[name]} ms after page load`);
+    dd.dataset.mark = name;
+    dd.dataset.ms = String(state.marks[name]);
+    ui.timings.append(dt, dd);
+  }
+
+  // --- status, log, errors --------------------------------------------------------------------
+  function setStatus(text) { ui.status.textContent = text; }
+  function log(level, text) {
+    const li = el("li", `${new Date().toLocaleTimeString()} — ${text}`, level);
+    li.dataset.level = level;
+    ui.log.prepend(li);
+    while (ui.log.children.length > 80) ui.log.lastChild.remove();
+  }
+  function showError(text) {
+    ui.bannerText.textContent = text;
+    ui.banner.hidden = false;
+    log("error", text);
+  }
+  function clearError() {
+    ui.banner.hidden = true;
+    ui.bannerText.textContent = "";
+  }
+  ui.bannerClose.addEventListener("click", clearError);
+
+  function setPhase(phase) {
+    state.phase = phase;
+    document.body.dataset.state = phase;
+    const labels = { idle: "idle", connecting: "connecting…", live: "live",
+                     reconnecting: "reconnecting…", ending: "ending…", ended: "ended" };
+    ui.sessionState.textContent = labels[phase] || phase;
+    ui.sessionState.className = "badge" + (phase === "live" ? " ok"
+      : ["connecting", "reconnecting", "ending"].includes(phase) ? " warn" : "");
+    ui.connect.disabled = !["idle", "ended"].includes(phase);
+    ui.connect.textContent = phase === "ended" ? "New session" : "Connect";
+    ui.end.disabled = !["live", "reconnecting"].includes(phase);
+    ui.job.disabled = !["idle", "ended"].includes(phase);
+  }
+  function setBadge(node, value, text, tone) {
+    node.dataset.state = value;
+    node.textContent = text;
+    node.className = "badge" + (tone ? ` ${tone}` : "");
+  }
+  function showPcState(pcState) {
+    const tone = pcState === "connected" ? "ok"
+      : ["failed", "closed", "disconnected"].includes(pcState) ? "bad"
+      : pcState === "connecting" ? "warn" : "";
+    setBadge(ui.rtcState, pcState, pcState === "new" ? "not connected" : pcState, tone);
+  }
+  function showDcState(dcState) {
+    const tone = dcState === "open" ? "ok" : dcState === "connecting" ? "warn"
+      : dcState === "none" ? "" : "bad";
+    setBadge(ui.dcState, dcState, dcState === "none" ? "—" : dcState, tone);
+  }
+
+  // --- metrics panel --------------------------------------------------------------------------
+  const bars = {};
+  for (const [key, label] of METRICS) {
+    const row = el("div", null, "metric");
+    row.dataset.metric = key;
+    row.dataset.testid = `metric-${key}`;
+    const bar = el("div", null, "bar");
+    const fill = el("div", null, "bar-fill");
+    fill.id = `bar-${key}`;
+    fill.dataset.testid = `bar-${key}`;
+    bar.append(fill);
+    const value = el("div", null, "value");
+    const current = el("span", "—");
+    current.id = `value-${key}`;
+    current.dataset.testid = `value-${key}`;
+    const avg = el("span", "", "avg");
+    avg.id = `avg-${key}`;
+    value.append(current, avg);
+    row.append(el("div", label, "name"), bar, value);
+    ui.metrics.append(row);
+    bars[key] = { fill, current, avg };
+  }
+
+  function showMetric(key, value) {
+    const bar = bars[key];
+    const n = value === null || value === undefined ? NaN : Number(value);
+    if (!Number.isFinite(n)) {
+      bar.fill.style.width = "0%";
+      bar.fill.className = "bar-fill";
+      bar.current.textContent = "—";
+      bar.current.dataset.value = "";
+      return;
+    }
+    const clamped = Math.max(0, Math.min(100, n));
+    bar.fill.style.width = `${clamped}%`;
+    bar.fill.className = "bar-fill " + (clamped < 40 ? "low" : clamped < 70 ? "mid" : "high");
+    bar.current.textContent = fmtNum(clamped, 0);
+    bar.current.dataset.value = String(clamped);
+  }
+
+  function chips(container, items) {
+    container.replaceChildren();
+    if (!items.length) { container.textContent = "—"; return; }
+    for (const item of items) container.append(el("span", item));
+  }
+
+  function showResult(result) {
+    const metrics = result.metrics || {};
+    for (const [key] of METRICS) showMetric(key, metrics[key]);
+    ui.faces.textContent = result.faces_count ?? "—";
+    ui.faces.dataset.value = result.faces_count ?? "";
+    ui.emotion.textContent = result.dominant_emotion ? human(String(result.dominant_emotion).toLowerCase()) : "—";
+    ui.emotion.dataset.value = result.dominant_emotion || "";
+    chips(ui.emotions, Object.entries(result.emotions || {})
+      .sort((a, b) => b[1] - a[1]).slice(0, 4)
+      .map(([name, v]) => `${human(name.toLowerCase())} ${fmtNum(v, 0)}`));
+    chips(ui.labels, (result.labels || []).map((l) =>
+      typeof l === "string" ? l : `${l.name ?? "?"} ${fmtNum(l.confidence, 0)}%`));
+    chips(ui.text, (result.text || []).map((t) => (typeof t === "string" ? t : t.text ?? "")));
+    const t = result.timings || {};
+    if (Number.isFinite(t.captured_at) && Number.isFinite(t.analysis_ended_at)) {
+      const ms = Math.max(0, (t.analysis_ended_at - t.captured_at) * 1000);
+      ui.latency.textContent = `${Math.round(ms)} ms`;
+      ui.latency.title = `frame age at analysis start ${Math.round(
+        Math.max(0, (t.analysis_started_at - t.captured_at) * 1000))} ms, analyser ${fmtNum(t.analyser_ms, 0)} ms`;
+    }
+    const notes = [];
+    if (result.insufficient) notes.push("face too small, dark or blurred to judge");
+    if (result.degraded && result.degraded.length) notes.push(`degraded: ${result.degraded.join(", ")}`);
+    ui.notes.textContent = notes.length ? notes.join("; ") : "—";
+  }
+
+  function showLiveMetrics(payload) {
+    for (const [key] of METRICS) {
+      const m = (payload.metrics || {})[key];
+      const avg = m && typeof m === "object" ? m.average : null;
+      bars[key].avg.textContent = avg === null || avg === undefined ? "" : `avg ${fmtNum(avg, 0)}`;
+    }
+    // Every frames_* counter the server reports (transport-specific ones included).
+    const counters = Object.entries(payload)
+      .filter(([k, v]) => k.startsWith("frames_") && typeof v === "number")
+      .map(([k, v]) => `${k.slice(7).replace(/_/g, " ")} ${v}`);
+    if (counters.length) ui.counters.textContent = counters.join(" · ");
+    if (state.resyncAlerts && Array.isArray(payload.active_alerts)) {
+      // After a reconnect, events sent while the channel was down are lost: take the
+      // server's list of open episodes as the truth.
+      state.resyncAlerts = false;
+      const open = new Set(payload.active_alerts.map(alertKey));
+      for (const a of payload.active_alerts) if (!state.alertItems.has(alertKey(a))) showAlert(a);
+      for (const [key, item] of state.alertItems) {
+        if (item.alert.status !== "ended" && !open.has(key)) {
+          showAlert({ ...item.alert, status: "ended", ended_at: null, duration_s: null,
+                      end_reason: "ended while disconnected" });
+        }
+      }
+    }
+  }
+
+  // --- alerts ----------------------------------------------------------------------------------
+  function alertKey(a) { return a.episode_id ?? `${a.type}:${a.object ?? ""}@${a.started_at}`; }
+
+  function showAlert(a) {
+    if (!a || !a.type) return;
+    const key = alertKey(a);
+    let item = state.alertItems.get(key);
+    if (item && item.alert.status === "ended" && a.status !== "ended") return; // never reopen
+    if (!item) {
+      const li = el("li");
+      li.dataset.testid = "alert";
+      li.dataset.episodeId = key;
+      li.dataset.type = a.type;
+      const title = el("div", null, "title");
+      title.append(el("span", human(a.type)), el("span", "", "badge"), el("span", "", "state"));
+      li.append(title, el("div", null, "message"), el("div", null, "meta"));
+      ui.alerts.prepend(li);
+      item = { li, alert: a };
+      state.alertItems.set(key, item);
+    }
+    item.alert = { ...item.alert, ...a };
+    renderAlert(item);
+    refreshAlertCount();
+  }
+
+  function renderAlert(item) {
+    const a = item.alert;
+    const li = item.li;
+    const severity = ["info", "warning", "critical"].includes(a.severity) ? a.severity : "info";
+    const ended = a.status === "ended";
+    li.className = `${severity} ${ended ? "ended" : "active"}`;
+    li.dataset.status = ended ? "ended" : "onset";
+    li.dataset.severity = severity;
+    const [title, message, meta] = li.children;
+    const [, sevBadge, stateText] = title.children;
+    sevBadge.textContent = severity;
+    sevBadge.className = "badge" + (severity === "critical" ? " bad" : severity === "warning" ? " warn" : "");
+    stateText.textContent = ended ? "ended" : "active";
+    message.textContent = a.message || "";
+    const onset = `onset ${fmtTime(a.started_at)}`;
+    if (ended) {
+      const end = a.ended_at ? fmtTime(a.ended_at) : (a.end_reason || "unknown");
+      const duration = a.duration_s !== null && a.duration_s !== undefined
+        ? ` · lasted ${fmtDuration(a.duration_s)}` : "";
+      meta.textContent = `${onset} → ended ${end}${duration}`;
+      li.dataset.duration = a.duration_s ?? "";
+    } else {
+      const started = toDate(a.started_at);
+      const since = started ? ` · active for ${fmtDuration((Date.now() - started.getTime()) / 1000)}` : "";
+      meta.textContent = `${onset} (frame ${a.frame_index ?? "—"})${since}`;
+    }
+  }
+
+  function refreshAlertCount() {
+    let active = 0;
+    for (const item of state.alertItems.values()) if (item.alert.status !== "ended") active++;
+    ui.activeAlerts.textContent = `${active} active`;
+    ui.activeAlerts.dataset.count = String(active);
+    ui.activeAlerts.className = "badge" + (active ? " bad" : "");
+    ui.alertsEmpty.hidden = state.alertItems.size > 0;
+  }
+
+  function tickAlerts() {
+    for (const item of state.alertItems.values()) if (item.alert.status !== "ended") renderAlert(item);
+  }
+
+  function resetSessionView() {
+    state.analyses = 0;
+    ui.analysed.textContent = "0";
+    state.alertItems.clear();
+    ui.alerts.replaceChildren();
+    refreshAlertCount();
+    for (const [key] of METRICS) { showMetric(key, null); bars[key].avg.textContent = ""; }
+    for (const node of [ui.faces, ui.emotion, ui.latency]) node.textContent = "—";
+    for (const node of [ui.emotions, ui.labels, ui.text, ui.counters, ui.notes]) node.textContent = "—";
+    ui.sessionId.textContent = ui.backend.textContent = "—";
+    ui.rtt.textContent = "—";
+    ui.report.hidden = true;
+    state.reconnects = 0;
+    ui.reconnects.textContent = "0";
+    state.videoLimits = null;
+    ui.videoLimits.textContent = "none";
+  }
+
+  // --- report --------------------------------------------------------------------------------
+  function cell(row, value, header = false) {
+    const c = el(header ? "th" : "td");
+    if (value !== null && typeof value === "object") {
+      c.textContent = Array.isArray(value) && value.every((v) => typeof v !== "object")
+        ? value.join(", ") : JSON.stringify(value);
+    } else {
+      c.textContent = value === null || value === undefined || value === "" ? "—" : String(value);
+      if (typeof value === "number") c.className = "num";
+    }
+    row.append(c);
+    return c;
+  }
+  function headerRow(table, names) {
+    const tr = el("tr");
+    for (const n of names) cell(tr, n, true);
+    table.append(tr);
+  }
+  function summaryValue(key, value) {
+    if (key.endsWith("_at")) {
+      const d = toDate(value);
+      if (d) return d.toLocaleString();
+    }
+    if (key === "duration_seconds") return fmtDuration(value);
+    if (typeof value === "boolean") return value ? "yes" : "no";
+    if (typeof value === "number") return fmtNum(value, 2);
+    if (value && typeof value === "object" && !Array.isArray(value)) {
+      const parts = Object.entries(value).map(([k, v]) => `${k} ${v}`);
+      return parts.length ? parts.join(", ") : "—";
+    }
+    return value;
+  }
+  function renderSummary(table, summary) {
+    table.replaceChildren();
+    for (const [key, value] of Object.entries(summary || {})) {
+      const tr = el("tr");
+      tr.dataset.key = key;
+      cell(tr, human(key), true);
+      cell(tr, summaryValue(key, value)).dataset.testid = `summary-${key}`;
+      table.append(tr);
+    }
+  }
+  function renderScores(table, scores) {
+    table.replaceChildren();
+    headerRow(table, ["Metric", "Average", "Min", "Max", "Trend"]);
+    for (const [metric, s] of Object.entries(scores || {})) {
+      const tr = el("tr");
+      tr.dataset.metric = metric;
+      cell(tr, human(metric), true);
+      const o = s && typeof s === "object" ? s : { average: s };
+      cell(tr, fmtNum(o.average));
+      cell(tr, fmtNum(o.min));
+      cell(tr, fmtNum(o.max));
+      cell(tr, o.trend ? human(o.trend) : "—");
+      table.append(tr);
+    }
+  }
+  function renderAssessment(container, part) {
+    container.replaceChildren();
+    if (!part) { container.append(el("p", "Not available.", "empty")); return; }
+    if (typeof part === "string") { container.append(el("p", part)); return; }
+    if (part.assessment) container.append(el("p", part.assessment));
+    if (part.ai_assessment) {
+      const ai = typeof part.ai_assessment === "string" ? part.ai_assessment : JSON.stringify(part.ai_assessment);
+      const p = el("p", ai);
+      p.dataset.testid = "report-ai-assessment";
+      container.append(el("div", "AI assessment", "fine"), p);
+    }
+    const bands = Object.entries(part.signals || part)
+      .filter(([k, v]) => typeof v === "string" && !["source", "assessment", "role", "ai_assessment"].includes(k))
+      .map(([k, v]) => `${human(k)}: ${v}`);
+    if (bands.length) {
+      const c = el("div", null, "chips");
+      chips(c, bands);
+      container.append(c);
+    }
+  }
+  function renderAlertHistory(table, alerts) {
+    table.replaceChildren();
+    headerRow(table, ["Type", "Severity", "Onset", "Ended", "Duration", "Message"]);
+    const list = Array.isArray(alerts) ? alerts : [];
+    if (!list.length) {
+      const tr = el("tr");
+      const c = cell(tr, "No alerts were raised.");
+      c.colSpan = 6;
+      c.className = "empty";
+      table.append(tr);
+      return;
+    }
+    for (const a of list) {
+      const tr = el("tr", null, a.severity || "info");
+      tr.dataset.testid = "report-alert";
+      tr.dataset.type = a.type || "";
+      cell(tr, human(a.type || "") + (a.object ? ` (${a.object})` : ""));
+      cell(tr, a.severity);
+      cell(tr, fmtTime(a.started_at));
+      cell(tr, a.ended_at ? fmtTime(a.ended_at) : "—");
+      cell(tr, a.duration_s === null || a.duration_s === undefined ? "—" : fmtDuration(a.duration_s));
+      cell(tr, a.message || "");
+      table.append(tr);
+    }
+  }
+  function renderReport(report) {
+    report = report || {};
+    const narrative = report.narrative;
+    ui.reportHeadline.textContent = typeof narrative === "string" ? narrative
+      : (narrative && narrative.summary) || "";
+    renderSummary(ui.reportSummary, report.summary || {});
+    renderScores(ui.reportScores, report.behavioural_scores || {});
+    renderAssessment(ui.reportBody, report.body_language);
+    renderAssessment(ui.reportFit, report.cultural_fit);
+    const ai = report.ai_summary;
+    const aiText = ai && (typeof ai === "string" ? ai : ai.text);
+    ui.reportAiBlock.hidden = !aiText;
+    ui.reportAi.textContent = aiText || "";
+    ui.reportAiProvider.textContent = ai && ai.provider ? `(${ai.provider}${ai.model ? `, ${ai.model}` : ""})` : "";
+    renderAlertHistory(ui.reportAlerts, report.alerts);
+    const tokens = report.token_usage || {};
+    ui.reportTokens.textContent = tokens.total_tokens
+      ? `${tokens.prompt_tokens} prompt + ${tokens.completion_tokens} completion = ${tokens.total_tokens} tokens`
+        + (Object.keys(tokens.by_provider || {}).length ? ` (${Object.keys(tokens.by_provider).join(", ")})` : "")
+      : "No LLM was used: the narrative parts are rule-based.";
+    ui.reportRaw.textContent = JSON.stringify(report, null, 2);
+    ui.report.hidden = false;
+    ui.report.scrollIntoView({ behavior: "smooth", block: "start" });
+  }
+
+  // --- camera ----------------------------------------------------------------------------------
+  // One getUserMedia at a time: the preview at load and a Connect click may overlap.
+  let cameraPromise = null;
+  function ensureCamera() {
+    if (state.track && state.track.readyState === "live") return Promise.resolve();
+    if (!cameraPromise) cameraPromise = openCamera().finally(() => { cameraPromise = null; });
+    return cameraPromise;
+  }
+  async function openCamera() {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      throw new Error("this browser exposes no camera here (a secure context — https or localhost — is required)");
+    }
+    ui.overlay.hidden = false;
+    ui.overlay.textContent = "Waiting for camera permission…";
+    const stream = await navigator.mediaDevices.getUserMedia({
+      video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15, max: 30 } },
+      audio: false,
+    });
+    state.stream = stream;
+    state.track = stream.getVideoTracks()[0];
+    state.track.addEventListener("ended", () => {
+      showError("The camera stopped delivering video (unplugged or taken by another application).");
+      ui.overlay.hidden = false;
+      ui.overlay.textContent = "Camera stopped";
+    });
+    ui.video.srcObject = stream;
+    await ui.video.play().catch(() => {}); // autoplay of a muted preview; the track is what matters
+    ui.overlay.hidden = true;
+    mark("camera_ready");
+  }
+  function stopCamera() {
+    if (state.stream) for (const t of state.stream.getTracks()) t.stop();
+    state.stream = null;
+    state.track = null;
+    ui.video.srcObject = null;
+  }
+
+  // --- signaling ---------------------------------------------------------------------------------
+  class OfferError extends Error {
+    constructor(status, code, message, retryAfterS) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.retryAfterS = retryAfterS;
+    }
+    describe() {
+      const http = this.status ? `HTTP ${this.status} ` : "";
+      return `${http}${this.code}: ${this.message}`;
+    }
+  }
+
+  async function postOffer(body) {
+    let res;
+    try {
+      res = await fetch(OFFER_URL, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new OfferError(0, "network_error", `cannot reach the server (${errText(err)})`, null);
+    }
+    let data = null;
+    try { data = await res.json(); } catch { /* handled below */ }
+    if (!res.ok) {
+      const e = (data && data.error) || {};
+      const retry = Number(res.headers.get("Retry-After"));
+      throw new OfferError(res.status, e.code || `http_${res.status}`,
+        e.message || res.statusText || "request failed", Number.isFinite(retry) && retry > 0 ? retry : null);
+    }
+    if (!data || data.type !== "answer" || typeof data.sdp !== "string" || !data.session_id) {
+      throw new OfferError(res.status, "bad_answer", "the server's reply holds no SDP answer and session id", null);
+    }
+    return data;
+  }
+
+  function waitIceGathering(pc) {
+    if (pc.iceGatheringState === "complete") return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const done = (complete) => {
+        clearTimeout(timer);
+        pc.removeEventListener("icegatheringstatechange", check);
+        resolve(complete);
+      };
+      const check = () => { if (pc.iceGatheringState === "complete") done(true); };
+      const timer = setTimeout(() => done(false), ICE_GATHER_TIMEOUT_MS);
+      pc.addEventListener("icegatheringstatechange", check);
+    });
+  }
+
+  function waitOpen(pc, dc) {
+    return new Promise((resolve, reject) => {
+      const cleanup = () => {
+        clearTimeout(timer);
+        dc.removeEventListener("open", onOpen);
+        pc.removeEventListener("connectionstatechange", onState);
+      };
+      const onOpen = () => { cleanup(); resolve(); };
+      const onState = () => {
+        if (["failed", "closed"].includes(pc.connectionState)) {
+          cleanup();
+          reject(new Error(`the media connection ${pc.connectionState} (ICE ${pc.iceConnectionState})`));
+        }
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`no connection after ${OPEN_TIMEOUT_MS / 1000} s (ICE ${pc.iceConnectionState}); `
+          + "a firewall may block UDP — a TURN server in the page config may help"));
+      }, OPEN_TIMEOUT_MS);
+      if (dc.readyState === "open") onOpen();
+      dc.addEventListener("open", onOpen);
+      pc.addEventListener("connectionstatechange", onState);
+    });
+  }
+
+  function preferCodec(transceiver) {
+    const want = state.config.preferCodec.toLowerCase();
+    if (!want || !transceiver.setCodecPreferences || !window.RTCRtpSender?.getCapabilities) return;
+    const caps = RTCRtpSender.getCapabilities("video");
+    if (!caps || !caps.codecs.some((c) => c.mimeType.toLowerCase() === `video/${want}`)) return;
+    const rank = (c) => {
+      if (c.mimeType.toLowerCase() !== `video/${want}`) return 2;
+      return /packetization-mode=1/.test(c.sdpFmtpLine || "") ? 0 : 1;
+    };
+    try {
+      transceiver.setCodecPreferences([...caps.codecs].sort((a, b) => rank(a) - rank(b)));
+    } catch (err) {
+      console.warn("codec preference not applied:", err);
+    }
+  }
+
+  // One peer connection with its data channel, negotiated and open. `sessionId` resumes an
+  // existing session; otherwise `jobData` starts a new one.
+  async function openPeer({ sessionId, jobData }) {
+    teardownPeer();
+    const gen = ++state.gen;
+    const current = () => gen === state.gen;
+    const pc = new RTCPeerConnection({ iceServers: state.config.iceServers, bundlePolicy: "max-bundle" });
+    state.pc = pc;
+    // Created before the offer so the SCTP association is negotiated with it.
+    const dc = pc.createDataChannel("proctoring", { ordered: true });
+    state.dc = dc;
+    showDcState("connecting");
+    const transceiver = pc.addTransceiver(state.track, { direction: "sendonly", streams: [state.stream] });
+    state.sender = transceiver.sender;
+    preferCodec(transceiver);
+
+    pc.addEventListener("connectionstatechange", () => {
+      if (!current()) return;
+      onPcState(pc.connectionState);
+    });
+    dc.addEventListener("open", () => { if (current()) showDcState("open"); });
+    dc.addEventListener("close", () => {
+      if (!current()) return;
+      showDcState("closed");
+      if (state.phase === "live") scheduleReconnect("the data channel closed");
+      else if (state.phase === "ending") fallbackReport("the data channel closed before the report arrived");
+    });
+    dc.addEventListener("message", (ev) => { if (current()) onMessage(ev.data); });
+
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    if (!(await waitIceGathering(pc))) {
+      log("warn", `ICE gathering incomplete after ${ICE_GATHER_TIMEOUT_MS / 1000} s; offering the candidates found so far`);
+    }
+    if (!current()) throw new Error("superseded");
+    mark("ice_gathered");
+    const body = { sdp: pc.localDescription.sdp, type: "offer" };
+    if (sessionId) body.session_id = sessionId;
+    else body.job_data = jobData;
+    const answer = await postOffer(body);
+    if (!current()) throw new Error("superseded");
+    mark("answer_received");
+    if (Array.isArray(answer.ice_servers) && answer.ice_servers.length && !state.config.iceServers.length) {
+      // The server told us which STUN/TURN servers to use: use them for reconnects.
+      state.config.iceServers = answer.ice_servers;
+      log("info", `using the server's ${answer.ice_servers.length} ICE server(s) for reconnects`);
+    }
+    state.sessionId = answer.session_id;
+    ui.sessionId.textContent = answer.session_id;
+    await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+    await waitOpen(pc, dc);
+    if (!current()) throw new Error("superseded");
+    mark("channel_open");
+    if (state.videoLimits) await applyVideoLimits(state.videoLimits, false);
+  }
+
+  function teardownPeer() {
+    clearTimeout(state.disconnectTimer);
+    state.disconnectTimer = null;
+    for (const t of state.timers) clearInterval(t);
+    state.timers = [];
+    state.gen++; // silence events from the connection being closed
+    if (state.dc) { try { state.dc.close(); } catch { /* already closed */ } }
+    if (state.pc) { try { state.pc.close(); } catch { /* already closed */ } }
+    state.pc = state.dc = state.sender = null;
+    showDcState("none");
+    showPcState("closed");
+  }
+
+  function startLiveTimers() {
+    for (const t of state.timers) clearInterval(t);
+    state.timers = [
+      setInterval(() => send({ type: "get_live_metrics" }), LIVE_METRICS_EVERY_MS),
+      setInterval(() => send({ type: "ping", t: performance.now() }), PING_EVERY_MS),
+      setInterval(updateSendStats, STATS_EVERY_MS),
+    ];
+    send({ type: "get_live_metrics" });
+    send({ type: "ping", t: performance.now() });
+  }
+
+  function send(message) {
+    const dc = state.dc;
+    if (!dc || dc.readyState !== "open") return false;
+    try {
+      dc.send(JSON.stringify(message));
+      return true;
+    } catch (err) {
+      log("warn", `could not send ${message.type}: ${errText(err)}`);
+      return false;
+    }
+  }
+
+  function onPcState(pcState) {
+    showPcState(pcState);
+    if (pcState === "connected") {
+      mark("connected");
+      clearTimeout(state.disconnectTimer);
+      state.disconnectTimer = null;
+    } else if (pcState === "disconnected" && state.phase === "live") {
+      clearTimeout(state.disconnectTimer);
+      state.disconnectTimer = setTimeout(() => {
+        if (state.pc && state.pc.connectionState !== "connected") scheduleReconnect("the connection was lost");
+      }, DISCONNECTED_GRACE_MS);
+    } else if (["failed", "closed"].includes(pcState) && state.phase === "live") {
+      scheduleReconnect(`the connection ${pcState}`);
+    }
+  }
+
+  // --- connect, reconnect, end ---------------------------------------------------------------
+  async function connect() {
+    if (!["idle", "ended"].includes(state.phase)) return;
+    clearError();
+    resetSessionView();
+    state.sessionId = null;
+    setPhase("connecting");
+    mark("connect_clicked");
+    try {
+      setStatus("Opening the camera…");
+      await ensureCamera();
+    } catch (err) {
+      ui.overlay.hidden = false;
+      ui.overlay.textContent = `Camera unavailable: ${errText(err)}`;
+      showError(`Camera: ${errText(err)}`);
+      setStatus("Allow the camera and press Connect again.");
+      setPhase("idle");
+      return;
+    }
+    const jobData = { jobTitle: ui.job.value.trim() || "Candidate" };
+    for (let attempt = 0; ; attempt++) {
+      try {
+        setStatus("Connecting: gathering network candidates and sending the offer…");
+        await openPeer({ jobData });
+        break;
+      } catch (err) {
+        teardownPeer();
+        if (err instanceof OfferError && err.status === 503 && attempt < OVERLOAD_RETRIES && state.phase === "connecting") {
+          const wait = Math.min(30, err.retryAfterS || 5);
+          log("warn", `${err.describe()} — retrying in ${wait} s`);
+          setStatus(`The server is busy; retrying in ${wait} s…`);
+          await sleep(wait * 1000);
+          if (state.phase !== "connecting") return;
+          continue;
+        }
+        showError(`Could not connect — ${err instanceof OfferError ? err.describe() : errText(err)}`);
+        setStatus("Not connected. Fix the problem above and press Connect again.");
+        state.sessionId = null;
+        setPhase("idle");
+        return;
+      }
+    }
+    goLive();
+  }
+
+  function goLive() {
+    setPhase("live");
+    setStatus("Live: the server is analysing the camera.");
+    startLiveTimers();
+  }
+
+  let reconnecting = false;
+  async function scheduleReconnect(reason) {
+    if (reconnecting || state.phase !== "live" || !state.sessionId) return;
+    reconnecting = true;
+    setPhase("reconnecting");
+    log("warn", `${reason}; reconnecting to session ${state.sessionId}`);
+    teardownPeer();
+    let delay = 500;
+    try {
+      while (state.phase === "reconnecting") {
+        setStatus(`Connection lost; reconnecting to the same session…`);
+        try {
+          await openPeer({ sessionId: state.sessionId });
+        } catch (err) {
+          teardownPeer();
+          if (state.phase !== "reconnecting") return;
+          if (err instanceof OfferError && (err.status === 404 || err.status === 409)) {
+            showError(`The session could not be resumed — ${err.describe()}`);
+            if (err.status === 409) await fetchReport("the session ended while disconnected");
+            else { setPhase("ended"); setStatus("The session is gone."); }
+            return;
+          }
+          const wait = err instanceof OfferError && err.retryAfterS ? err.retryAfterS * 1000 : delay;
+          log("warn", `reconnect failed (${err instanceof OfferError ? err.describe() : errText(err)}); next try in ${Math.round(wait / 1000)} s`);
+          await sleep(wait);
+          delay = Math.min(RECONNECT_MAX_DELAY_MS, delay * 2);
+          continue;
+        }
+        if (state.phase !== "reconnecting") { teardownPeer(); return; }
+        state.reconnects++;
+        ui.reconnects.textContent = String(state.reconnects);
+        state.resyncAlerts = true;
+        log("info", "reconnected; the session continues");
+        goLive();
+        return;
+      }
+    } finally {
+      reconnecting = false;
+    }
+  }
+
+  async function endSession() {
+    if (!["live", "reconnecting"].includes(state.phase)) return;
+    setPhase("ending");
+    setStatus("Ending the session and writing the report…");
+    if (send({ type: "end_session" })) {
+      clearTimeout(state.endTimer);
+      state.endTimer = setTimeout(() => fallbackReport("no report on the data channel in time"), END_TIMEOUT_MS);
+      return;
+    }
+    // No channel (we are between connections): end it over REST instead.
+    teardownPeer();
+    await restReport("POST", `/api/sessions/${encodeURIComponent(state.sessionId)}/end`);
+  }
+
+  let fallbackStarted = false;
+  async function fallbackReport(reason) {
+    if (state.phase !== "ending" || fallbackStarted) return;
+    fallbackStarted = true;
+    try {
+      await sleep(1500); // the report may still be on its way on the channel
+      if (state.phase !== "ending") return;
+      log("warn", `${reason}; asking for the report over HTTP`);
+      teardownPeer();
+      await fetchReport(reason);
+    } finally {
+      fallbackStarted = false;
+    }
+  }
+
+  async function fetchReport(reason) {
+    setPhase("ending");
+    setStatus(`${human(reason)}; fetching the report…`);
+    await restReport("GET", `/api/sessions/${encodeURIComponent(state.sessionId)}/report`);
+  }
+
+  async function restReport(method, url) {
+    try {
+      const res = await fetch(url, { method });
+      const data = await res.json().catch(() => null);
+      if (!res.ok) {
+        const e = (data && data.error) || {};
+        throw new Error(`HTTP ${res.status} ${e.code || ""}: ${e.message || res.statusText}`);
+      }
+      finish(data);
+    } catch (err) {
+      showError(`The report could not be fetched — ${errText(err)}`);
+      setPhase("ended");
+      setStatus("Session over; the report is not available here.");
+    }
+  }
+
+  function finish(report) {
+    clearTimeout(state.endTimer);
+    teardownPeer();
+    setPhase("ended");
+    for (const item of state.alertItems.values()) {
+      if (item.alert.status !== "ended") {
+        const closing = (report && report.alerts || []).find((a) => alertKey(a) === alertKey(item.alert));
+        showAlert(closing ? { ...closing, status: "ended" } : { ...item.alert, status: "ended", end_reason: "session ended" });
+      }
+    }
+    setStatus("Session ended. The report is below.");
+    renderReport(report);
+  }
+
+  // --- data channel messages ---------------------------------------------------------------------
+  function onMessage(raw) {
+    let msg;
+    try {
+      msg = JSON.parse(raw);
+    } catch {
+      log("warn", `unreadable message on the data channel: ${String(raw).slice(0, 80)}`);
+      return;
+    }
+    if (!msg || typeof msg !== "object") return;
+    switch (msg.type) {
+      case "session_started":
+        mark("session_started");
+        if (msg.session_id) { state.sessionId = msg.session_id; ui.sessionId.textContent = msg.session_id; }
+        ui.backend.textContent = msg.backend || "—";
+        if (state.phase === "live") setStatus(`Live since ${fmtTime(msg.started_at)}: the server is analysing the camera.`);
+        break;
+      case "frame_analysis":
+        if (!msg.result) return;
+        state.analyses++;
+        ui.analysed.textContent = String(state.analyses);
+        if (state.analyses === 1) mark("first_analysis");
+        showResult(msg.result);
+        for (const a of msg.result.alerts || []) showAlert(a);
+        break;
+      case "alerts":
+        for (const a of msg.alerts || []) showAlert(a);
+        break;
+      case "live_metrics":
+        showLiveMetrics(msg);
+        break;
+      case "session_ended":
+        mark("report_received");
+        finish(msg.report);
+        break;
+      case "adjust_video":
+        applyVideoLimits(msg, true);
+        break;
+      case "pong":
+        if (Number.isFinite(msg.t)) ui.rtt.textContent = `${Math.max(0, Math.round(performance.now() - msg.t))} ms`;
+        break;
+      case "error":
+        onServerError(msg);
+        break;
+      default:
+        log("warn", `unknown message type ${JSON.stringify(msg.type)}`);
+    }
+  }
+
+  function onServerError(msg) {
+    const text = `${msg.code || "error"}: ${msg.message || "(no message)"}`;
+    showError(`Server error — ${text}`);
+    if (state.phase === "ending" && /ended|not_found/.test(msg.code || "")) {
+      fallbackReport(`end_session failed (${msg.code})`);
+    }
+  }
+
+  // --- adaptive video (the server asks when it cannot keep up) -------------------------------------
+  async function applyVideoLimits(msg, announce) {
+    state.videoLimits = { max_width: msg.max_width ?? null, max_fps: msg.max_fps ?? null, reason: msg.reason ?? "" };
+    const parts = [];
+    if (state.videoLimits.max_width) parts.push(`≤ ${state.videoLimits.max_width} px wide`);
+    if (state.videoLimits.max_fps) parts.push(`≤ ${state.videoLimits.max_fps} fps`);
+    ui.videoLimits.textContent = parts.length
+      ? parts.join(", ") + (state.videoLimits.reason ? ` (${state.videoLimits.reason})` : "") : "none";
+    if (announce) log("warn", `server asked for ${parts.join(", ") || "no limits"}${state.videoLimits.reason ? ` — ${state.videoLimits.reason}` : ""}`);
+    const sender = state.sender;
+    if (!sender) return;
+    try {
+      const params = sender.getParameters();
+      if (!params.encodings || !params.encodings.length) params.encodings = [{}];
+      const width = (state.track && state.track.getSettings().width) || 640;
+      for (const enc of params.encodings) {
+        enc.scaleResolutionDownBy = state.videoLimits.max_width
+          ? Math.max(1, width / state.videoLimits.max_width) : 1;
+        if (state.videoLimits.max_fps) enc.maxFramerate = Number(state.videoLimits.max_fps);
+        else delete enc.maxFramerate;
+      }
+      await sender.setParameters(params);
+    } catch (err) {
+      log("error", `could not apply the video limits: ${errText(err)}`);
+    }
+  }
+
+  async function updateSendStats() {
+    const sender = state.sender;
+    if (!sender) return;
+    try {
+      const stats = await sender.getStats();
+      let out = null;
+      const byId = new Map();
+      stats.forEach((r) => { byId.set(r.id, r); if (r.type === "outbound-rtp" && r.kind === "video") out = r; });
+      if (!out) return;
+      const codec = out.codecId && byId.get(out.codecId);
+      const parts = [];
+      if (out.frameWidth) parts.push(`${out.frameWidth}×${out.frameHeight}`);
+      if (out.framesPerSecond !== undefined) parts.push(`${fmtNum(out.framesPerSecond, 0)} fps`);
+      if (codec) parts.push(codec.mimeType.replace("video/", ""));
+      if (out.qualityLimitationReason && out.qualityLimitationReason !== "none") {
+        parts.push(`limited by ${out.qualityLimitationReason}`);
+      }
+      ui.sendStats.textContent = parts.join(" · ") || "—";
+      ui.sendStats.dataset.codec = codec ? codec.mimeType : "";
+    } catch {
+      /* a closing connection: the next tick or the next peer will report */
+    }
+  }
+
+  // --- wiring ----------------------------------------------------------------------------------
+  ui.connect.addEventListener("click", connect);
+  ui.end.addEventListener("click", endSession);
+  setInterval(tickAlerts, 1000);
+  window.addEventListener("pagehide", () => {
+    // Closing the peer lets the server start its reconnect grace period at once.
+    teardownPeer();
+    stopCamera();
+  });
+
+  setPhase("idle");
+  showPcState("new");
+  showDcState("none");
+  refreshAlertCount();
+  setStatus("Opening the camera for the preview…");
+  ensureCamera()
+    .then(() => setStatus("Camera ready. Enter the job title and press Connect."))
+    .catch((err) => {
+      ui.overlay.hidden = false;
+      ui.overlay.textContent = `Camera unavailable: ${errText(err)}`;
+      setStatus("Allow the camera, then press Connect.");
+      log("warn", `camera: ${errText(err)}`);
+    });
+})();

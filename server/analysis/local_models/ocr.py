@@ -1,0 +1,76 @@
+"""Text: RapidOCR (PP-OCRv6 small detection + recognition, ONNX Runtime) → text lines.
+
+RapidOCR downloads a model whenever its configured file is missing, so every model path
+is given explicitly from the files the `rapidocr` wheel ships, and a missing one raises
+`ModelUnavailable` here instead of reaching for the network. The recognition model
+carries its character table inside, so no dictionary file is fetched either
+(tests/test_offline_no_network.py runs this with networking disabled).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from server.analysis.local_models import ModelUnavailable, package_file
+from server.analysis.observation import TextLine
+
+log = logging.getLogger(__name__)
+
+DET_FILE = "models/PP-OCRv6_det_small.onnx"
+REC_FILE = "models/PP-OCRv6_rec_small.onnx"
+CLS_FILE = "models/ch_ppocr_mobile_v2.0_cls_mobile.onnx"
+
+#: Lines the recogniser scores below this (0–1) are dropped.
+MIN_TEXT_SCORE = 0.5
+#: ONNX Runtime threads for OCR: one, so a long OCR job occupies at most one core and
+#: face analysis keeps the other.
+OCR_THREADS = 1
+#: The detector sees the image with its longest side at most this. RapidOCR's default
+#: ("shortest side at least 736") upscales a 640×480 frame to 981×736 for nothing.
+DET_MAX_SIDE = 960
+
+
+def rapidocr_params(threads: int = OCR_THREADS) -> dict[str, Any]:
+    """RapidOCR settings pinned to the shipped model files (no download possible)."""
+    return {
+        "Global.log_level": "warning",
+        "Global.text_score": MIN_TEXT_SCORE,
+        # Upside-down text is not what a webcam shows; the angle classifier costs time.
+        "Global.use_cls": False,
+        "Det.model_path": str(package_file("rapidocr", DET_FILE)),
+        "Rec.model_path": str(package_file("rapidocr", REC_FILE)),
+        "Cls.model_path": str(package_file("rapidocr", CLS_FILE)),
+        "Det.limit_type": "max",
+        "Det.limit_side_len": DET_MAX_SIDE,
+        "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+        "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+    }
+
+
+class TextReader:
+    def __init__(self, threads: int = OCR_THREADS) -> None:
+        try:
+            from rapidocr import RapidOCR
+        except ImportError as exc:
+            raise ModelUnavailable(f"rapidocr is not installed: {exc}") from None
+        try:
+            self._ocr: Any = RapidOCR(params=rapidocr_params(threads))
+            # RapidOCR loads its sessions on first use: do it now, not on a live frame.
+            self.read(np.full((64, 256, 3), 255, np.uint8))
+        except ModelUnavailable:
+            raise
+        except Exception as exc:  # rapidocr raises plain exceptions of many kinds
+            raise ModelUnavailable(f"RapidOCR failed to load: {exc}") from None
+
+    def read(self, bgr: np.ndarray) -> tuple[TextLine, ...]:
+        result = self._ocr(bgr)
+        texts = getattr(result, "txts", None) or ()
+        scores = getattr(result, "scores", None) or ()
+        return tuple(
+            TextLine(str(text).strip(), float(score) * 100.0)
+            for text, score in zip(texts, scores, strict=False)
+            if str(text).strip()
+        )
