@@ -7,7 +7,7 @@ them without code. Names are the environment variables, case-insensitive.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -106,6 +106,40 @@ class Settings(BaseSettings):
     anthropic_model: str = "claude-haiku-4-5"
     llm_timeout_s: float = 30.0
     llm_max_tokens: int = 800
+
+    # --- WebRTC and sampler ---------------------------------------------------------------
+    # ICE: STUN/TURN servers as RTCIceServer dicts, e.g.
+    # [{"urls": ["turn:turn.example.com:3478"], "username": "u", "credential": "p"}].
+    # None by default: aiortc would otherwise use a public Google STUN server.
+    rtc_ice_servers: list[dict[str, Any]] = Field(default_factory=list)
+    # Host candidate addresses to offer (aioice's own default, used when empty, is every
+    # interface address except 127.0.0.1). Tests pin ["127.0.0.1"].
+    rtc_host_addresses: list[str] = Field(default_factory=list)
+    # When set, remote ICE candidates other than UDP on these addresses are dropped.
+    rtc_remote_candidate_addresses: list[str] = Field(default_factory=list)
+    rtc_prefer_codecs: list[str] = Field(default_factory=lambda: ["H264", "VP8"])
+    rtc_max_peers: int = 50  # concurrent WebRTC peers; offers beyond get 429
+    rtc_reconnect_grace_s: float = 30.0  # a lost peer's session waits this long for a reconnect
+    rtc_media_timeout_s: float = 10.0  # no video frame for this long counts as a lost peer
+    rtc_metrics_interval_s: float = 3.0  # live_metrics pushed on the data channel this often
+    rtc_channel_high_water_bytes: int = 256 * 1024  # above it metric updates are coalesced
+    rtc_channel_open_timeout_s: float = 5.0  # analysis waits this long for the data channel
+    rtc_overload_frame_lag_ms: float = 250.0  # median frame lag over peers that means "behind"
+    rtc_overload_loop_lag_ms: float = 100.0  # event-loop lag that means "behind"
+    rtc_overload_cooldown_s: float = 10.0  # overload state lasts this long after the last sign
+    rtc_overload_retry_after_s: int = 10  # Retry-After on the 503 for new offers
+    rtc_adjust_max_width: int = 480  # first adjust_video asks for at most this width …
+    rtc_adjust_max_fps: int = 10  # … and this frame rate
+    sampler_policy: Literal["adaptive", "fixed"] = "adaptive"
+    sampler_fixed_interval_s: float = 1.0  # the "fixed" policy's interval
+    sampler_idle_interval_s: float = 12.0  # stable scene, no alert pending or active
+    sampler_pending_interval_s: float = 0.2  # an alert rule's streak has started
+    sampler_active_interval_s: float = 1.0  # an alert episode is open
+    sampler_min_interval_s: float = 0.1  # floor between two samples of a session
+    sampler_change_threshold: float = 0.06  # fraction of 32×24 thumbnail cells that changed
+    sampler_change_cell_delta: int = 18  # grey levels for a cell to count as changed
+    sampler_scene_checks_interval_s: float = 2.0  # scene changes force labels/text at most this often
+    analyser_calls_per_s: float = 25.0  # server-wide WebRTC analysis budget (≤ DetectFaces TPS); 0 = off
 
     @property
     def has_aws_credentials(self) -> bool:

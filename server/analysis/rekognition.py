@@ -301,7 +301,6 @@ class RekognitionAnalyser:
     # --- the pool ----------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
-        return fn()
         await self._slots.acquire()
         try:
             if self._closed:

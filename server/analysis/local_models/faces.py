@@ -300,11 +300,3 @@ class CascadeFaces:
             faces.append(DetectedFace(x / scale, y / scale, fw / scale, fh / scale, score))
         return faces
 
-
-def load_face_detector() -> tuple[FaceDetector, str | None]:
-    """The best face detector that loads here, and why it is degraded (None if not)."""
-    try:
-        return MediapipeFaces(), None
-    except (ModelUnavailable, OSError) as exc:
-        log.warning("face landmark models unavailable, using the Haar cascade: %s", exc)
-        return CascadeFaces(), "faces:cascade_fallback"

@@ -36,7 +36,7 @@ DET_MAX_SIDE = 960
 def rapidocr_params(threads: int = OCR_THREADS) -> dict[str, Any]:
     """RapidOCR settings pinned to the shipped model files (no download possible)."""
     return {
-        "Global.log_level": "warning",
+        "Global.log_level": "error",
         "Global.text_score": MIN_TEXT_SCORE,
         # Upside-down text is not what a webcam shows; the angle classifier costs time.
         "Global.use_cls": False,
@@ -50,6 +50,14 @@ def rapidocr_params(threads: int = OCR_THREADS) -> dict[str, Any]:
     }
 
 
+def warmup_image() -> np.ndarray:
+    import cv2
+
+    image = np.full((96, 480, 3), 255, np.uint8)
+    cv2.putText(image, "Warm up 123", (10, 64), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (0, 0, 0), 3)
+    return image
+
+
 class TextReader:
     def __init__(self, threads: int = OCR_THREADS) -> None:
         try:
@@ -58,8 +66,9 @@ class TextReader:
             raise ModelUnavailable(f"rapidocr is not installed: {exc}") from None
         try:
             self._ocr: Any = RapidOCR(params=rapidocr_params(threads))
-            # RapidOCR loads its sessions on first use: do it now, not on a live frame.
-            self.read(np.full((64, 256, 3), 255, np.uint8))
+            # RapidOCR loads its sessions on first use: do it now, not on a live frame,
+            # with text in the image so that recognition runs too.
+            self.read(warmup_image())
         except ModelUnavailable:
             raise
         except Exception as exc:  # rapidocr raises plain exceptions of many kinds
