@@ -5,8 +5,10 @@
 2. how many simulated live sessions the backend sustains at --rate analyses per second
    per session (labels every --labels-interval s, text every --text-interval s, as the
    session cadence asks) while the p95 frame-to-result latency stays ≤ --p95-ms and
-   fewer than 1 % of a session's frames are skipped because the previous one was still
-   being analysed. It also reports the event loop's lag (p99) under that load: the
+   at most 10 % of a session's frames are skipped because its previous one was still
+   being analysed (a text check takes longer than the 0.5 s between frames, so the
+   frame after it is skipped: 5 % at the defaults). "text busy" is the share of text
+   checks refused because the single OCR worker was full. It also reports the event loop's lag (p99) under that load: the
    server's own requests (health checks) wait that long at most.
 
     .venv/bin/python bench/local_backend.py [--runs 50] [--rate 2] [--step-seconds 10]
@@ -31,17 +33,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.analysis.cadence import CheckCadence  # noqa: E402
-from server.analysis.local_backend import LocalAnalyser  # noqa: E402
-from server.analysis.local_models import head_pose as hp  # noqa: E402
-from server.analysis.local_models.expression import ExpressionModel  # noqa: E402
-from server.analysis.local_models.faces import BlazeFaceDetector, FaceMesh  # noqa: E402
-from server.analysis.local_models.objects import ObjectDetector  # noqa: E402
-from server.analysis.local_models.ocr import TextReader  # noqa: E402
-from server.analysis.local_models.quality import assess  # noqa: E402
-from server.analysis.observation import Checks  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.media.frames import Frame  # noqa: E402
+from server.analysis.cadence import CheckCadence
+from server.analysis.local_backend import LocalAnalyser
+from server.analysis.local_models import head_pose as hp
+from server.analysis.local_models.expression import ExpressionModel
+from server.analysis.local_models.faces import BlazeFaceDetector, FaceMesh
+from server.analysis.local_models.objects import ObjectDetector
+from server.analysis.local_models.ocr import TextReader
+from server.analysis.local_models.quality import assess
+from server.analysis.observation import Checks
+from server.config import Settings
+from server.media.frames import Frame
 
 
 def test_frame() -> bytes:
@@ -188,7 +190,7 @@ async def capacity(args: argparse.Namespace, jpeg: bytes) -> None:
     while sessions <= args.max_sessions:
         r = await sessions_run(analyser, jpeg, sessions, args.rate, args.step_seconds,
                                args.labels_interval, args.text_interval)
-        ok = r["p95"] <= args.p95_ms and r["skipped"] < 0.01
+        ok = r["p95"] <= args.p95_ms and r["skipped"] <= 0.10
         print(f"  {sessions:3d} sessions: {r['fps']:6.1f} frames/s  frame-to-result "
               f"p50 {r['p50']:6.1f} ms p95 {r['p95']:6.1f} ms  skipped {r['skipped']:5.1%}  "
               f"text busy {r['text_busy']:5.1%}  loop lag p99 {r['loop_lag_p99']:5.1f} ms"

@@ -34,7 +34,7 @@
     metrics: $("metrics"), faces: $("faces-count"), emotion: $("dominant-emotion"),
     analysed: $("frames-analysed"), latency: $("analysis-latency"),
     emotions: $("emotions"), labels: $("labels"), text: $("text-seen"),
-    counters: $("server-counters"), notes: $("frame-notes"),
+    counters: $("server-counters"), serverVideo: $("server-video"), notes: $("frame-notes"),
     alerts: $("alerts-list"), alertsEmpty: $("alerts-empty"), activeAlerts: $("active-alerts"),
     status: $("status-line"), log: $("error-log"), timings: $("timings"),
     report: $("report"), reportHeadline: $("report-headline"),
@@ -268,6 +268,18 @@
       .filter(([k, v]) => k.startsWith("frames_") && typeof v === "number")
       .map(([k, v]) => `${k.slice(7).replace(/_/g, " ")} ${v}`);
     if (counters.length) ui.counters.textContent = counters.join(" · ");
+    const rtc = payload.rtc;
+    if (rtc && typeof rtc === "object") {
+      const parts = [];
+      if (rtc.width) parts.push(`${rtc.width}×${rtc.height}`);
+      if (rtc.fps !== undefined && rtc.fps !== null) parts.push(`${fmtNum(rtc.fps, 0)} fps`);
+      if (rtc.codec) parts.push(rtc.codec);
+      if (rtc.frame_age_ms_p95 !== undefined && rtc.frame_age_ms_p95 !== null) {
+        parts.push(`frame age p95 ${fmtNum(rtc.frame_age_ms_p95, 0)} ms`);
+      }
+      if (rtc.sampler) parts.push(`${rtc.sampler} sampler`);
+      if (parts.length) ui.serverVideo.textContent = parts.join(" · ");
+    }
     if (state.resyncAlerts && Array.isArray(payload.active_alerts)) {
       // After a reconnect, events sent while the channel was down are lost: take the
       // server's list of open episodes as the truth.
@@ -357,7 +369,9 @@
     refreshAlertCount();
     for (const [key] of METRICS) { showMetric(key, null); bars[key].avg.textContent = ""; }
     for (const node of [ui.faces, ui.emotion, ui.latency]) node.textContent = "—";
-    for (const node of [ui.emotions, ui.labels, ui.text, ui.counters, ui.notes]) node.textContent = "—";
+    for (const node of [ui.emotions, ui.labels, ui.text, ui.counters, ui.serverVideo, ui.notes]) {
+      node.textContent = "—";
+    }
     ui.sessionId.textContent = ui.backend.textContent = "—";
     ui.rtt.textContent = "—";
     ui.report.hidden = true;
@@ -649,6 +663,7 @@
     dc.addEventListener("close", () => {
       if (!current()) return;
       showDcState("closed");
+      log(state.phase === "live" ? "warn" : "info", `the data channel closed (${state.phase})`);
       if (state.phase === "live") scheduleReconnect("the data channel closed");
       else if (state.phase === "ending") fallbackReport("the data channel closed before the report arrived");
     });

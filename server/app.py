@@ -18,6 +18,7 @@ from server.session.narrative import make_narrator
 from server.session.store import Store
 from server.signaling.http_api import cors_middleware, error_middleware
 from server.signaling.rest import build_api
+from server.signaling.rtc import RtcGateway
 from server.signaling.socketio_events import ProctorNamespace
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ MANAGER = web.AppKey("manager", SessionManager)
 SETTINGS = web.AppKey("settings", Settings)
 INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
+RTC = web.AppKey("rtc", RtcGateway)
 
 # Room for base64 (4/3) and the JSON around the largest allowed frame.
 def _max_body(settings: Settings) -> int:
@@ -71,7 +73,11 @@ def create_app(settings: Settings | None = None, *, analyser: Analyser | None = 
     sio.attach(app)
     app[SOCKETIO] = sio
 
-    build_api(manager, settings, instruments).attach(app)
+    api = build_api(manager, settings, instruments)
+    rtc = RtcGateway(manager, settings, instruments)
+    rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
+    api.attach(app)
+    app[RTC] = rtc
 
     async def index(request: web.Request) -> web.StreamResponse:
         return _file(settings.public_dir / "index.html")
@@ -97,4 +103,7 @@ def create_app(settings: Settings | None = None, *, analyser: Analyser | None = 
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
+    # After the manager: sessions end first (pages get session_ended), then every peer,
+    # task and decoder is released.
+    app.on_shutdown.append(rtc.close)
     return app

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from aiohttp import web
+from dotenv import load_dotenv
 
 from server.config import Settings
 from server.observability import configure_logging
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--backend", choices=["auto", "rekognition", "local"], help="analyser backend")
     args = parser.parse_args(argv)
 
+    # boto3 and the LLM SDKs read their own variables (AWS_ENDPOINT_URL_REKOGNITION,
+    # OPENAI_BASE_URL, ...) from the process environment only: export `.env` for them.
+    load_dotenv(override=False)
     overrides: dict[str, object] = {}
     if args.host:
         overrides["host"] = args.host

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     aws_profile: str = ""
     rekognition_max_attempts: int = 3  # total attempts, botocore adaptive retry mode
     rekognition_connect_timeout_s: float = 2.0
-    rekognition_read_timeout_s: float = 5.0
+    rekognition_read_timeout_s: float = 3.0
     rekognition_min_face_confidence: float = 50.0
     rekognition_min_label_confidence: float = 60.0
 

@@ -60,6 +60,7 @@ async def start_server(settings: Settings, **app_kwargs: Any) -> RunningServer:
 
 @pytest.fixture
 async def rekognition(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeRekognition]:
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
     fake = FakeRekognition()
     await fake.start()
     for key, value in fake.env().items():

@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 from server.config import Settings
@@ -28,8 +29,6 @@ from tests.fakes.rekognition import FakeRekognition
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
-
-pytestmark = pytest.mark.browser
 
 DEFAULTS = Settings.model_fields
 SCREENSHOT = Path("/tmp/client_example_browser.png")  # for a human look; never committed
@@ -61,6 +60,24 @@ async def demo_server(
         yield running.url
 
 
+def test_y4m_file_decodes_to_the_frames_written(tmp_path: Path) -> None:
+    """The fake-camera file is valid YUV4MPEG2 that a real demuxer (FFmpeg, via PyAV)
+    reads back as the frames written."""
+    import av
+
+    frames = face_frames(count=3)
+    path = write_y4m(tmp_path / "cam.y4m", frames, fps=15)
+    header = path.read_bytes().split(b"\n", 1)[0]
+    assert header == b"YUV4MPEG2 W640 H480 F15:1 Ip A1:1 C420jpeg"
+    assert path.stat().st_size == len(header) + 1 + 3 * (len(b"FRAME\n") + 640 * 480 * 3 // 2)
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    assert len(decoded) == 3
+    for original, back in zip(frames, decoded, strict=True):
+        # Only chroma subsampling and rounding separate them.
+        assert np.abs(original.astype(int) - back.astype(int)).mean() < 6
+
+
 async def _number(page: Page, selector: str) -> float:
     text = (await page.inner_text(selector)).strip()
     match = re.search(r"-?\d+(\.\d+)?", text)
@@ -68,6 +85,7 @@ async def _number(page: Page, selector: str) -> float:
     return float(match.group())
 
 
+@pytest.mark.browser
 async def test_demo_page_shows_live_metrics_and_report(demo_server: str, tmp_path: Path) -> None:
     require_chromium()
     y4m = write_y4m(tmp_path / "face.y4m", face_frames())
@@ -123,6 +141,7 @@ async def test_demo_page_shows_live_metrics_and_report(demo_server: str, tmp_pat
     assert console.errors == []
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("demo_server", ["local"], indirect=True)
 async def test_demo_page_lists_no_face_alert(demo_server: str, tmp_path: Path) -> None:
     require_chromium()

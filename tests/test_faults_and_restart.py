@@ -34,6 +34,18 @@ async def frame(http: aiohttp.ClientSession, url: str, sid: str) -> dict:
 
 
 async def test_throttling_degrades_the_frame_and_the_session_goes_on(
+    tmp_path: Path, http: aiohttp.ClientSession, rekognition: FakeRekognition
+) -> None:
+    # Faces only: after a throttle, botocore's adaptive mode paces this client's later
+    # calls (down to 0.5/s at this test's low rate), which is what it is for.
+    server = await start_server(make_settings(tmp_path, labels_interval_s=3600, text_interval_s=3600))
+    try:
+        await _throttling_scenario(server, http, rekognition)
+    finally:
+        await server.stop()
+
+
+async def _throttling_scenario(
     server: RunningServer, http: aiohttp.ClientSession, rekognition: FakeRekognition
 ) -> None:
     sid = await start(http, server.url)

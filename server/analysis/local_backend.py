@@ -194,12 +194,8 @@ class LocalAnalyser:
             )
             tasks.append(face_task)
         if checks.text:
-            if self._ocr_pool is None:
-                degraded.append("text:unavailable")
-            elif self._ocr_inflight > OCR_MAX_WAITING:
-                degraded.append("text:busy")
-            else:
-                text_task = asyncio.ensure_future(self._run_ocr_job(frame))
+            text_task = self._start_ocr(frame, degraded)
+            if text_task is not None:
                 tasks.append(text_task)
         # Cancelling this call cancels the waits; threads finish and free their slots.
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -231,9 +227,8 @@ class LocalAnalyser:
             else:
                 text = text_task.result()
 
+        # analyser_latency is observed by the session manager, around this call.
         elapsed = time.perf_counter() - started
-        if self.instruments is not None:
-            self.instruments.analyser_latency.labels(backend=self.name).observe(elapsed)
         return Observation(
             backend=self.name,
             checks=checks,
@@ -272,13 +267,32 @@ class LocalAnalyser:
             self._pool, self._slots.release, self._face_job, frame, faces, labels
         )
 
-    async def _run_ocr_job(self, frame: Frame) -> tuple[TextLine, ...]:
+    def _start_ocr(
+        self, frame: Frame, degraded: list[str]
+    ) -> asyncio.Future[tuple[TextLine, ...]] | None:
+        """Queue an OCR job, or refuse it at once (`text:busy`) when the OCR worker already
+        has one running and `OCR_MAX_WAITING` waiting. Counted synchronously, so a burst
+        of calls cannot all slip past the check before any is counted."""
+        pool = self._ocr_pool
+        if pool is None:
+            degraded.append("text:unavailable")
+            return None
+        if self._ocr_inflight > OCR_MAX_WAITING:
+            degraded.append("text:busy")
+            return None
+        loop = asyncio.get_running_loop()
         self._ocr_inflight += 1
-
-        def done() -> None:
+        try:
+            future = pool.submit(self._ocr_job, frame)
+        except RuntimeError:  # shut down
             self._ocr_inflight -= 1
+            degraded.append("text:unavailable")
+            return None
+        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._ocr_finished))
+        return asyncio.wrap_future(future)
 
-        return await self._submit(self._ocr_pool, done, self._ocr_job, frame)
+    def _ocr_finished(self) -> None:
+        self._ocr_inflight -= 1
 
     async def _submit(
         self,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from aiortc import RTCRtpReceiver
 from aiortc.codecs import CODECS
+from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.rtcpeerconnection import find_common_codecs
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.sdp import SessionDescription
@@ -64,6 +65,16 @@ def inspect_offer(sdp: str) -> OfferInfo:
     info = OfferInfo()
     for i, media in enumerate(desc.media):
         info.kinds.append(media.kind)
+        # aiortc accepts these missing and then fails inside a background task, leaving a
+        # peer that can never connect: refuse them here.
+        if not media.ice.usernameFragment or not media.ice.password:
+            raise MalformedSdp(f"m-line {i} ({media.kind}) has no ICE ufrag/pwd")
+        if media.dtls is None or not media.dtls.fingerprints:
+            raise MalformedSdp(f"m-line {i} ({media.kind}) has no DTLS fingerprint")
+        unknown = [f.algorithm for f in media.dtls.fingerprints
+                   if f.algorithm.lower() not in X509_DIGEST_ALGORITHMS]
+        if unknown:
+            raise MalformedSdp(f"unsupported DTLS fingerprint algorithm {unknown[0]!r}")
         info.candidates += len(media.ice_candidates)
         if media.kind == "application":
             info.has_data_channel = True

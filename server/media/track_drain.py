@@ -129,7 +129,9 @@ class TrackDrain:
 
     def _take(self, frame: Any) -> None:
         mono, wall = time.monotonic(), time.time()
-        media_s = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+        media_s = None
+        if frame.pts is not None and frame.time_base:
+            media_s = float(frame.pts * frame.time_base)
         lag = self._lag.update(mono, media_s)
         self.decoded += 1
         self.latest = DecodedFrame(frame, self.decoded, wall, mono, lag)
@@ -160,8 +162,10 @@ class TrackDrain:
             return 0.0
         return (len(a) - 1) / (a[-1] - a[0])
 
-    def lag_ms(self, q: float = 0.95) -> float | None:
-        value = _percentile(self._lags, q)
+    def lag_ms(self, q: float = 0.95, last: int | None = None) -> float | None:
+        """Percentile of the frame lag over the recent frames (the last `last` of them)."""
+        lags = self._lags if last is None else list(self._lags)[-last:]
+        value = _percentile(lags, q)
         return None if value is None else value * 1000
 
     def idle_s(self, now: float | None = None) -> float:
@@ -199,6 +203,7 @@ class SampleLoop:
         cell_delta: int = 18,
         ready: asyncio.Event | None = None,
         ready_timeout_s: float = 5.0,
+        on_age: Callable[[float], None] | None = None,
     ) -> None:
         self.drain = drain
         self.policy = policy
@@ -208,6 +213,7 @@ class SampleLoop:
         self.cell_delta = cell_delta
         self.ready = ready
         self.ready_timeout_s = ready_timeout_s
+        self.on_age = on_age
         self.sampled = 0
         self.analysed = 0
         self.dropped = 0
@@ -221,9 +227,11 @@ class SampleLoop:
     async def _thumb(self, df: DecodedFrame) -> np.ndarray:
         if self._thumb_in_thread:
             return await asyncio.to_thread(thumbnail, df.frame)
-        t0 = time.perf_counter()
+        # CPU time of this thread, not wall time: waiting for the GIL while the decoder
+        # threads run is not work done on the event loop.
+        t0 = time.thread_time_ns()
         thumb = thumbnail(df.frame)
-        cost = (time.perf_counter() - t0) * 1e6
+        cost = (time.thread_time_ns() - t0) / 1000
         self._thumb_us = cost if self._thumb_us == 0.0 else 0.9 * self._thumb_us + 0.1 * cost
         if self._thumb_us > THUMB_ON_LOOP_MAX_US and self.drain.decoded > 30:
             log.info("thumbnail costs %.0f µs: computing it off the event loop", self._thumb_us)
@@ -285,7 +293,10 @@ class SampleLoop:
             reference = thumb
             started = (result.get("timings") or {}).get("analysis_started_at")
             if isinstance(started, int | float):
-                self.ages_ms.append(max(0.0, (started - df.arrived_at) * 1000))
+                age_ms = max(0.0, (started - df.arrived_at) * 1000)
+                self.ages_ms.append(age_ms)
+                if self.on_age is not None:
+                    self.on_age(age_ms)
 
     def to_json(self) -> dict[str, Any]:
         age50, age95 = _percentile(self.ages_ms, 0.5), _percentile(self.ages_ms, 0.95)
