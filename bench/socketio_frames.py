@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import socketio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.media import face_data_url  # noqa: E402
+from tests.media import face_data_url
 
 ECHO_SERVER = r"""
 import sys, socketio
@@ -91,8 +90,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def client_loop(url: str, frame: str, fps: float, seconds: float, real: bool,
-                      rtts: list[float], added: list[float], errors: list[str]) -> int:
+async def client_loop(
+    url: str,
+    frame: str,
+    fps: float,
+    seconds: float,
+    real: bool,
+    rtts: list[float],
+    added: list[float],
+    errors: list[str],
+) -> int:
     sio = socketio.AsyncClient(reconnection=False)
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     analyser_ms: dict[int, float] = {}
@@ -141,12 +148,15 @@ async def client_loop(url: str, frame: str, fps: float, seconds: float, real: bo
     return sent
 
 
-async def run_load(url: str, clients: int, fps: float, seconds: float, real: bool) -> dict[str, float]:
+async def run_load(
+    url: str, clients: int, fps: float, seconds: float, real: bool
+) -> dict[str, float]:
     frame = face_data_url()
     rtts: list[float] = []
     added: list[float] = []
     errors: list[str] = []
     t0 = time.monotonic()
+
     # Stagger starts so clients do not all send in the same millisecond forever.
     async def staggered(i: int) -> int:
         await asyncio.sleep(i / clients / fps)
@@ -166,7 +176,9 @@ async def run_load(url: str, clients: int, fps: float, seconds: float, real: boo
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 50])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--fps", type=float, default=2.0, help="frames per second per client")
@@ -174,19 +186,35 @@ async def main() -> None:
 
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, "x", str(ROOT)], stdout=subprocess.PIPE)
+        fake = subprocess.Popen(
+            [sys.executable, "-c", FAKE_SERVER, "x", str(ROOT)], stdout=subprocess.PIPE
+        )
         procs.append(fake)
         assert fake.stdout is not None
         fake_url = fake.stdout.readline().decode().strip()
 
         port = free_port()
         db = Path(tempfile.mkdtemp()) / "bench.sqlite3"
-        env = {**os.environ, "AWS_ENDPOINT_URL_REKOGNITION": fake_url, "AWS_ACCESS_KEY_ID": "AKIAFAKE",
-               "AWS_SECRET_ACCESS_KEY": "fake", "AWS_EC2_METADATA_DISABLED": "true",
-               "ANALYSER_BACKEND": "rekognition", "DATABASE_PATH": str(db), "LOG_LEVEL": "WARNING",
-               "OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", "MAX_LIVE_SESSIONS": "1000"}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(port)], cwd=ROOT, env=env))
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL_REKOGNITION": fake_url,
+            "AWS_ACCESS_KEY_ID": "AKIAFAKE",
+            "AWS_SECRET_ACCESS_KEY": "fake",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "ANALYSER_BACKEND": "rekognition",
+            "DATABASE_PATH": str(db),
+            "LOG_LEVEL": "WARNING",
+            "OPENAI_API_KEY": "",
+            "ANTHROPIC_API_KEY": "",
+            "MAX_LIVE_SESSIONS": "1000",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+                cwd=ROOT,
+                env=env,
+            )
+        )
         echo_port = free_port()
         procs.append(subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)]))
         ours = f"http://127.0.0.1:{port}"
@@ -194,18 +222,26 @@ async def main() -> None:
         await wait_up(ours + "/health")
         await wait_up(echo + "/socket.io/?EIO=4&transport=polling")
 
-        print(f"640x480 JPEG ({len(face_data_url()) // 1024} KiB as data URL), {args.fps:g} fps per client, "
-              f"{args.seconds:g} s per run, {os.cpu_count()} cores")
-        print(f"{'clients':>7} | {'ours fps':>8} {'rtt p50':>8} {'rtt p95':>8} {'added p50':>9} {'added p95':>9} "
-              f"| {'echo rtt p50':>12} {'p95':>6} | {'ratio p50':>9} | errors")
+        print(
+            f"640x480 JPEG ({len(face_data_url()) // 1024} KiB as data URL), {args.fps:g} fps per client, "
+            f"{args.seconds:g} s per run, {os.cpu_count()} cores"
+        )
+        print(
+            f"{'clients':>7} | {'ours fps':>8} {'rtt p50':>8} {'rtt p95':>8} {'added p50':>9} {'added p95':>9} "
+            f"| {'echo rtt p50':>12} {'p95':>6} | {'ratio p50':>9} | errors"
+        )
         for n in args.clients:
             echo_res = await run_load(echo, n, args.fps, args.seconds, real=False)
             ours_res = await run_load(ours, n, args.fps, args.seconds, real=True)
-            ratio = ours_res["added_p50"] / echo_res["rtt_p50"] if echo_res["rtt_p50"] else float("nan")
-            print(f"{n:>7} | {ours_res['fps']:>8.1f} {ours_res['rtt_p50']:>7.2f}ms {ours_res['rtt_p95']:>7.2f}ms "
-                  f"{ours_res['added_p50']:>7.2f}ms {ours_res['added_p95']:>7.2f}ms | "
-                  f"{echo_res['rtt_p50']:>10.2f}ms {echo_res['rtt_p95']:>5.1f}ms | {ratio:>8.2f}x | "
-                  f"{int(ours_res['errors'] + echo_res['errors'])}")
+            ratio = (
+                ours_res["added_p50"] / echo_res["rtt_p50"] if echo_res["rtt_p50"] else float("nan")
+            )
+            print(
+                f"{n:>7} | {ours_res['fps']:>8.1f} {ours_res['rtt_p50']:>7.2f}ms {ours_res['rtt_p95']:>7.2f}ms "
+                f"{ours_res['added_p50']:>7.2f}ms {ours_res['added_p95']:>7.2f}ms | "
+                f"{echo_res['rtt_p50']:>10.2f}ms {echo_res['rtt_p95']:>5.1f}ms | {ratio:>8.2f}x | "
+                f"{int(ours_res['errors'] + echo_res['errors'])}"
+            )
     finally:
         for p in procs:
             p.terminate()

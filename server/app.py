@@ -29,6 +29,7 @@ INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 
+
 # Room for base64 (4/3) and the JSON around the largest allowed frame.
 def _max_body(settings: Settings) -> int:
     return settings.max_frame_bytes * 4 // 3 + 64 * 1024
@@ -40,7 +41,9 @@ def _file(path: Path) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
-def create_app(settings: Settings | None = None, *, analyser: Analyser | None = None) -> web.Application:
+def create_app(
+    settings: Settings | None = None, *, analyser: Analyser | None = None
+) -> web.Application:
     settings = settings or Settings()
     instruments = Instruments()
     analyser = analyser or make_analyser(settings, instruments)

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", help="address to bind (default from HOST, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default from PORT, else 5001)")
-    serve.add_argument("--backend", choices=["auto", "rekognition", "local"], help="analyser backend")
+    serve.add_argument(
+        "--backend", choices=["auto", "rekognition", "local"], help="analyser backend"
+    )
     args = parser.parse_args(argv)
 
     # boto3 and the LLM SDKs read their own variables (AWS_ENDPOINT_URL_REKOGNITION,
@@ -55,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import create_app
 
     app = create_app(settings)
-    log.info("serving on http://%s:%d (backend %s)", settings.host, settings.port, settings.resolved_backend)
+    log.info(
+        "serving on http://%s:%d (backend %s)",
+        settings.host,
+        settings.port,
+        settings.resolved_backend,
+    )
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
     return 0
 

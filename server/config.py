@@ -138,14 +138,16 @@ class Settings(BaseSettings):
     sampler_min_interval_s: float = 0.1  # floor between two samples of a session
     sampler_change_threshold: float = 0.06  # fraction of 32×24 thumbnail cells that changed
     sampler_change_cell_delta: int = 18  # grey levels for a cell to count as changed
-    sampler_scene_checks_interval_s: float = 2.0  # scene changes force labels/text at most this often
-    analyser_calls_per_s: float = 25.0  # server-wide WebRTC analysis budget (≤ DetectFaces TPS); 0 = off
+    sampler_scene_checks_interval_s: float = (
+        2.0  # scene changes force labels/text at most this often
+    )
+    analyser_calls_per_s: float = (
+        25.0  # server-wide WebRTC analysis budget (≤ DetectFaces TPS); 0 = off
+    )
 
     @property
     def has_aws_credentials(self) -> bool:
-        return bool(self.aws_access_key_id and self.aws_secret_access_key) or bool(
-            self.aws_profile
-        )
+        return bool(self.aws_access_key_id and self.aws_secret_access_key) or bool(self.aws_profile)
 
     @property
     def resolved_backend(self) -> Literal["rekognition", "local"]:

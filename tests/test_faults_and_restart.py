@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def start(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.post(f"{url}/api/sessions/start", json={"job_data": {"jobTitle": "Data Analyst"}}) as r:
+    async with http.post(
+        f"{url}/api/sessions/start", json={"job_data": {"jobTitle": "Data Analyst"}}
+    ) as r:
         return str((await r.json())["session_id"])
 
 
@@ -38,7 +40,9 @@ async def test_throttling_degrades_the_frame_and_the_session_goes_on(
 ) -> None:
     # Faces only: after a throttle, botocore's adaptive mode paces this client's later
     # calls (down to 0.5/s at this test's low rate), which is what it is for.
-    server = await start_server(make_settings(tmp_path, labels_interval_s=3600, text_interval_s=3600))
+    server = await start_server(
+        make_settings(tmp_path, labels_interval_s=3600, text_interval_s=3600)
+    )
     try:
         await _throttling_scenario(server, http, rekognition)
     finally:
@@ -67,7 +71,9 @@ async def _throttling_scenario(
     assert report["summary"]["frames_degraded"] == 1
     async with http.get(f"{server.url}/metrics") as r:
         text = await r.text()
-    assert 'proctor_rekognition_calls_total{operation="DetectFaces",outcome="throttled"} 1.0' in text
+    assert (
+        'proctor_rekognition_calls_total{operation="DetectFaces",outcome="throttled"} 1.0' in text
+    )
 
 
 async def test_rekognition_down_degrades_every_check(
@@ -92,15 +98,19 @@ async def test_rekognition_down_degrades_every_check(
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_llm_writes_the_summary_and_usage_is_recorded(
-    tmp_path: Path, rekognition: FakeRekognition, monkeypatch: pytest.MonkeyPatch,
-    http: aiohttp.ClientSession, provider: str
+    tmp_path: Path,
+    rekognition: FakeRekognition,
+    monkeypatch: pytest.MonkeyPatch,
+    http: aiohttp.ClientSession,
+    provider: str,
 ) -> None:
     fake: FakeOpenAI | FakeAnthropic = FakeOpenAI() if provider == "openai" else FakeAnthropic()
     base = await fake.start()
     monkeypatch.setenv("OPENAI_BASE_URL" if provider == "openai" else "ANTHROPIC_BASE_URL", base)
     fake.reply = FakeReply(
         content='{"summary": "Calm and attentive throughout.", "cultural_fit": "Attentive, as the role needs."}',
-        prompt_tokens=321, completion_tokens=54,
+        prompt_tokens=321,
+        completion_tokens=54,
     )
     srv = await start_server(make_settings(tmp_path, **{f"{provider}_api_key": "sk-test"}))
     try:
@@ -124,7 +134,10 @@ async def test_llm_writes_the_summary_and_usage_is_recorded(
 
 
 async def test_llm_failure_leaves_a_complete_report_with_the_error_noted(
-    tmp_path: Path, rekognition: FakeRekognition, monkeypatch: pytest.MonkeyPatch, http: aiohttp.ClientSession
+    tmp_path: Path,
+    rekognition: FakeRekognition,
+    monkeypatch: pytest.MonkeyPatch,
+    http: aiohttp.ClientSession,
 ) -> None:
     fake = FakeOpenAI()
     monkeypatch.setenv("OPENAI_BASE_URL", await fake.start())
@@ -147,12 +160,17 @@ async def test_llm_failure_leaves_a_complete_report_with_the_error_noted(
 
 
 async def test_llm_timeout_is_bounded(
-    tmp_path: Path, rekognition: FakeRekognition, monkeypatch: pytest.MonkeyPatch, http: aiohttp.ClientSession
+    tmp_path: Path,
+    rekognition: FakeRekognition,
+    monkeypatch: pytest.MonkeyPatch,
+    http: aiohttp.ClientSession,
 ) -> None:
     fake = FakeAnthropic()
     monkeypatch.setenv("ANTHROPIC_BASE_URL", await fake.start())
     fake.reply = FakeReply(delay_s=10)
-    srv = await start_server(make_settings(tmp_path, anthropic_api_key="sk-test", llm_timeout_s=0.5))
+    srv = await start_server(
+        make_settings(tmp_path, anthropic_api_key="sk-test", llm_timeout_s=0.5)
+    )
     try:
         sid = await start(http, srv.url)
         loop = asyncio.get_running_loop()
@@ -178,12 +196,22 @@ async def test_server_killed_mid_session_shows_interrupted_and_reports(
 ) -> None:
     db = tmp_path / "proctor.sqlite3"
     port = _free_port()
-    env = {**os.environ, **rekognition.env(), "DATABASE_PATH": str(db), "ANALYSER_BACKEND": "rekognition",
-           "LABELS_INTERVAL_S": "0", "TEXT_INTERVAL_S": "0", "OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""}
+    env = {
+        **os.environ,
+        **rekognition.env(),
+        "DATABASE_PATH": str(db),
+        "ANALYSER_BACKEND": "rekognition",
+        "LABELS_INTERVAL_S": "0",
+        "TEXT_INTERVAL_S": "0",
+        "OPENAI_API_KEY": "",
+        "ANTHROPIC_API_KEY": "",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -218,7 +246,9 @@ async def test_server_killed_mid_session_shows_interrupted_and_reports(
         [book] = report["alerts"]
         assert book["type"] == "suspicious_object" and book["end_reason"] == "interrupted"
         # Frames for an interrupted session are refused as ended, not lost silently.
-        async with http.post(f"{srv.url}/api/sessions/{sid}/frame", json={"frame": face_data_url()}) as r:
+        async with http.post(
+            f"{srv.url}/api/sessions/{sid}/frame", json={"frame": face_data_url()}
+        ) as r:
             assert r.status == 409
     finally:
         await srv.stop()

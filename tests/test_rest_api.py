@@ -22,12 +22,16 @@ async def start(http: aiohttp.ClientSession, server: RunningServer, **job: Any) 
     return str(body["session_id"])
 
 
-async def post_frame(http: aiohttp.ClientSession, server: RunningServer, sid: str, frame: str) -> tuple[int, dict]:
+async def post_frame(
+    http: aiohttp.ClientSession, server: RunningServer, sid: str, frame: str
+) -> tuple[int, dict]:
     async with http.post(f"{server.url}/api/sessions/{sid}/frame", json={"frame": frame}) as r:
         return r.status, await r.json()
 
 
-async def test_seed_curl_flow(server: RunningServer, http: aiohttp.ClientSession, rekognition: FakeRekognition) -> None:
+async def test_seed_curl_flow(
+    server: RunningServer, http: aiohttp.ClientSession, rekognition: FakeRekognition
+) -> None:
     rekognition.set_scene(faces=[fake_face(yaw=5, pitch=-3, emotions={"HAPPY": 80, "CALM": 20})])
     sid = await start(http, server, jobTitle="Software Engineer")
     assert len(base64.urlsafe_b64decode(sid + "==")) >= 16  # ≥ 128 random bits
@@ -52,8 +56,15 @@ async def test_seed_curl_flow(server: RunningServer, http: aiohttp.ClientSession
     assert r.status == 200
     assert report["summary"]["frames_analysed"] == 1
     assert report["job_data"] == {"jobTitle": "Software Engineer"}
-    for part in ("behavioural_scores", "body_language", "cultural_fit", "emotion_timeline",
-                 "alerts", "token_usage", "narrative"):
+    for part in (
+        "behavioural_scores",
+        "body_language",
+        "cultural_fit",
+        "emotion_timeline",
+        "alerts",
+        "token_usage",
+        "narrative",
+    ):
         assert part in report
     assert report["ai_summary"] is None  # no LLM configured: rule-based narrative only
     assert "Software Engineer" in report["cultural_fit"]["assessment"]
@@ -76,11 +87,15 @@ async def test_alerts_are_returned_with_the_frame_that_raised_them(
     rekognition.set_scene(faces=[fake_face()], labels=[])
     _, body = await post_frame(http, server, sid, face_data_url())
     assert sorted((a["type"], a["status"]) for a in body["result"]["alerts"]) == [
-        ("no_face_detected", "ended"), ("suspicious_object", "ended")]
+        ("no_face_detected", "ended"),
+        ("suspicious_object", "ended"),
+    ]
     async with http.post(f"{server.url}/api/sessions/{sid}/end") as r:
         report = await r.json()
-    assert [a["type"] for a in report["alerts"]] == ["no_face_detected", "suspicious_object"] or \
-        sorted(a["type"] for a in report["alerts"]) == ["no_face_detected", "suspicious_object"]
+    assert [a["type"] for a in report["alerts"]] == [
+        "no_face_detected",
+        "suspicious_object",
+    ] or sorted(a["type"] for a in report["alerts"]) == ["no_face_detected", "suspicious_object"]
     assert all(a["ended_at"] is not None for a in report["alerts"])
 
 
@@ -92,16 +107,27 @@ async def test_alerts_are_returned_with_the_frame_that_raised_them(
         (b"{}", 400, "missing_field"),
         (b'{"frame": 42}', 400, "invalid_field"),
         (b'{"frame": "data:image/jpeg;base64,%%%%"}', 400, "malformed_frame"),
-        (b'{"frame": "' + base64.b64encode(b"GIF89a" + bytes(30)) + b'"}', 400, "unsupported_image"),
-        (b'{"frame": "' + base64.b64encode(b"\xff\xd8\xff" + bytes(30)) + b'"}', 400, "malformed_frame"),
+        (
+            b'{"frame": "' + base64.b64encode(b"GIF89a" + bytes(30)) + b'"}',
+            400,
+            "unsupported_image",
+        ),
+        (
+            b'{"frame": "' + base64.b64encode(b"\xff\xd8\xff" + bytes(30)) + b'"}',
+            400,
+            "malformed_frame",
+        ),
     ],
 )
 async def test_bad_frame_requests_get_specific_400s(
     server: RunningServer, http: aiohttp.ClientSession, body: bytes, status: int, code: str
 ) -> None:
     sid = await start(http, server)
-    async with http.post(f"{server.url}/api/sessions/{sid}/frame", data=body,
-                         headers={"Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{server.url}/api/sessions/{sid}/frame",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    ) as r:
         assert r.status == status
         err = await r.json()
     assert err["error"]["code"] == code and err["error"]["message"]
@@ -110,7 +136,9 @@ async def test_bad_frame_requests_get_specific_400s(
     assert status_ok == 200 and ok["status"] == "analysed"
 
 
-async def test_unknown_and_ended_sessions(server: RunningServer, http: aiohttp.ClientSession) -> None:
+async def test_unknown_and_ended_sessions(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
     status, body = await post_frame(http, server, "no-such-session", face_data_url())
     assert (status, body["error"]["code"]) == (404, "session_not_found")
     async with http.get(f"{server.url}/api/sessions/nope/metrics") as r:
@@ -126,7 +154,9 @@ async def test_unknown_and_ended_sessions(server: RunningServer, http: aiohttp.C
         assert r.status == 409
 
 
-async def test_unknown_route_and_method_are_json(server: RunningServer, http: aiohttp.ClientSession) -> None:
+async def test_unknown_route_and_method_are_json(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
     async with http.get(f"{server.url}/api/nothing-here") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
     async with http.get(f"{server.url}/api/sessions/start") as r:
@@ -139,11 +169,18 @@ async def test_oversized_frame_is_413_whatever_the_backend(
     srv = await start_server(make_settings(tmp_path, max_frame_bytes=50_000))
     try:
         sid = await start(http, srv)
-        noisy = data_url(__import__("numpy").random.default_rng(0).integers(0, 255, (480, 640, 3), dtype="uint8"), 95)
+        noisy = data_url(
+            __import__("numpy")
+            .random.default_rng(0)
+            .integers(0, 255, (480, 640, 3), dtype="uint8"),
+            95,
+        )
         status, body = await post_frame(http, srv, sid, noisy)
         assert (status, body["error"]["code"]) == (413, "frame_too_large")
         # Far over the limit: refused by the body-size guard, still JSON and 413.
-        async with http.post(f"{srv.url}/api/sessions/{sid}/frame", json={"frame": "A" * 2_000_000}) as r:
+        async with http.post(
+            f"{srv.url}/api/sessions/{sid}/frame", json={"frame": "A" * 2_000_000}
+        ) as r:
             assert r.status == 413
             assert (await r.json())["error"]["code"] == "frame_too_large"
         assert rekognition.count() == 0
@@ -172,8 +209,9 @@ async def test_latest_frame_wins_and_drops_are_counted(
     assert (m["frames_received"], m["frames_analysed"], m["frames_dropped"]) == (5, 2, 3)
 
 
-async def test_live_session_cap_gives_429(tmp_path: Path, rekognition: FakeRekognition,
-                                          http: aiohttp.ClientSession) -> None:
+async def test_live_session_cap_gives_429(
+    tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
+) -> None:
     srv = await start_server(make_settings(tmp_path, max_live_sessions=2))
     try:
         await start(http, srv)
@@ -186,9 +224,12 @@ async def test_live_session_cap_gives_429(tmp_path: Path, rekognition: FakeRekog
         await srv.stop()
 
 
-async def test_idle_sessions_end_with_a_report(tmp_path: Path, rekognition: FakeRekognition,
-                                               http: aiohttp.ClientSession) -> None:
-    srv = await start_server(make_settings(tmp_path, session_idle_timeout_s=0.3, idle_sweep_interval_s=0.05))
+async def test_idle_sessions_end_with_a_report(
+    tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
+) -> None:
+    srv = await start_server(
+        make_settings(tmp_path, session_idle_timeout_s=0.3, idle_sweep_interval_s=0.05)
+    )
     try:
         sid = await start(http, srv)
         await post_frame(http, srv, sid, face_data_url())
@@ -218,7 +259,9 @@ async def test_operator_endpoints_need_the_token_when_set(
                 assert (await r.json())["error"]["code"] == "unauthorized"
             async with http.get(srv.url + path, headers={"Authorization": "Bearer wrong"}) as r:
                 assert r.status == 403, path
-        async with http.get(srv.url + "/api/sessions", headers={"Authorization": "Bearer s3cret"}) as r:
+        async with http.get(
+            srv.url + "/api/sessions", headers={"Authorization": "Bearer s3cret"}
+        ) as r:
             assert r.status == 200
             listed = await r.json()
         assert [s["session_id"] for s in listed["sessions"]] == [sid]
@@ -226,12 +269,17 @@ async def test_operator_endpoints_need_the_token_when_set(
         async with http.get(srv.url + "/metrics", headers={"X-API-Token": "s3cret"}) as r:
             text = await r.text()
         assert 'proctor_rekognition_calls_total{operation="DetectFaces",outcome="ok"} 1.0' in text
-        assert "proctor_frames_analysed_total" in text and "proctor_analyser_latency_seconds_bucket" in text
+        assert (
+            "proctor_frames_analysed_total" in text
+            and "proctor_analyser_latency_seconds_bucket" in text
+        )
     finally:
         await srv.stop()
 
 
-async def test_list_sessions_filters_and_validates(server: RunningServer, http: aiohttp.ClientSession) -> None:
+async def test_list_sessions_filters_and_validates(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
     a = await start(http, server)
     b = await start(http, server)
     async with http.post(f"{server.url}/api/sessions/{a}/end") as r:
@@ -244,7 +292,9 @@ async def test_list_sessions_filters_and_validates(server: RunningServer, http: 
         assert r.status == 400
 
 
-async def test_report_of_a_live_session_is_409(server: RunningServer, http: aiohttp.ClientSession) -> None:
+async def test_report_of_a_live_session_is_409(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
     sid = await start(http, server)
     async with http.get(f"{server.url}/api/sessions/{sid}/report") as r:
         assert r.status == 409
@@ -252,7 +302,9 @@ async def test_report_of_a_live_session_is_409(server: RunningServer, http: aioh
         assert r.status == 404
 
 
-async def test_openapi_is_generated_from_the_models(server: RunningServer, http: aiohttp.ClientSession) -> None:
+async def test_openapi_is_generated_from_the_models(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
     async with http.get(f"{server.url}/api/openapi.json") as r:
         doc = await r.json()
     assert doc["openapi"].startswith("3.")
@@ -262,8 +314,12 @@ async def test_openapi_is_generated_from_the_models(server: RunningServer, http:
     assert "frame" in frame_schema["required"]
     assert {"400", "404", "409", "413"} <= set(frame_op["responses"])
     assert doc["paths"]["/api/sessions"]["get"]["security"] == [{"operatorToken": []}]
-    for path in ("/api/sessions/start", "/api/sessions/{session_id}/metrics",
-                 "/api/sessions/{session_id}/end", "/health"):
+    for path in (
+        "/api/sessions/start",
+        "/api/sessions/{session_id}/metrics",
+        "/api/sessions/{session_id}/end",
+        "/health",
+    ):
         assert path in doc["paths"]
 
 
@@ -272,8 +328,10 @@ async def test_health_and_cors(server: RunningServer, http: aiohttp.ClientSessio
         body = await r.json()
         assert r.headers["Access-Control-Allow-Origin"] == "*"
     assert body["status"] == "ok" and body["backend"] == "rekognition"
-    async with http.options(f"{server.url}/api/sessions/start", headers={
-        "Origin": "http://example.test", "Access-Control-Request-Method": "POST"}) as r:
+    async with http.options(
+        f"{server.url}/api/sessions/start",
+        headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"},
+    ) as r:
         assert r.status == 204
 
 

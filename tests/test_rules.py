@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from server.analysis.observation import Box, Checks, Face, Label, Observation, Pose, Quality, TextLine
+from server.analysis.observation import (
+    Box,
+    Checks,
+    Face,
+    Label,
+    Observation,
+    Pose,
+    Quality,
+    TextLine,
+)
 from server.analysis.rules import AlertEngine, FrameFacts, rules_from_settings
 from server.analysis.scoring import Scorer
 from server.config import Settings
@@ -10,8 +19,12 @@ from server.config import Settings
 SETTINGS = Settings(_env_file=None)  # type: ignore[call-arg]
 
 
-def face(yaw: float = 0.0, pitch: float = 0.0, emotions: dict[str, float] | None = None,
-         left: float = 0.3) -> Face:
+def face(
+    yaw: float = 0.0,
+    pitch: float = 0.0,
+    emotions: dict[str, float] | None = None,
+    left: float = 0.3,
+) -> Face:
     return Face(
         box=Box(left, 0.2, 0.3, 0.4),
         confidence=99.0,
@@ -20,10 +33,20 @@ def face(yaw: float = 0.0, pitch: float = 0.0, emotions: dict[str, float] | None
     )
 
 
-def obs(faces: tuple[Face, ...] | None = (), labels: tuple[Label, ...] | None = None,
-        text: tuple[TextLine, ...] | None = None, quality: Quality | None = None) -> Observation:
-    return Observation(backend="test", checks=Checks(True, labels is not None, text is not None),
-                       faces=faces, labels=labels, text=text, quality=quality)
+def obs(
+    faces: tuple[Face, ...] | None = (),
+    labels: tuple[Label, ...] | None = None,
+    text: tuple[TextLine, ...] | None = None,
+    quality: Quality | None = None,
+) -> Observation:
+    return Observation(
+        backend="test",
+        checks=Checks(True, labels is not None, text is not None),
+        faces=faces,
+        labels=labels,
+        text=text,
+        quality=quality,
+    )
 
 
 class Harness:
@@ -37,14 +60,20 @@ class Harness:
         new = []
         for _ in range(times):
             metrics = self.scorer.score(observation)
-            out = self.engine.evaluate(FrameFacts(self.index, 1000.0 + self.index, observation, metrics))
+            out = self.engine.evaluate(
+                FrameFacts(self.index, 1000.0 + self.index, observation, metrics)
+            )
             self.index += 1
             new += out
         self.events += new
         return new
 
     def of(self, type_: str, status: str | None = None) -> list[dict]:
-        return [e for e in self.events if e["type"] == type_ and (status is None or e["status"] == status)]
+        return [
+            e
+            for e in self.events
+            if e["type"] == type_ and (status is None or e["status"] == status)
+        ]
 
 
 def test_no_face_two_frames_nothing_three_frames_one_alert() -> None:
@@ -133,7 +162,10 @@ def test_suspicious_object_needs_more_than_70_percent_and_a_listed_label() -> No
     h.feed(obs(faces=(face(),), labels=(Label("Mobile Phone", 70.0), Label("Chair", 99.0))))
     assert h.of("suspicious_object") == []
     h.feed(obs(faces=(face(),), labels=(Label("Book", 70.1), Label("Mobile Phone", 80.0))))
-    assert sorted(e["object"] for e in h.of("suspicious_object", "onset")) == ["Book", "Mobile Phone"]
+    assert sorted(e["object"] for e in h.of("suspicious_object", "onset")) == [
+        "Book",
+        "Mobile Phone",
+    ]
 
 
 def test_a_second_person_is_suspicious_but_the_candidate_is_not() -> None:
@@ -146,7 +178,9 @@ def test_a_second_person_is_suspicious_but_the_candidate_is_not() -> None:
 
 def test_text_detected_needs_significant_confident_text() -> None:
     h = Harness()
-    h.feed(obs(faces=(face(),), text=(TextLine("ok", 99.0), TextLine("def solve(x): return", 40.0))))
+    h.feed(
+        obs(faces=(face(),), text=(TextLine("ok", 99.0), TextLine("def solve(x): return", 40.0)))
+    )
     assert h.of("text_detected") == []
     out = h.feed(obs(faces=(face(),), text=(TextLine("def solve(x):", 95.0),)))
     assert [(e["type"], e["severity"]) for e in out] == [("text_detected", "info")]

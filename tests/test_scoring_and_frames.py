@@ -9,14 +9,29 @@ import pytest
 
 from server.analysis.observation import Box, Checks, Face, Observation, Pose
 from server.analysis.scoring import Scorer
-from server.media.frames import Frame, FrameTooLarge, MalformedFrame, UnsupportedImage, parse_data_url
+from server.media.frames import (
+    Frame,
+    FrameTooLarge,
+    MalformedFrame,
+    UnsupportedImage,
+    parse_data_url,
+)
 from tests.media import astronaut_bgr, data_url, jpeg_bytes
 
 
-def observation(yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0,
-                emotions: dict[str, float] | None = None, confidence: float = 98.0) -> Observation:
-    face = Face(Box(0.3, 0.2, 0.3, 0.4), confidence, Pose(yaw, pitch, roll),
-                emotions if emotions is not None else {"HAPPY": 50.0, "SAD": 50.0})
+def observation(
+    yaw: float = 0.0,
+    pitch: float = 0.0,
+    roll: float = 0.0,
+    emotions: dict[str, float] | None = None,
+    confidence: float = 98.0,
+) -> Observation:
+    face = Face(
+        Box(0.3, 0.2, 0.3, 0.4),
+        confidence,
+        Pose(yaw, pitch, roll),
+        emotions if emotions is not None else {"HAPPY": 50.0, "SAD": 50.0},
+    )
     return Observation("test", Checks(), faces=(face,))
 
 
@@ -50,7 +65,10 @@ def test_no_face_has_no_metrics() -> None:
 
 def test_data_url_and_bare_base64_are_accepted() -> None:
     raw = jpeg_bytes(astronaut_bgr())
-    assert parse_data_url("data:image/jpeg;base64," + base64.b64encode(raw).decode(), 5 << 20) == (raw, "image/jpeg")
+    assert parse_data_url("data:image/jpeg;base64," + base64.b64encode(raw).decode(), 5 << 20) == (
+        raw,
+        "image/jpeg",
+    )
     assert parse_data_url(base64.b64encode(raw).decode(), 5 << 20)[0] == raw
 
 
@@ -61,8 +79,14 @@ def test_data_url_and_bare_base64_are_accepted() -> None:
         ("", MalformedFrame),
         (12345, MalformedFrame),
         ("data:image/jpeg,rawdata", MalformedFrame),
-        ("data:image/gif;base64," + base64.b64encode(b"GIF89a" + b"\0" * 20).decode(), UnsupportedImage),
-        ("data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8\xff" + b"\0" * 10).decode(), MalformedFrame),
+        (
+            "data:image/gif;base64," + base64.b64encode(b"GIF89a" + b"\0" * 20).decode(),
+            UnsupportedImage,
+        ),
+        (
+            "data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8\xff" + b"\0" * 10).decode(),
+            MalformedFrame,
+        ),
     ],
 )
 def test_bad_frames_get_specific_errors(value: object, error: type[Exception]) -> None:

@@ -80,7 +80,9 @@ async def test_full_flow(clients: list[Client], rekognition: FakeRekognition) ->
     assert c.received["error"] == []
 
 
-async def test_alert_events_carry_onset_and_end(clients: list[Client], rekognition: FakeRekognition) -> None:
+async def test_alert_events_carry_onset_and_end(
+    clients: list[Client], rekognition: FakeRekognition
+) -> None:
     c, _ = clients
     await c.sio.emit("start_session", {"job_data": {}})
     sid = (await c.wait("session_started"))[0]["session_id"]
@@ -125,9 +127,11 @@ async def test_bad_frames_do_not_end_the_session_or_connection(clients: list[Cli
     c, _ = clients
     await c.sio.emit("start_session", {"job_data": {}})
     sid = (await c.wait("session_started"))[0]["session_id"]
-    for frame, code in [("data:image/jpeg;base64,@@@", "malformed_frame"),
-                        ("R0lGODlhAQABAAAAACw=", "unsupported_image"),
-                        (None, "malformed_frame")]:
+    for frame, code in [
+        ("data:image/jpeg;base64,@@@", "malformed_frame"),
+        ("R0lGODlhAQABAAAAACw=", "unsupported_image"),
+        (None, "malformed_frame"),
+    ]:
         ack = await c.sio.call("analyze_frame", {"session_id": sid, "frame": frame})
         assert ack["status"] == "error" and ack["error"]["code"] == code
     ack = await c.sio.call("analyze_frame", {"session_id": sid})
@@ -137,7 +141,9 @@ async def test_bad_frames_do_not_end_the_session_or_connection(clients: list[Cli
     assert c.sio.connected
 
 
-async def test_oversized_frame_is_refused_and_the_connection_survives(clients: list[Client]) -> None:
+async def test_oversized_frame_is_refused_and_the_connection_survives(
+    clients: list[Client],
+) -> None:
     c, _ = clients
     await c.sio.emit("start_session", {"job_data": {}})
     sid = (await c.wait("session_started"))[0]["session_id"]
@@ -165,7 +171,9 @@ async def test_a_client_only_receives_its_own_sessions_events(clients: list[Clie
     assert len(a.received["session_started"]) == 1 and len(b.received["session_started"]) == 1
 
 
-async def test_naming_a_session_subscribes_to_it(clients: list[Client], server: RunningServer) -> None:
+async def test_naming_a_session_subscribes_to_it(
+    clients: list[Client], server: RunningServer
+) -> None:
     """A viewer (or a REST-started session) joins the room by naming the session id."""
     pusher, viewer = clients
     await pusher.sio.emit("start_session", {"job_data": {}})

@@ -143,8 +143,14 @@ class SuspiciousObjectRule:
             # One person is the candidate; a second one is what matters.
             if label.name == "Person":
                 if label.instances >= 2:
-                    out["Person"] = (True, {"object": "Person", "instances": label.instances,
-                                            "confidence": round(label.confidence, 1)})
+                    out["Person"] = (
+                        True,
+                        {
+                            "object": "Person",
+                            "instances": label.instances,
+                            "confidence": round(label.confidence, 1),
+                        },
+                    )
                 continue
             if label.name in self.labels:
                 out[label.name] = (
@@ -218,7 +224,9 @@ class Episode:
 
     @property
     def duration_s(self) -> float | None:
-        return None if self.ended_at is None else round(max(0.0, self.ended_at - self.started_at), 3)
+        return (
+            None if self.ended_at is None else round(max(0.0, self.ended_at - self.started_at), 3)
+        )
 
     def event(self, status: Literal["onset", "ended"]) -> dict[str, Any]:
         return {
@@ -278,13 +286,18 @@ class AlertEngine:
                             onset_frame=facts.index,
                             # The behaviour began with the first frame of the streak.
                             started_at=track.first_time,
-                            details={**details, "consecutive_frames": track.streak,
-                                     "first_frame": track.first_frame},
+                            details={
+                                **details,
+                                "consecutive_frames": track.streak,
+                                "first_frame": track.first_frame,
+                            },
                         )
                         events.append(track.episode.event("onset"))
                 elif track is not None:
                     if track.episode is not None:
-                        events.append(self._close(track.episode, facts.time, facts.index, "cleared"))
+                        events.append(
+                            self._close(track.episode, facts.time, facts.index, "cleared")
+                        )
                     del self._tracks[(rule.type, key)]
         return events
 
@@ -294,7 +307,9 @@ class AlertEngine:
         episode.end_reason = reason
         return episode.event("ended")
 
-    def close_all(self, when: float, frame: int, reason: str = "session_ended") -> list[dict[str, Any]]:
+    def close_all(
+        self, when: float, frame: int, reason: str = "session_ended"
+    ) -> list[dict[str, Any]]:
         events = [
             self._close(t.episode, when, frame, reason)
             for t in self._tracks.values()

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 from server.analysis.observation import Face, Observation
 
-METRICS: tuple[str, ...] = ("eye_contact", "engagement", "facial_expression", "posture", "confidence")
+METRICS: tuple[str, ...] = (
+    "eye_contact",
+    "engagement",
+    "facial_expression",
+    "posture",
+    "confidence",
+)
 POSTURE_ZERO_AT_DEG = 15.0
 
 

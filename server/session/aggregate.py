@@ -78,7 +78,9 @@ class RunningStat:
 @dataclass
 class SessionAggregate:
     started_at: float
-    metrics: dict[str, RunningStat] = field(default_factory=lambda: {m: RunningStat() for m in METRICS})
+    metrics: dict[str, RunningStat] = field(
+        default_factory=lambda: {m: RunningStat() for m in METRICS}
+    )
     frames: int = 0
     frames_with_face: int = 0
     insufficient: int = 0

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.analysis.cadence import CheckCadence
 from server.analysis.analyser import PoseCalibration
+from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine
 from server.analysis.scoring import Scorer
 from server.media.frames import Frame

@@ -175,7 +175,11 @@ class SessionManager:
     # --- frames -------------------------------------------------------------------------
 
     async def submit(
-        self, session: LiveSession, frame: Frame, *, scene_changed: bool = False,
+        self,
+        session: LiveSession,
+        frame: Frame,
+        *,
+        scene_changed: bool = False,
         count_received: bool = True,
     ) -> dict[str, Any]:
         """Queue a frame for analysis (replacing any frame still waiting) and wait for its
@@ -195,7 +199,9 @@ class SessionManager:
         session.touch()
         self.instruments.frames_received.labels(transport=session.transport).inc()
 
-    def _drop(self, session: LiveSession, pending: PendingFrame, reason: str = "superseded") -> None:
+    def _drop(
+        self, session: LiveSession, pending: PendingFrame, reason: str = "superseded"
+    ) -> None:
         session.counters.dropped += 1
         self.instruments.frames_dropped.labels(transport=session.transport).inc()
         if not pending.future.done():
@@ -225,7 +231,9 @@ class SessionManager:
             if not pending.future.done():
                 pending.future.set_result(result)
 
-    async def _observe(self, frame: Frame, session: LiveSession, scene_changed: bool) -> Observation:
+    async def _observe(
+        self, frame: Frame, session: LiveSession, scene_changed: bool
+    ) -> Observation:
         checks = session.cadence.next(time.monotonic(), scene_changed)
         try:
             return await asyncio.wait_for(
@@ -246,7 +254,9 @@ class SessionManager:
             height=frame.height,
         )
 
-    async def _analyse(self, session: LiveSession, frame: Frame, scene_changed: bool) -> dict[str, Any]:
+    async def _analyse(
+        self, session: LiveSession, frame: Frame, scene_changed: bool
+    ) -> dict[str, Any]:
         started = time.time()
         t0 = time.perf_counter()
         obs = await self._observe(frame, session, scene_changed)
@@ -313,7 +323,9 @@ class SessionManager:
     ) -> dict[str, Any]:
         session = await self.get_live(session_id)
         session.status = "ending"
-        task = asyncio.create_task(self._end(session, reason, use_llm), name=f"end-{session.id[:8]}")
+        task = asyncio.create_task(
+            self._end(session, reason, use_llm), name=f"end-{session.id[:8]}"
+        )
         self._ending[session.id] = task
         try:
             # Shielded: a client that disconnects mid-request must not leave a half-ended
@@ -384,7 +396,11 @@ class SessionManager:
             await asyncio.sleep(self.settings.idle_sweep_interval_s)
             deadline = time.monotonic() - self.settings.session_idle_timeout_s
             for session in list(self._live.values()):
-                if session.status == "live" and not session.analysing and session.last_activity < deadline:
+                if (
+                    session.status == "live"
+                    and not session.analysing
+                    and session.last_activity < deadline
+                ):
                     task = asyncio.create_task(self._end_idle(session.id))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)

@@ -116,7 +116,9 @@ def body_language(agg: SessionAggregate) -> dict[str, Any]:
 def cultural_fit(agg: SessionAggregate, job_data: dict[str, Any]) -> dict[str, Any]:
     """Rule-based: only observable interview behaviour, against the role named in job data.
     It deliberately says nothing about personality, values or protected traits."""
-    role = job_data.get("jobTitle") or job_data.get("job_title") or job_data.get("title") or "the role"
+    role = (
+        job_data.get("jobTitle") or job_data.get("job_title") or job_data.get("title") or "the role"
+    )
     engagement = agg.metrics["engagement"].average
     eye = agg.metrics["eye_contact"].average
     signals = {"engagement": _band(engagement), "eye_contact": _band(eye)}
@@ -134,17 +136,25 @@ def cultural_fit(agg: SessionAggregate, job_data: dict[str, Any]) -> dict[str, A
 def alert_summary(alerts: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {}
     for a in alerts:
-        entry = out.setdefault(a["type"], {"count": 0, "total_duration_s": 0.0, "severity": a["severity"]})
+        entry = out.setdefault(
+            a["type"], {"count": 0, "total_duration_s": 0.0, "severity": a["severity"]}
+        )
         entry["count"] += 1
-        entry["total_duration_s"] = round(entry["total_duration_s"] + (a.get("duration_s") or 0.0), 3)
+        entry["total_duration_s"] = round(
+            entry["total_duration_s"] + (a.get("duration_s") or 0.0), 3
+        )
     return out
 
 
-def rule_based_summary(agg: SessionAggregate, alerts: list[dict[str, Any]], duration_s: float) -> str:
+def rule_based_summary(
+    agg: SessionAggregate, alerts: list[dict[str, Any]], duration_s: float
+) -> str:
     critical = sum(1 for a in alerts if a["severity"] == "critical")
     warnings = sum(1 for a in alerts if a["severity"] == "warning")
     eng = agg.metrics["engagement"].average
-    eng_text = "engagement could not be measured" if eng is None else f"average engagement {eng:.0f}/100"
+    eng_text = (
+        "engagement could not be measured" if eng is None else f"average engagement {eng:.0f}/100"
+    )
     return (
         f"{duration_s / 60:.1f}-minute session, {agg.frames} frames analysed, {eng_text}. "
         f"{len(alerts)} alert episode(s): {critical} critical, {warnings} warning."
@@ -168,9 +178,14 @@ def build_report(
     duration = max(0.0, float(ended) - started)
     # Episodes still open when the process died end where the evidence ends.
     alerts = [
-        a if a.get("ended_at") is not None
-        else {**a, "ended_at": ended, "end_reason": "interrupted",
-              "duration_s": round(max(0.0, float(ended) - a["started_at"]), 3)}
+        a
+        if a.get("ended_at") is not None
+        else {
+            **a,
+            "ended_at": ended,
+            "end_reason": "interrupted",
+            "duration_s": round(max(0.0, float(ended) - a["started_at"]), 3),
+        }
         for a in alerts
     ]
     summary_text = rule_based_summary(agg, alerts, duration)
@@ -207,7 +222,12 @@ def build_report(
         "narrative": {"source": "rules", "summary": summary_text},
         "ai_summary": None,
         "llm": None,
-        "token_usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "by_provider": {}},
+        "token_usage": {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "by_provider": {},
+        },
         "generated_at": datetime.now(UTC).isoformat(),
     }
 

@@ -102,7 +102,9 @@ class Store:
         interrupted = await loop.run_in_executor(self._writer_thread, init, self._conn)
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
         if interrupted:
-            log.warning("%d session(s) were live at the last stop: now interrupted", len(interrupted))
+            log.warning(
+                "%d session(s) were live at the last stop: now interrupted", len(interrupted)
+            )
         return interrupted
 
     async def close(self) -> None:
@@ -172,7 +174,12 @@ class Store:
     # --- sessions ---------------------------------------------------------------------
 
     async def create_session(
-        self, session_id: str, transport: str, backend: str, job_data: dict[str, Any], started_at: float
+        self,
+        session_id: str,
+        transport: str,
+        backend: str,
+        job_data: dict[str, Any],
+        started_at: float,
     ) -> None:
         await self._put(
             "INSERT INTO sessions (id, status, transport, backend, job_data, started_at, "
@@ -180,7 +187,9 @@ class Store:
             (session_id, transport, backend, _dumps(job_data), started_at, started_at),
         )
 
-    async def update_counters(self, session_id: str, counters: dict[str, Any], last_activity: float) -> None:
+    async def update_counters(
+        self, session_id: str, counters: dict[str, Any], last_activity: float
+    ) -> None:
         await self._put(
             "UPDATE sessions SET counters=?, last_activity=? WHERE id=?",
             (_dumps(counters), last_activity, session_id),
@@ -194,7 +203,9 @@ class Store:
             (ended_at, reason, _dumps(counters), session_id),
         )
 
-    async def add_frame(self, session_id: str, index: int, t: float, summary: dict[str, Any]) -> None:
+    async def add_frame(
+        self, session_id: str, index: int, t: float, summary: dict[str, Any]
+    ) -> None:
         await self._put(
             "INSERT OR REPLACE INTO frames (session_id, idx, t, summary) VALUES (?, ?, ?, ?)",
             (session_id, index, t, _dumps(summary)),
@@ -203,7 +214,8 @@ class Store:
     async def save_alert(self, session_id: str, episode: dict[str, Any]) -> None:
         """Insert at onset, replace at closure (same episode id)."""
         await self._put(
-            "INSERT OR REPLACE INTO alerts (id, session_id, started_at, episode) VALUES (?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO alerts (id, session_id, started_at, episode) "
+            "VALUES (?, ?, ?, ?)",
             (episode["episode_id"], session_id, episode["started_at"], _dumps(episode)),
         )
 
@@ -257,17 +269,21 @@ class Store:
     ) -> tuple[list[tuple[int, float, dict[str, Any]]], list[dict[str, Any]]]:
         """Every frame summary (index, time, summary) and alert episode of a session."""
 
-        def q(conn: sqlite3.Connection) -> tuple[list[tuple[int, float, dict[str, Any]]], list[dict[str, Any]]]:
+        def q(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[tuple[int, float, dict[str, Any]]], list[dict[str, Any]]]:
             frames = [
                 (r["idx"], r["t"], json.loads(r["summary"]))
                 for r in conn.execute(
-                    "SELECT idx, t, summary FROM frames WHERE session_id=? ORDER BY idx", (session_id,)
+                    "SELECT idx, t, summary FROM frames WHERE session_id=? ORDER BY idx",
+                    (session_id,),
                 )
             ]
             alerts = [
                 json.loads(r["episode"])
                 for r in conn.execute(
-                    "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at", (session_id,)
+                    "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at",
+                    (session_id,),
                 )
             ]
             return frames, alerts
@@ -276,7 +292,9 @@ class Store:
 
     async def get_report(self, session_id: str) -> dict[str, Any] | None:
         def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute("SELECT report FROM reports WHERE session_id=?", (session_id,)).fetchone()
+            row = conn.execute(
+                "SELECT report FROM reports WHERE session_id=?", (session_id,)
+            ).fetchone()
             return None if row is None else json.loads(row["report"])
 
         return await self._read(q)

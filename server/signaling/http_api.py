@@ -40,7 +40,9 @@ HTTP_CODES = {
 }
 
 
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    payload: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         text=json.dumps(payload, default=str),
         status=status,
@@ -103,13 +105,19 @@ def cors_middleware(origins: list[str]) -> Any:
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         allowed = origin is not None and (allow_any or origin in origins)
-        if request.method == "OPTIONS" and allowed and "Access-Control-Request-Method" in request.headers:
+        if (
+            request.method == "OPTIONS"
+            and allowed
+            and "Access-Control-Request-Method" in request.headers
+        ):
             response: web.StreamResponse = web.Response(status=204)
         else:
             response = await handler(request)
         if allowed and not response.prepared:
             response.headers["Access-Control-Allow-Origin"] = "*" if allow_any else origin or ""
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-API-Token"
+            response.headers["Access-Control-Allow-Headers"] = (
+                "Authorization, Content-Type, X-API-Token"
+            )
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             if not allow_any:
                 response.headers["Vary"] = "Origin"
@@ -153,8 +161,18 @@ class Api:
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(
-                Endpoint(method, path, handler, summary, tag, request, response,
-                         errors, operator, response_content_type)
+                Endpoint(
+                    method,
+                    path,
+                    handler,
+                    summary,
+                    tag,
+                    request,
+                    response,
+                    errors,
+                    operator,
+                    response_content_type,
+                )
             )
             return handler
 

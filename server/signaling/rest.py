@@ -50,8 +50,12 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         )
 
     @api.route(
-        "POST", "/api/sessions/start", summary="Start a session", request=StartSessionRequest,
-        response=SessionStarted, errors=(400, 429),
+        "POST",
+        "/api/sessions/start",
+        summary="Start a session",
+        request=StartSessionRequest,
+        response=SessionStarted,
+        errors=(400, 429),
     )
     async def start_session(request: web.Request) -> web.Response:
         body = await parse_body(request, StartSessionRequest)
@@ -59,8 +63,12 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         return json_response(manager.started_payload(session))
 
     @api.route(
-        "POST", "/api/sessions/{session_id}/frame", summary="Analyse one frame",
-        request=FrameRequest, response=FrameResult, errors=(400, 404, 409, 413),
+        "POST",
+        "/api/sessions/{session_id}/frame",
+        summary="Analyse one frame",
+        request=FrameRequest,
+        response=FrameResult,
+        errors=(400, 404, 409, 413),
     )
     async def analyse_frame(request: web.Request) -> web.Response:
         session = await live(request)
@@ -72,30 +80,44 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         return json_response({"session_id": session.id, "status": "analysed", "result": result})
 
     @api.route(
-        "GET", "/api/sessions/{session_id}/metrics", summary="Aggregated live metrics",
-        response=LiveMetrics, errors=(404, 409),
+        "GET",
+        "/api/sessions/{session_id}/metrics",
+        summary="Aggregated live metrics",
+        response=LiveMetrics,
+        errors=(404, 409),
     )
     async def session_metrics(request: web.Request) -> web.Response:
         return json_response((await live(request)).live_metrics())
 
     @api.route(
-        "POST", "/api/sessions/{session_id}/end", summary="End a session and get its report",
-        response=Report, errors=(404, 409),
+        "POST",
+        "/api/sessions/{session_id}/end",
+        summary="End a session and get its report",
+        response=Report,
+        errors=(404, 409),
     )
     async def end_session(request: web.Request) -> web.Response:
         return json_response(await manager.end_session(request.match_info["session_id"]))
 
     @api.route(
-        "GET", "/api/sessions/{session_id}/report", summary="The report of an ended or interrupted session",
-        response=Report, errors=(404, 409), operator=True,
+        "GET",
+        "/api/sessions/{session_id}/report",
+        summary="The report of an ended or interrupted session",
+        response=Report,
+        errors=(404, 409),
+        operator=True,
     )
     async def session_report(request: web.Request) -> web.Response:
         require_operator(request, settings.api_token)
         return json_response(await manager.report(request.match_info["session_id"]))
 
     @api.route(
-        "GET", "/api/sessions", summary="List sessions (newest first); ?status=live|ended|interrupted&limit=&offset=",
-        response=SessionList, errors=(400,), operator=True,
+        "GET",
+        "/api/sessions",
+        summary="List sessions (newest first); ?status=live|ended|interrupted&limit=&offset=",
+        response=SessionList,
+        errors=(400,),
+        operator=True,
     )
     async def list_sessions(request: web.Request) -> web.Response:
         require_operator(request, settings.api_token)
@@ -113,7 +135,11 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         return json_response({"sessions": sessions, "count": len(sessions)})
 
     @api.route(
-        "GET", "/metrics", summary="Prometheus metrics", tag="operations", operator=True,
+        "GET",
+        "/metrics",
+        summary="Prometheus metrics",
+        tag="operations",
+        operator=True,
         response_content_type=CONTENT_TYPE_LATEST,
     )
     async def prometheus_metrics(request: web.Request) -> web.Response:

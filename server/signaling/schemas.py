@@ -35,7 +35,9 @@ class SessionStarted(BaseModel):
 
 class FrameRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    frame: str = Field(description="data:image/jpeg;base64,... URL (JPEG or PNG); bare base64 accepted")
+    frame: str = Field(
+        description="data:image/jpeg;base64,... URL (JPEG or PNG); bare base64 accepted"
+    )
     timestamp: float | None = Field(
         default=None, description="Capture time (Unix seconds); defaults to arrival time"
     )

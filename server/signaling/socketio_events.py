@@ -43,7 +43,9 @@ class ProctorNamespace(socketio.AsyncNamespace):
         self.settings = settings
         self._forwarding: weakref.WeakSet[LiveSession] = weakref.WeakSet()
 
-    async def _error(self, sid: str, event: str, exc: ProctorError, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def _error(
+        self, sid: str, event: str, exc: ProctorError, data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         body = {
             "code": exc.code,
             "message": exc.message,

@@ -46,6 +46,7 @@ MIN_LANDMARK_SCORE = 0.5
 MESH_MAX_FACES = 2
 
 DETECTOR_FILE = "modules/face_detection/face_detection_short_range.tflite"
+FULL_RANGE_FILE = "modules/face_detection/face_detection_full_range_sparse.tflite"
 MESH_FILE = "modules/face_landmark/face_landmark.tflite"
 
 #: Keypoint order of the detector (the subject's right eye appears on the image's left).
@@ -133,24 +134,37 @@ def weighted_nms(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class DetectorSpec:
+    file: str
+    size: int
+    strides: tuple[int, ...]
+    anchors_per_layer: int
+
+
+SHORT_RANGE = DetectorSpec(DETECTOR_FILE, 128, (8, 16, 16, 16), 2)
+FULL_RANGE = DetectorSpec(FULL_RANGE_FILE, 192, (4,), 1)
+
+
 class BlazeFaceDetector:
-    """mediapipe's short-range face detector (faces within ~2 m, i.e. a webcam's
-    candidate); faces narrower than ~8 % of the frame's longest side are missed."""
+    """mediapipe's BlazeFace detector."""
 
     name = "blazeface"
-    SIZE = 128
 
-    def __init__(self, min_score: float = MIN_DETECTION_SCORE) -> None:
+    def __init__(
+        self, min_score: float = MIN_DETECTION_SCORE, spec: DetectorSpec = SHORT_RANGE
+    ) -> None:
         self.min_score = min_score
-        self._net = litert_interpreter(package_file("mediapipe", DETECTOR_FILE))
+        self.SIZE = spec.size
+        self._net = litert_interpreter(package_file("mediapipe", spec.file))
         self._input = self._net.get_input_details()[0]["index"]
-        outputs = {d["name"]: d["index"] for d in self._net.get_output_details()}
-        try:
-            self._regressors = outputs["regressors"]
-            self._scores = outputs["classificators"]
-        except KeyError:
-            raise ModelUnavailable(f"unexpected detector outputs {sorted(outputs)}") from None
-        self._anchors = ssd_anchors(self.SIZE, (8, 16, 16, 16), 2)
+        outputs = sorted(self._net.get_output_details(), key=lambda d: int(d["shape"][-1]))
+        shapes = [tuple(int(x) for x in d["shape"]) for d in outputs]
+        anchors = ssd_anchors(spec.size, spec.strides, spec.anchors_per_layer)
+        if shapes != [(1, len(anchors), 1), (1, len(anchors), 16)]:
+            raise ModelUnavailable(f"unexpected detector outputs {shapes}")
+        self._scores, self._regressors = outputs[0]["index"], outputs[1]["index"]
+        self._anchors = anchors
 
     def detect(self, bgr: np.ndarray) -> list[DetectedFace]:
         h, w = bgr.shape[:2]
