@@ -6,10 +6,11 @@
    per session (labels every --labels-interval s, text every --text-interval s, as the
    session cadence asks) while the p95 frame-to-result latency stays ≤ --p95-ms and
    at most 10 % of a session's frames are skipped because its previous one was still
-   being analysed (a text check takes longer than the 0.5 s between frames, so the
-   frame after it is skipped: 5 % at the defaults). "text busy" is the share of text
-   checks refused because the single OCR worker was full. It also reports the event loop's lag (p99) under that load: the
-   server's own requests (health checks) wait that long at most.
+   being analysed (a text check can take longer than the 0.5 s between frames, and
+   then the frame after it is skipped). "text busy" is the share of text checks
+   refused because the single OCR worker was full. It also reports the event loop's
+   lag (p99) under that load: how long the server's own requests (a health check)
+   would wait for the loop.
 
     .venv/bin/python bench/local_backend.py [--runs 50] [--rate 2] [--step-seconds 10]
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import sys
 import time
@@ -77,7 +79,8 @@ def time_it(fn: Callable[[], object], runs: int) -> list[float]:
 
 
 def per_model(jpeg: bytes, runs: int) -> None:
-    print(f"== per model, 640×480, {runs} runs, one thread ==")
+    print(f"== per model, 640×480, {runs} runs, called one at a time "
+          f"(OpenCV DNN uses its own threads) ==")
     bgr = Frame.from_encoded(jpeg, "image/jpeg").bgr(640)
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     det, mesh, expr = BlazeFaceDetector(), FaceMesh(), ExpressionModel()
@@ -136,12 +139,19 @@ async def sessions_run(
     stop = time.monotonic() + seconds
     period = 1.0 / rate
 
+    rng = random.Random(sessions)
+
     async def session(i: int) -> None:
         nonlocal skipped, frames, text_busy, text_asked
-        cadence = CheckCadence(labels_interval, text_interval)
-        # Spread the sessions' phases (and their first label/text checks) over a period.
-        due = time.monotonic() + period * i / sessions
-        cadence.next(due - labels_interval * i / sessions)
+        # Live sessions start at random moments: random phases for frames, labels, text
+        # (a session that had just started would ask for all three at once).
+        start = time.monotonic()
+        cadence = CheckCadence(
+            labels_interval, text_interval,
+            _last_labels=start - rng.uniform(0, labels_interval),
+            _last_text=start - rng.uniform(0, text_interval),
+        )
+        due = start + rng.uniform(0, period)
         while True:
             now = time.monotonic()
             if now >= stop:
@@ -184,7 +194,8 @@ async def capacity(args: argparse.Namespace, jpeg: bytes) -> None:
     await analyser.start()
     print(f"== live sessions at {args.rate:g} analyses/s each, labels every "
           f"{args.labels_interval:g} s, text every {args.text_interval:g} s; "
-          f"{analyser.workers} face workers + 1 OCR worker; {args.step_seconds:g} s a step ==")
+          f"{analyser.workers} face workers + 1 labels + 1 OCR worker; "
+          f"{args.step_seconds:g} s a step ==")
     best = 0
     sessions = args.start_sessions
     while sessions <= args.max_sessions:
@@ -198,7 +209,7 @@ async def capacity(args: argparse.Namespace, jpeg: bytes) -> None:
         if not ok:
             break
         best = sessions
-        sessions += args.step if sessions >= args.step else args.start_sessions
+        sessions += args.step
     print(f"sustained: {best} concurrent live sessions at {args.rate:g} analyses/s "
           f"(p95 frame-to-result ≤ {args.p95_ms:g} ms) on {os.cpu_count()} cores")
     await analyser.close()

@@ -44,12 +44,12 @@ def astronaut() -> np.ndarray:
 def scene(heads: int = 1, text: str | None = None, brightness: float = 1.0) -> np.ndarray:
     """640×480: `heads` astronaut heads on a plain background, optional text below."""
     frame = np.full((480, 640, 3), 95, np.uint8)
-    head = cv2.resize(astronaut()[20:320, 110:370], (182, 210), interpolation=cv2.INTER_AREA)
-    xs = {0: [], 1: [229], 2: [70, 390]}[heads]
+    head = cv2.resize(astronaut()[20:320, 110:370], (225, 260), interpolation=cv2.INTER_AREA)
+    xs = {0: [], 1: [207], 2: [60, 355]}[heads]
     for x in xs:
-        frame[40:250, x : x + 182] = head
+        frame[20:280, x : x + 225] = head
     if text:
-        cv2.putText(frame, text, (40, 380), cv2.FONT_HERSHEY_SIMPLEX, 1.3, (250, 250, 250), 3,
+        cv2.putText(frame, text, (40, 400), cv2.FONT_HERSHEY_SIMPLEX, 1.3, (250, 250, 250), 3,
                     cv2.LINE_AA)
     return (frame * brightness).astype(np.uint8)
 
@@ -120,7 +120,10 @@ async def test_blank_and_dark_frames(analyser: LocalAnalyser) -> None:
 @module_loop
 async def test_undecodable_frame_raises_frame_error(analyser: LocalAnalyser) -> None:
     good = cv2.imencode(".jpg", astronaut())[1].tobytes()
-    broken = Frame.from_encoded(good[:600], "image/jpeg")  # valid header, body cut off
+    # A valid header and size, the entropy-coded body replaced by garbage.
+    header_end = good.index(b"\xff\xda") + 2
+    body = bytes(len(good) - header_end)
+    broken = Frame.from_encoded(good[:header_end] + body, "image/jpeg")
     with pytest.raises(MalformedFrame):
         await analyser.analyse(broken, Checks())
 

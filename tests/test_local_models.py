@@ -225,8 +225,10 @@ def test_too_dark_frame_is_insufficient(faces: MediapipeFaces) -> None:
     dark = (astronaut() * 0.15).astype(np.uint8)
     q = quality.assess(cv2.cvtColor(dark, cv2.COLOR_BGR2GRAY), faces.detect(dark))
     assert q.insufficient and q.reason == "too_dark"
+    # A covered camera (flat black) is a judgeable absence: it must raise no_face_detected.
     black = np.zeros((480, 640), np.uint8)
-    assert quality.assess(black, []).reason == "too_dark"
+    covered = quality.assess(black, [])
+    assert not covered.insufficient and covered.reason is None
 
 
 def test_blurred_face_is_insufficient(faces: MediapipeFaces) -> None:

@@ -208,3 +208,16 @@ def test_thresholds_come_from_settings() -> None:
     engine = AlertEngine(rules_from_settings(settings))
     out = engine.evaluate(FrameFacts(0, 0.0, obs(faces=()), Scorer().score(obs(faces=()))))
     assert [e["type"] for e in out] == ["no_face_detected"]
+
+
+def test_cadence_asks_slow_checks_at_their_interval_and_retries_busy_ones() -> None:
+    from server.analysis.cadence import CheckCadence
+
+    c = CheckCadence(labels_interval_s=5.0, text_interval_s=10.0)
+    assert c.next(0.0) == Checks(True, True, True)  # first frame: everything
+    assert c.next(1.0) == Checks(True, False, False)
+    assert c.next(5.0) == Checks(True, True, False)
+    assert c.next(6.0, scene_changed=True) == Checks(True, True, True)
+    assert c.next(7.0) == Checks(True, False, False)
+    c.missed(("text:busy",))
+    assert c.next(8.0) == Checks(True, False, True)

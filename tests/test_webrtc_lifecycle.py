@@ -184,9 +184,9 @@ def _rss_mb() -> float:
 async def test_connect_disconnect_cycles_leave_tasks_and_threads_flat(
     rtc_server: RunningServer,
 ) -> None:
-    """RTC_CYCLES (default 40) reconnects of one session, each with media flowing and the
-    data channel open; `RTC_CYCLES=100` for the full check."""
-    cycles = int(os.environ.get("RTC_CYCLES", "40"))
+    """RTC_CYCLES (default 100) reconnects of one session, each with media flowing and the
+    data channel open."""
+    cycles = int(os.environ.get("RTC_CYCLES", "100"))
     gateway = rtc_server.app[RTC]
     session_id: str | None = None
 
@@ -205,14 +205,21 @@ async def test_connect_disconnect_cycles_leave_tasks_and_threads_flat(
     for _ in range(3):  # warm-up: imports, codec contexts, first-use caches
         await cycle()
     await asyncio.sleep(0.2)
-    tasks, threads, rss = _tasks(), _threads(), _rss_mb()
+    tasks, threads = _tasks(), _threads()
     started = time.monotonic()
-    for _ in range(cycles):
+    rss: list[float] = []
+    for i in range(cycles):
         await cycle()
+        if i in (cycles // 2 - 1, cycles - 1):
+            rss.append(_rss_mb())
     elapsed = time.monotonic() - started
     assert await until(lambda: _tasks() <= tasks and _threads() <= threads), (
         tasks, _tasks(), threads, _threads())
-    grown = _rss_mb() - rss
-    print(f"{cycles} cycles in {elapsed:.1f} s; RSS +{grown:.1f} MB")
-    assert grown < 40, f"RSS grew {grown:.1f} MB over {cycles} cycles"
+    # The allocator's pools fill during the first cycles; a leaked peer, decoder or frame
+    # buffer per cycle would keep RSS climbing through the second half. (Measured: +55 MB
+    # over the first 100 cycles — glibc per-thread arenas of the decoder threads — then
+    # +1 to +3 MB per further 100.)
+    grown = rss[1] - rss[0]
+    print(f"{cycles} cycles in {elapsed:.1f} s; RSS over the second half +{grown:.1f} MB")
+    assert grown < 25, f"RSS grew {grown:.1f} MB over the last {cycles - cycles // 2} cycles"
     assert rtc_server.manager.live_count == 1 and gateway.grace_pending(str(session_id))

@@ -29,6 +29,14 @@ class CheckCadence:
             self._last_text = now
         return Checks(faces=True, labels=labels, text=text)
 
+    def missed(self, degraded: tuple[str, ...]) -> None:
+        """A slow check the backend had no room for ("labels:busy") is due again on the
+        next frame instead of waiting a whole interval."""
+        if "labels:busy" in degraded:
+            self._last_labels = None
+        if "text:busy" in degraded:
+            self._last_text = None
+
     @staticmethod
     def _due(last: float | None, interval: float, now: float) -> bool:
         return last is None or now - last >= interval

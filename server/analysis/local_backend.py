@@ -6,22 +6,21 @@ pose and eyes/mouth openness from the landmarks, apparent expression (`fer`'s mo
 frame quality; when asked, COCO objects as labels (SSD-MobileNet, OpenCV DNN) and text
 lines (RapidOCR).
 
-Concurrency. Model objects are not thread-safe, so each worker thread loads its own set
-once, at `start()`, and warms it up; nothing is loaded per frame. Two pools:
+Concurrency. Model objects are not thread-safe, so each worker thread loads its own
+models once, at `start()`, and warms them up; nothing is loaded per frame.
 
-- the face pool, one thread per core: faces (+ pose, expression, quality) on every call,
-  plus labels when asked (≈50 ms, every 5 s per session). Threads, not processes: every
-  model call releases the GIL (LiteRT, OpenCV), the Python glue is ≈0.3 ms a frame, and
-  a thread reads the `Frame` it is given without pickling pixels across processes. An
-  asyncio semaphore with one slot per thread is held until the thread is done, so the
-  pool's own queue never grows; waiting happens on the event loop, cancellably.
-- the OCR pool, a single thread with ONNX Runtime limited to one core: OCR takes
-  ≈0.25 s a frame and would otherwise occupy face workers and starve every other
-  session's faces. At most `OCR_MAX_WAITING` jobs wait behind the running one; a text
-  check beyond that is answered `text:busy` (degraded) at once instead of queueing, so
-  a burst of text checks costs some text answers, never face latency.
-
-Faces and text for one frame run concurrently, each in its pool.
+- The face pool, one thread per core, does faces (+ pose, expression, quality) on every
+  call: ≈7 ms a frame. Threads, not processes: the model calls release the GIL (LiteRT,
+  OpenCV) and the Python glue is ≈0.3 ms a frame; measured on 640×480 frames, one
+  thread does 97 frames/s and two do 165 (three: 93, contention). An asyncio semaphore
+  with one slot per thread is held until the thread is done, so the pool's own queue
+  never grows; waiting happens on the event loop, cancellably.
+- Labels (≈60 ms) and text (≈150–250 ms) each have a single worker thread of their own,
+  so a slow check never holds a face worker and never delays another session's faces.
+  At most `SLOW_MAX_WAITING` jobs wait behind the running one; a check beyond that is
+  answered at once as degraded ("labels:busy", "text:busy") rather than queued, so a
+  burst costs some slow answers, never face latency. The three kinds of work for one
+  frame run concurrently.
 
 Degradation. A model whose package or file is missing, or that fails to load, is logged
 once and its capability is reported in `Observation.degraded` ("pose:unavailable",
@@ -44,7 +43,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Generic, TypeVar
 
 import cv2
 import numpy as np
@@ -77,36 +76,102 @@ from server.observability import Instruments
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+M = TypeVar("M")
+R = TypeVar("R")
 
 #: Faces, pose, expression and objects see the frame with its longest side at most this.
 #: The detectors' inputs are 128–300 px, so more pixels only cost resizing time.
 ANALYSIS_MAX_DIM = 640
-#: OCR sees more pixels: text is small and the recogniser reads 48-px-high line crops.
+#: OCR sees more pixels: its detector works at ≤480 px (`ocr.DET_MAX_SIDE`), but the
+#: recogniser reads its 48-px-high line crops from this image.
 OCR_MAX_DIM = 960
-#: Text jobs allowed to wait behind the running one before text checks are refused.
-OCR_MAX_WAITING = 1
+#: Labels or text jobs allowed to wait behind the running one before further checks of
+#: that kind are refused as busy.
+SLOW_MAX_WAITING = 1
 #: HAPPY at or above this (0–100) reads as a smile.
 SMILE_MIN_HAPPY = 50.0
 #: Per-model timings kept for `timings()` (most recent calls).
 TIMING_WINDOW = 512
 
+_LOAD_ERRORS = (ModelUnavailable, OSError, ValueError)
+
 
 @dataclass
-class _WorkerModels:
+class _FaceModels:
     faces: FaceDetector
     expression: ExpressionModel | None
-    objects: ObjectDetector | None
     missing: tuple[str, ...]
 
 
 @dataclass
 class _FaceResult:
-    faces: tuple[Face, ...] | None
-    labels: tuple[Label, ...] | None
-    quality: Quality | None
-    degraded: list[str]
+    faces: tuple[Face, ...]
+    quality: Quality
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class _SingleWorker(Generic[M, R]):
+    """One thread owning one slow model, with a bounded wait (see the module doc)."""
+
+    def __init__(
+        self,
+        check: str,
+        load: Callable[[], M],
+        run: Callable[[M, Frame], R],
+        on_load_error: Callable[[str, Exception], None],
+        max_waiting: int = SLOW_MAX_WAITING,
+    ) -> None:
+        self.check = check
+        self._load = load
+        self._run = run
+        self._on_load_error = on_load_error
+        self.max_waiting = max_waiting
+        self._pool: ThreadPoolExecutor | None = None
+        self._model: M | None = None
+        self.inflight = 0
+
+    async def start(self) -> bool:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"local-{self.check}")
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load_model)
+        if self._model is None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        return self._pool is not None
+
+    def _load_model(self) -> None:
+        try:
+            self._model = self._load()
+        except _LOAD_ERRORS as exc:
+            self._on_load_error(self.check, exc)
+
+    def submit(self, frame: Frame, degraded: list[str]) -> asyncio.Future[R] | None:
+        """Queue the job, or refuse it at once. Counted synchronously, so a burst of calls
+        cannot all slip past the check before any is counted."""
+        pool, model = self._pool, self._model
+        if pool is None or model is None:
+            degraded.append(f"{self.check}:unavailable")
+            return None
+        if self.inflight > self.max_waiting:
+            degraded.append(f"{self.check}:busy")
+            return None
+        loop = asyncio.get_running_loop()
+        self.inflight += 1
+        try:
+            future = pool.submit(self._run, model, frame)
+        except RuntimeError:  # shut down
+            self.inflight -= 1
+            degraded.append(f"{self.check}:unavailable")
+            return None
+        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._finished))
+        return asyncio.wrap_future(future)
+
+    def _finished(self) -> None:
+        self.inflight -= 1
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
 
 
 class LocalAnalyser:
@@ -126,9 +191,6 @@ class LocalAnalyser:
         self.workers = workers or _cores()
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
-        self._ocr_pool: ThreadPoolExecutor | None = None
-        self._ocr_reader: TextReader | None = None
-        self._ocr_inflight = 0
         self._slots: asyncio.Semaphore | None = None
         self._start_lock = asyncio.Lock()
         self._missing: set[str] = set()
@@ -136,6 +198,12 @@ class LocalAnalyser:
         self._log_lock = threading.Lock()
         self._timings: dict[str, deque[float]] = {}
         self._timings_lock = threading.Lock()
+        self._labels: _SingleWorker[ObjectDetector, tuple[Label, ...]] = _SingleWorker(
+            "labels", _load_objects, self._labels_job, self._load_failed
+        )
+        self._text: _SingleWorker[TextReader, tuple[TextLine, ...]] = _SingleWorker(
+            "text", TextReader, self._text_job, self._load_failed
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -145,97 +213,73 @@ class LocalAnalyser:
                 await self._start()
 
     async def _start(self) -> None:
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="local-analyser")
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="local-faces")
         self._slots = asyncio.Semaphore(self.workers)
         # One warm-up task per thread; the barrier makes the pool start all its threads
         # (it otherwise starts them lazily) and each loads and runs its own models.
         barrier = threading.Barrier(self.workers)
         loop = asyncio.get_running_loop()
         await asyncio.gather(
+            self._labels.start(),
+            self._text.start(),
             *(loop.run_in_executor(self._pool, self._warm_worker, barrier)
-              for _ in range(self.workers))
+              for _ in range(self.workers)),
         )
-        self._ocr_pool = ThreadPoolExecutor(1, thread_name_prefix="local-ocr")
-        await loop.run_in_executor(self._ocr_pool, self._warm_ocr)
-        if self._ocr_reader is None:
-            self._ocr_pool.shutdown(wait=False)
-            self._ocr_pool = None
         log.info(
-            "local analyser ready: %d face workers, OCR %s%s",
+            "local analyser ready: %d face workers%s",
             self.workers,
-            "on" if self._ocr_pool else "off",
-            f", missing: {', '.join(sorted(self._missing))}" if self._missing else "",
+            f", unavailable: {', '.join(sorted(self._missing))}" if self._missing else "",
         )
 
     async def close(self) -> None:
-        pools = [p for p in (self._pool, self._ocr_pool) if p is not None]
-        self._pool = self._ocr_pool = None
-        for pool in pools:
+        pool, self._pool = self._pool, None
+        if pool is not None:
             await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+        await self._labels.close()
+        await self._text.close()
 
     @property
     def missing(self) -> frozenset[str]:
-        """Capabilities that could not be loaded ("pose", "expression", "labels", ...)."""
+        """Capabilities that could not be loaded ("pose", "expression", "labels", "text")."""
         return frozenset(self._missing)
 
     # --- analysis ----------------------------------------------------------------------
 
     async def analyse(self, frame: Frame, checks: Checks) -> Observation:
-        if self._pool is None or self._slots is None:
+        if self._pool is None:
             await self.start()
         started = time.perf_counter()
         degraded: list[str] = []
-        tasks: list[asyncio.Future[Any]] = []
-        face_task: asyncio.Future[_FaceResult] | None = None
-        text_task: asyncio.Future[tuple[TextLine, ...]] | None = None
-        if checks.faces or checks.labels:
-            face_task = asyncio.ensure_future(
-                self._run_face_job(frame, checks.faces, checks.labels)
-            )
-            tasks.append(face_task)
-        if checks.text:
-            text_task = self._start_ocr(frame, degraded)
-            if text_task is not None:
-                tasks.append(text_task)
+        face_task = (
+            asyncio.ensure_future(self._run_face_job(frame)) if checks.faces else None
+        )
+        labels_task = self._labels.submit(frame, degraded) if checks.labels else None
+        text_task = self._text.submit(frame, degraded) if checks.text else None
+        tasks = [t for t in (face_task, labels_task, text_task) if t is not None]
         # Cancelling this call cancels the waits; threads finish and free their slots.
         await asyncio.gather(*tasks, return_exceptions=True)
 
         faces: tuple[Face, ...] | None = None
-        labels: tuple[Label, ...] | None = None
-        text: tuple[TextLine, ...] | None = None
         quality: Quality | None = None
-        if face_task is not None:
-            exc = face_task.exception()
-            if isinstance(exc, FrameError):
-                raise exc
-            if exc is not None:
-                self._log_once("face-job", "local face analysis failed: %r", exc)
-                degraded.extend(f"{c}:error" for c in ("faces", "labels")
-                                if getattr(checks, c))
-            else:
-                result = face_task.result()
-                faces, labels, quality = result.faces, result.labels, result.quality
-                degraded.extend(result.degraded)
-                self._record(result.timings)
-        if text_task is not None:
-            exc = text_task.exception()
-            if isinstance(exc, FrameError):
-                raise exc
-            if exc is not None:
-                self._log_once("ocr-job", "local OCR failed: %r", exc)
-                degraded.append("text:error")
-            else:
-                text = text_task.result()
-
+        face_result = self._outcome(face_task, "faces", degraded)
+        if face_result is not None:
+            faces, quality = face_result.faces, face_result.quality
+            self._record(face_result.timings)
+            if "pose" in self._missing:
+                degraded.append("pose:unavailable")
+            if "expression" in self._missing:
+                degraded.append("expression:unavailable")
+        labels = self._outcome(labels_task, "labels", degraded)
+        text = self._outcome(text_task, "text", degraded)
         # analyser_latency is observed by the session manager, around this call.
         elapsed = time.perf_counter() - started
         return Observation(
             backend=self.name,
             checks=checks,
-            faces=faces if checks.faces else None,
+            faces=faces,
             labels=labels,
             text=text,
-            quality=quality if checks.faces else None,
+            quality=quality,
             degraded=tuple(dict.fromkeys(degraded)),
             calls={},
             latency_ms=elapsed * 1000.0,
@@ -243,9 +287,24 @@ class LocalAnalyser:
             height=frame.height,
         )
 
+    def _outcome(
+        self, task: asyncio.Future[R] | None, check: str, degraded: list[str]
+    ) -> R | None:
+        """A finished job's result; a bad frame raises, any other failure degrades."""
+        if task is None or task.cancelled():
+            return None
+        exc = task.exception()
+        if isinstance(exc, FrameError):
+            raise exc
+        if exc is not None:
+            self._log_once(f"{check}-job", "local %s analysis failed: %r", check, exc)
+            degraded.append(f"{check}:error")
+            return None
+        return task.result()
+
     def timings(self) -> dict[str, dict[str, float]]:
-        """Recent per-model time in ms (median, p95, count): "detect", "mesh",
-        "expression", "quality", "faces_total", "labels", "text", "decode"."""
+        """Recent per-model time in ms (median, p95, count): "decode", "detect+mesh",
+        "quality", "expression", "faces_total", "labels", "text"."""
         with self._timings_lock:
             data = {k: list(v) for k, v in self._timings.items()}
         return {
@@ -258,176 +317,111 @@ class LocalAnalyser:
             if v
         }
 
-    # --- event-loop side of the pools -----------------------------------------------------
+    # --- face pool ---------------------------------------------------------------------------
 
-    async def _run_face_job(self, frame: Frame, faces: bool, labels: bool) -> _FaceResult:
+    async def _run_face_job(self, frame: Frame) -> _FaceResult:
         assert self._slots is not None
+        pool = self._pool
         await self._slots.acquire()
-        return await self._submit(
-            self._pool, self._slots.release, self._face_job, frame, faces, labels
-        )
-
-    def _start_ocr(
-        self, frame: Frame, degraded: list[str]
-    ) -> asyncio.Future[tuple[TextLine, ...]] | None:
-        """Queue an OCR job, or refuse it at once (`text:busy`) when the OCR worker already
-        has one running and `OCR_MAX_WAITING` waiting. Counted synchronously, so a burst
-        of calls cannot all slip past the check before any is counted."""
-        pool = self._ocr_pool
-        if pool is None:
-            degraded.append("text:unavailable")
-            return None
-        if self._ocr_inflight > OCR_MAX_WAITING:
-            degraded.append("text:busy")
-            return None
         loop = asyncio.get_running_loop()
-        self._ocr_inflight += 1
         try:
-            future = pool.submit(self._ocr_job, frame)
-        except RuntimeError:  # shut down
-            self._ocr_inflight -= 1
-            degraded.append("text:unavailable")
-            return None
-        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._ocr_finished))
-        return asyncio.wrap_future(future)
-
-    def _ocr_finished(self) -> None:
-        self._ocr_inflight -= 1
-
-    async def _submit(
-        self,
-        pool: ThreadPoolExecutor | None,
-        on_done: Callable[[], None],
-        fn: Callable[..., T],
-        *args: Any,
-    ) -> T:
-        """Run fn in the pool; `on_done` runs on the loop when the thread has finished
-        (not when an awaiting coroutine is cancelled), keeping the accounting honest."""
-        loop = asyncio.get_running_loop()
-        if pool is None:
-            on_done()
-            raise RuntimeError("local analyser is closed")
-        try:
-            future = pool.submit(fn, *args)
-        except RuntimeError:
-            on_done()
+            if pool is None:
+                raise RuntimeError("local analyser is closed")
+            future = pool.submit(self._face_job, frame)
+        except BaseException:
+            self._slots.release()
             raise
-        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(on_done))
+        # The slot is freed when the thread is done, not when this wait is cancelled.
+        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._slots_release))
         return await asyncio.wrap_future(future)
 
-    # --- worker side ---------------------------------------------------------------------------
+    def _slots_release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
 
     def _warm_worker(self, barrier: threading.Barrier) -> None:
-        models = self._models()
+        models = self._face_models()
         try:
             barrier.wait(timeout=120)
         except threading.BrokenBarrierError:
             pass
-        # First inference allocates buffers and JIT-picks kernels: do it before traffic.
+        # First inference allocates buffers and picks kernels: do it before traffic.
         dummy = _warmup_frame()
         models.faces.detect(dummy)
         if models.expression is not None:
             gray = cv2.cvtColor(dummy, cv2.COLOR_BGR2GRAY)
             models.expression.emotions(gray, DetectedFace(200, 120, 200, 200, 1.0))
-        if models.objects is not None:
-            models.objects.labels(dummy)
 
-    def _models(self) -> _WorkerModels:
-        models: _WorkerModels | None = getattr(self._local, "models", None)
+    def _face_models(self) -> _FaceModels:
+        models: _FaceModels | None = getattr(self._local, "models", None)
         if models is not None:
             return models
         missing: list[str] = []
         faces: FaceDetector
         try:
             faces = MediapipeFaces()
-        except (ModelUnavailable, OSError, ValueError) as exc:
+        except _LOAD_ERRORS as exc:
             self._log_once("faces", "face landmark models unavailable, "
                            "falling back to OpenCV's Haar cascade: %s", exc)
             faces = CascadeFaces()  # ships with OpenCV itself
             missing.append("pose")  # and eyes/mouth: no landmarks
-        expression = self._load("expression", ExpressionModel, missing)
-        objects = self._load("labels", ObjectDetector, missing)
-        models = _WorkerModels(faces, expression, objects, tuple(missing))
+        expression: ExpressionModel | None = None
+        try:
+            expression = ExpressionModel()
+        except _LOAD_ERRORS as exc:
+            self._load_failed("expression", exc)
+            missing.append("expression")
+        models = _FaceModels(faces, expression, tuple(missing))
         self._missing.update(missing)
         self._local.models = models
         return models
 
-    def _load(self, capability: str, factory: Callable[[], T], missing: list[str]) -> T | None:
-        try:
-            return factory()
-        except (ModelUnavailable, OSError, ValueError) as exc:
-            self._log_once(capability, "%s model unavailable: %s", capability, exc)
-            missing.append(capability)
-            return None
-
-    def _warm_ocr(self) -> None:
-        try:
-            self._ocr_reader = TextReader()
-        except (ModelUnavailable, OSError, ValueError) as exc:
-            self._log_once("text", "text (OCR) model unavailable: %s", exc)
-            self._missing.add("text")
-
-    def _face_job(self, frame: Frame, want_faces: bool, want_labels: bool) -> _FaceResult:
-        models = self._models()
+    def _face_job(self, frame: Frame) -> _FaceResult:
+        models = self._face_models()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         bgr = frame.bgr(ANALYSIS_MAX_DIM)
         t1 = time.perf_counter()
         timings["decode"] = (t1 - t0) * 1000
-        degraded: list[str] = []
-        faces: tuple[Face, ...] | None = None
-        quality: Quality | None = None
-        if want_faces:
-            faces, quality = self._faces(models, bgr, timings)
-            timings["faces_total"] = (time.perf_counter() - t1) * 1000
-            if "pose" in models.missing:
-                degraded.append("pose:unavailable")
-            if models.expression is None:
-                degraded.append("expression:unavailable")
-        labels: tuple[Label, ...] | None = None
-        if want_labels:
-            if models.objects is None:
-                degraded.append("labels:unavailable")
-            else:
-                t = time.perf_counter()
-                labels = models.objects.labels(bgr)
-                timings["labels"] = (time.perf_counter() - t) * 1000
-        return _FaceResult(faces, labels, quality, degraded, timings)
-
-    def _faces(
-        self, models: _WorkerModels, bgr: np.ndarray, timings: dict[str, float]
-    ) -> tuple[tuple[Face, ...], Quality]:
         h, w = bgr.shape[:2]
-        t = time.perf_counter()
         found = models.faces.detect(bgr)
-        timings["detect+mesh"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
+        t2 = time.perf_counter()
+        timings["detect+mesh"] = (t2 - t1) * 1000
         gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
         quality = assess(gray, found)
-        timings["quality"] = (time.perf_counter() - t) * 1000
-        out: list[Face] = []
-        t_expr = 0.0
+        t3 = time.perf_counter()
+        timings["quality"] = (t3 - t2) * 1000
+        faces: list[Face] = []
         for f in found:
-            emotions: dict[str, float] = {}
-            if models.expression is not None:
-                t = time.perf_counter()
-                emotions = models.expression.emotions(gray, f)
-                t_expr += time.perf_counter() - t
-            out.append(_to_face(f, w, h, emotions))
+            emotions = models.expression.emotions(gray, f) if models.expression else {}
+            faces.append(_to_face(f, w, h, emotions))
+        t4 = time.perf_counter()
         if found and models.expression is not None:
-            timings["expression"] = t_expr * 1000
-        return tuple(out), quality
+            timings["expression"] = (t4 - t3) * 1000
+        timings["faces_total"] = (t4 - t1) * 1000
+        return _FaceResult(tuple(faces), quality, timings)
 
-    def _ocr_job(self, frame: Frame) -> tuple[TextLine, ...]:
-        reader = self._ocr_reader
-        if reader is None:
-            raise ModelUnavailable("OCR is not loaded")
+    # --- single workers -------------------------------------------------------------------
+
+    def _labels_job(self, model: ObjectDetector, frame: Frame) -> tuple[Label, ...]:
+        bgr = frame.bgr(ANALYSIS_MAX_DIM)
         t = time.perf_counter()
-        lines = reader.read(frame.bgr(OCR_MAX_DIM))
+        labels = model.labels(bgr)
+        self._record({"labels": (time.perf_counter() - t) * 1000})
+        return labels
+
+    def _text_job(self, model: TextReader, frame: Frame) -> tuple[TextLine, ...]:
+        bgr = frame.bgr(OCR_MAX_DIM)
+        t = time.perf_counter()
+        lines = model.read(bgr)
         self._record({"text": (time.perf_counter() - t) * 1000})
         return lines
 
     # --- bookkeeping -------------------------------------------------------------------------
+
+    def _load_failed(self, capability: str, exc: Exception) -> None:
+        self._missing.add(capability)
+        self._log_once(capability, "%s model unavailable: %s", capability, exc)
 
     def _record(self, timings: dict[str, float]) -> None:
         with self._timings_lock:
@@ -440,6 +434,12 @@ class LocalAnalyser:
                 return
             self._logged.add(key)
         log.warning(msg, *args)
+
+
+def _load_objects() -> ObjectDetector:
+    detector = ObjectDetector()
+    detector.labels(_warmup_frame())  # first forward pass allocates and picks kernels
+    return detector
 
 
 def _to_face(f: DetectedFace, width: int, height: int, emotions: dict[str, float]) -> Face:

@@ -262,6 +262,7 @@ class SessionManager:
         obs = await self._observe(frame, session, scene_changed)
         analyser_s = time.perf_counter() - t0
         self.instruments.analyser_latency.labels(backend=obs.backend).observe(analyser_s)
+        session.cadence.missed(obs.degraded)
         if session.pose_calibration is not None:
             obs = session.pose_calibration.apply(obs, frame.captured_at)
         metrics = session.scorer.score(obs)

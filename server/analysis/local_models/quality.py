@@ -7,8 +7,9 @@
 
 A frame is insufficient when it is too dark or too bright, when the face (or, with no
 face, a frame that has detail to lose) is too blurred, or when the face is too small for
-pose and expression to mean anything. A flat frame (a wall, a covered lens in light) is
-*not* insufficient: it shows that there is no face.
+pose and expression to mean anything. A flat frame (a wall, a covered lens, a black
+frame) is *not* insufficient, however dark: it shows that there is no face, and covering
+the camera must raise `no_face_detected`, not hide it.
 
 Measured on scikit-image's astronaut/camera/coffee images: sharp faces read 170–380,
 Gaussian blur σ=2 reads 8–18, σ=3 5–9 (the detector still finds faces there, σ=5 not);
@@ -70,7 +71,7 @@ def assess(gray: np.ndarray, faces: list[DetectedFace]) -> Quality:
         blurred = sharpness < FRAME_BLURRED_SHARPNESS and not flat
 
     reason: str | None = None
-    if brightness < TOO_DARK_BRIGHTNESS:
+    if brightness < TOO_DARK_BRIGHTNESS and not flat:
         reason = "too_dark"
     elif brightness > TOO_BRIGHT_BRIGHTNESS and not flat:
         reason = "too_bright"

@@ -1,0 +1,184 @@
+"""The sampling policy, the change score and the server-wide analyser budget (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from server.analysis.budget import CallBudget
+from server.media.sampler import (
+    AdaptiveSampler,
+    AlertState,
+    FixedRateSampler,
+    Reason,
+    SamplerConfig,
+    change_score,
+    thumbnail,
+    thumbnail_cost_us,
+)
+from server.media.track_drain import ArrivalLag
+from tests.media import astronaut_bgr, blank_bgr
+
+IDLE = AlertState()
+PENDING = AlertState(pending=True)
+ACTIVE = AlertState(active=True)
+
+
+def frame_of(bgr: np.ndarray) -> av.VideoFrame:
+    return av.VideoFrame.from_ndarray(bgr, format="bgr24").reformat(format="yuv420p")
+
+
+def noisy(bgr: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = bgr.astype(np.int16) + rng.normal(0, sigma, bgr.shape).astype(np.int16)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+# --- policy ---------------------------------------------------------------------------------
+
+
+def test_first_frame_is_sampled_with_every_check() -> None:
+    policy = AdaptiveSampler()
+    decision = policy.decide(0.0, None, IDLE)
+    assert decision is not None and decision.reason == Reason.FIRST and decision.scene_changed
+
+
+def test_stable_scene_is_sampled_at_the_idle_rate_only() -> None:
+    config = SamplerConfig(idle_interval_s=10.0)
+    policy = AdaptiveSampler(config)
+    taken = []
+    for i in range(15 * 60):  # one minute of a stable 15 fps stream
+        t = i / 15
+        d = policy.decide(t, 0.0 if i else None, IDLE)
+        if d is not None:
+            taken.append((round(t, 2), d.reason))
+    assert taken[0] == (0.0, Reason.FIRST)
+    assert [r for _, r in taken[1:]] == [Reason.IDLE] * 5
+    assert all(b - a == pytest.approx(10.0, abs=0.07) for (a, _), (b, _) in zip(taken, taken[1:], strict=False))
+
+
+def test_scene_change_is_sampled_at_once_and_labels_follow_at_most_every_interval() -> None:
+    policy = AdaptiveSampler(SamplerConfig(min_interval_s=0.1, scene_checks_interval_s=2.0))
+    policy.decide(0.0, None, IDLE)
+    assert policy.decide(0.05, 0.9, IDLE) is None  # under the floor between two samples
+    first = policy.decide(0.5, 0.9, IDLE)
+    assert first is not None and first.reason == Reason.SCENE_CHANGE
+    assert not first.scene_changed  # the first frame's labels/text were 0.5 s ago
+    later = policy.decide(2.1, 0.9, IDLE)
+    assert later is not None and later.scene_changed
+    assert policy.decide(2.3, 0.01, IDLE) is None  # below the threshold: no change
+
+
+def test_pending_and_active_alerts_boost_the_rate() -> None:
+    config = SamplerConfig(idle_interval_s=10, pending_interval_s=0.2, active_interval_s=1.0)
+    policy = AdaptiveSampler(config)
+    policy.decide(0.0, None, IDLE)
+    assert policy.decide(0.1, 0.0, PENDING) is None
+    d = policy.decide(0.21, 0.0, PENDING)
+    assert d is not None and d.reason == Reason.ALERT_PENDING and not d.scene_changed
+    assert policy.decide(0.8, 0.0, ACTIVE) is None
+    d = policy.decide(1.22, 0.0, ACTIVE)
+    assert d is not None and d.reason == Reason.ALERT_ACTIVE
+    assert policy.interval(PENDING) == 0.2 and policy.interval(ACTIVE) == 1.0
+    assert policy.interval(IDLE) == 10
+
+
+def test_fixed_rate_sampler_ignores_everything_but_the_clock() -> None:
+    policy = FixedRateSampler(1.0)
+    assert policy.decide(0.0, None, IDLE) is not None
+    assert policy.decide(0.5, 1.0, PENDING) is None
+    assert policy.decide(1.0, 0.0, IDLE) is not None
+
+
+# --- change score ---------------------------------------------------------------------------
+
+
+def test_change_score_ignores_sensor_noise_and_sees_real_changes() -> None:
+    face = astronaut_bgr(640, 480)
+    base = thumbnail(frame_of(noisy(face, 4, 1)))
+    same = change_score(thumbnail(frame_of(noisy(face, 4, 2))), base)
+    covered = change_score(thumbnail(frame_of(blank_bgr(640, 480, 20))), base)
+    shifted = change_score(thumbnail(frame_of(np.roll(face, 60, axis=1))), base)
+    phone = face.copy()
+    cv2.rectangle(phone, (500, 300), (600, 470), (15, 15, 15), -1)  # a dark phone in a corner
+    corner = change_score(thumbnail(frame_of(phone)), base)
+    threshold = SamplerConfig().change_threshold
+    assert same < threshold / 3
+    assert covered > 0.5
+    assert shifted > threshold
+    assert corner > threshold
+
+
+def test_thumbnail_is_cheap_enough_for_the_event_loop() -> None:
+    frame = frame_of(astronaut_bgr(640, 480))
+    assert thumbnail(frame).shape == (24, 32)
+    assert thumbnail_cost_us(frame) < 200  # measured ≈ 20 µs
+
+
+def test_thumbnail_of_an_odd_layout_uses_a_reformat() -> None:
+    rgb = av.VideoFrame.from_ndarray(astronaut_bgr(320, 240), format="rgb24")
+    assert thumbnail(rgb).shape == (24, 32)
+
+
+def test_arrival_lag_measures_queueing_above_the_baseline() -> None:
+    lag = ArrivalLag(window_s=30)
+    # A steady stream: arrival − media time constant → no lag.
+    assert all(lag.update(100 + i / 15, i / 15) == pytest.approx(0) for i in range(30))
+    # Frames that arrive 300 ms late (a decode backlog) show it.
+    assert lag.update(100 + 2.0 + 0.3, 2.0) == pytest.approx(0.3)
+    # A timestamp discontinuity is not a backlog.
+    assert lag.update(200.0, 2.1) == 0.0
+
+
+# --- budget ---------------------------------------------------------------------------------
+
+
+async def test_budget_holds_the_quota_and_shares_it_fairly() -> None:
+    budget = CallBudget(rate_per_s=20)
+    grants: dict[int, list[float]] = {i: [] for i in range(20)}
+
+    async def session(i: int, stop: float) -> None:
+        # Every session wants 5 analyses per second (boosted): 100/s in all.
+        while time.monotonic() < stop:
+            await budget.acquire()
+            grants[i].append(time.monotonic())
+            await asyncio.sleep(0.2)
+
+    stop = time.monotonic() + 2.5
+    await asyncio.gather(*(session(i, stop) for i in range(20)))
+    times = sorted(t for ts in grants.values() for t in ts)
+    # Never more than 20 grants in any rolling second.
+    worst = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
+    assert worst <= 20
+    counts = [len(ts) for ts in grants.values()]
+    assert min(counts) >= 2  # nobody starves
+    assert max(counts) - min(counts) <= 1  # round robin
+    budget.close()
+
+
+async def test_budget_cancelled_waiter_consumes_nothing() -> None:
+    budget = CallBudget(rate_per_s=1)
+    await budget.acquire()  # the one call this second
+    waiter = asyncio.create_task(budget.acquire())
+    await asyncio.sleep(0.05)
+    assert budget.waiting == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert budget.waiting == 0
+    assert budget.stats.granted == 1
+    budget.close()
+
+
+async def test_unlimited_budget_never_waits() -> None:
+    budget = CallBudget(rate_per_s=0)
+    t0 = time.monotonic()
+    for _ in range(1000):
+        await budget.acquire()
+    assert time.monotonic() - t0 < 0.5
+    assert budget.unlimited and budget.stats.granted == 1000
