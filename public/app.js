@@ -65,9 +65,10 @@
     alertItems: new Map(), // episode key → {li, alert}
     resyncAlerts: false,
     marks: {},
+    frameAges: [], // ms from capture to analysis start, recent analyses (bounded)
   };
   // Read-only view for tests and for anyone debugging from the console.
-  window.proctorPage = { marks: state.marks, get phase() { return state.phase; },
+  window.proctorPage = { marks: state.marks, frameAges: state.frameAges, get phase() { return state.phase; },
                          get sessionId() { return state.sessionId; } };
 
   // --- small helpers ---------------------------------------------------------------------
@@ -121,6 +122,8 @@
     }
     return {
       iceServers: Array.isArray(cfg.iceServers) ? cfg.iceServers : [],
+      // See withoutAbsSendTime(): off unless the page config turns it back on.
+      absSendTime: cfg.absSendTime === true,
       // The server decodes H.264 for about a third of VP8's CPU; "" keeps the browser's order.
       preferCodec: typeof cfg.preferCodec === "string" ? cfg.preferCodec : "H264",
     };
@@ -177,7 +180,7 @@
     const tone = pcState === "connected" ? "ok"
       : ["failed", "closed", "disconnected"].includes(pcState) ? "bad"
       : pcState === "connecting" ? "warn" : "";
-    setBadge(ui.rtcState, pcState, pcState === "new" ? "not connected" : pcState, tone);
+    setBadge(ui.rtcState, pcState, ["new", "none"].includes(pcState) ? "not connected" : pcState, tone);
   }
   function showDcState(dcState) {
     const tone = dcState === "open" ? "ok" : dcState === "connecting" ? "warn"
@@ -247,9 +250,14 @@
     const t = result.timings || {};
     if (Number.isFinite(t.captured_at) && Number.isFinite(t.analysis_ended_at)) {
       const ms = Math.max(0, (t.analysis_ended_at - t.captured_at) * 1000);
+      const age = Math.max(0, (t.analysis_started_at - t.captured_at) * 1000);
       ui.latency.textContent = `${Math.round(ms)} ms`;
-      ui.latency.title = `frame age at analysis start ${Math.round(
-        Math.max(0, (t.analysis_started_at - t.captured_at) * 1000))} ms, analyser ${fmtNum(t.analyser_ms, 0)} ms`;
+      ui.latency.title = `frame age at analysis start ${Math.round(age)} ms, analyser ${fmtNum(t.analyser_ms, 0)} ms`;
+      ui.latency.dataset.ms = String(Math.round(ms));
+      ui.latency.dataset.ageMs = String(Math.round(age));
+      ui.latency.dataset.analyserMs = String(Math.round(Number(t.analyser_ms) || 0));
+      state.frameAges.push(Math.round(age));
+      if (state.frameAges.length > 300) state.frameAges.shift();
     }
     const notes = [];
     if (result.insufficient) notes.push("face too small, dark or blurred to judge");
@@ -379,6 +387,7 @@
     ui.reconnects.textContent = "0";
     state.videoLimits = null;
     ui.videoLimits.textContent = "none";
+    state.frameAges.length = 0;
   }
 
   // --- report --------------------------------------------------------------------------------
@@ -639,6 +648,28 @@
     }
   }
 
+  // aiortc answers abs-send-time with REMB feedback from its own receive-rate estimator,
+  // which on a still scene falls to Chromium's 30 kbps floor; the next change of scene
+  // (the candidate coming back) then needs seconds to get through. Without abs-send-time no
+  // REMB is sent and the browser's loss-based control keeps the rate up. Measured here:
+  // first frame after a blank→face change 2.6–4.5 s late with it, 0.07–0.5 s without.
+  const ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time";
+  function withoutAbsSendTime(transceiver) {
+    if (state.config.absSendTime || !transceiver.setHeaderExtensionsToNegotiate) return false;
+    try {
+      transceiver.setHeaderExtensionsToNegotiate(transceiver.getHeaderExtensionsToNegotiate()
+        .map((e) => (e.uri === ABS_SEND_TIME ? { ...e, direction: "stopped" } : e)));
+      return true;
+    } catch (err) {
+      console.warn("header extensions not changed:", err);
+      return false;
+    }
+  }
+  function stripAbsSendTime(sdp) {
+    return sdp.split("\r\n").filter((line) => !(line.startsWith("a=extmap:") && line.includes(ABS_SEND_TIME)))
+      .join("\r\n");
+  }
+
   // One peer connection with its data channel, negotiated and open. `sessionId` resumes an
   // existing session; otherwise `jobData` starts a new one.
   async function openPeer({ sessionId, jobData }) {
@@ -654,6 +685,7 @@
     const transceiver = pc.addTransceiver(state.track, { direction: "sendonly", streams: [state.stream] });
     state.sender = transceiver.sender;
     preferCodec(transceiver);
+    const extensionsSet = withoutAbsSendTime(transceiver);
 
     pc.addEventListener("connectionstatechange", () => {
       if (!current()) return;
@@ -668,9 +700,21 @@
       else if (state.phase === "ending") fallbackReport("the data channel closed before the report arrived");
     });
     dc.addEventListener("message", (ev) => { if (current()) onMessage(ev.data); });
+    dc.addEventListener("error", (ev) => {
+      if (current() && state.phase === "live") log("warn", `data channel error: ${errText(ev.error || ev)}`);
+    });
 
     const offer = await pc.createOffer();
-    await pc.setLocalDescription(offer);
+    if (!extensionsSet && !state.config.absSendTime && offer.sdp.includes(ABS_SEND_TIME)) {
+      // Browsers without setHeaderExtensionsToNegotiate: drop the line from the offer.
+      try {
+        await pc.setLocalDescription({ type: "offer", sdp: stripAbsSendTime(offer.sdp) });
+      } catch {
+        await pc.setLocalDescription(offer);
+      }
+    } else {
+      await pc.setLocalDescription(offer);
+    }
     if (!(await waitIceGathering(pc))) {
       log("warn", `ICE gathering incomplete after ${ICE_GATHER_TIMEOUT_MS / 1000} s; offering the candidates found so far`);
     }
@@ -706,7 +750,7 @@
     if (state.pc) { try { state.pc.close(); } catch { /* already closed */ } }
     state.pc = state.dc = state.sender = null;
     showDcState("none");
-    showPcState("closed");
+    showPcState("none");
   }
 
   function startLiveTimers() {

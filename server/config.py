@@ -136,8 +136,10 @@ class Settings(BaseSettings):
     sampler_pending_interval_s: float = 0.2  # an alert rule's streak has started
     sampler_active_interval_s: float = 1.0  # an alert episode is open
     sampler_min_interval_s: float = 0.1  # floor between two samples of a session
-    sampler_change_threshold: float = 0.06  # fraction of 32×24 thumbnail cells that changed
-    sampler_change_cell_delta: int = 18  # grey levels for a cell to count as changed
+    sampler_change_min_interval_s: float = 0.5  # scene-change samples at most this often
+    sampler_change_threshold: float = 0.10  # share of 64×48 thumbnail cells that changed
+    sampler_change_object_threshold: float = 0.008  # … or one compact region this large
+    sampler_change_cell_delta: int = 16  # grey levels for a cell to count as changed
     sampler_scene_checks_interval_s: float = (
         2.0  # scene changes force labels/text at most this often
     )

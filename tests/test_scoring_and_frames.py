@@ -115,3 +115,36 @@ def test_small_jpeg_is_sent_unchanged() -> None:
     raw = jpeg_bytes(astronaut_bgr())
     frame = Frame.from_encoded(raw, "image/jpeg")
     assert frame.jpeg(1920) is raw
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+@pytest.mark.parametrize("size", [(640, 480), (1, 1), (4001, 123)])
+def test_header_size_matches_the_decoder(ext: str, size: tuple[int, int]) -> None:
+    import cv2
+
+    from server.media.frames import image_size
+
+    image = np.random.default_rng(2).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(ext, image)
+    assert ok
+    assert image_size(buf.tobytes()) == size
+
+
+def test_progressive_jpeg_header_is_read() -> None:
+    import io
+
+    from PIL import Image
+
+    from server.media.frames import image_size
+
+    out = io.BytesIO()
+    Image.fromarray(astronaut_bgr()).save(out, "JPEG", progressive=True)
+    assert image_size(out.getvalue()) == (640, 480)
+
+
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00\x10JFIF", b"\x89PNG\r\n\x1a\n" + bytes(8)])
+def test_truncated_headers_are_malformed(data: bytes) -> None:
+    from server.media.frames import image_size
+
+    with pytest.raises(MalformedFrame):
+        image_size(data)

@@ -67,7 +67,7 @@ def inspect_offer(sdp: str) -> OfferInfo:
         info.kinds.append(media.kind)
         # aiortc accepts these missing and then fails inside a background task, leaving a
         # peer that can never connect: refuse them here.
-        if not media.ice.usernameFragment or not media.ice.password:
+        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
             raise MalformedSdp(f"m-line {i} ({media.kind}) has no ICE ufrag/pwd")
         if media.dtls is None or not media.dtls.fingerprints:
             raise MalformedSdp(f"m-line {i} ({media.kind}) has no DTLS fingerprint")

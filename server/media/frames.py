@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -89,15 +89,40 @@ def sniff_image(data: bytes) -> str:
     raise UnsupportedImage("frame is not a JPEG or PNG image")
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the image header only (no pixel decode)."""
-    from PIL import Image, UnidentifiedImageError
+# JPEG start-of-frame markers (they carry the dimensions); C4, C8 and CC are not frames.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return int(img.width), int(img.height)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MalformedFrame(f"image header cannot be read: {exc}") from None
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the image header only (no pixel decode). A direct marker walk:
+    it runs on the event loop for every pushed frame, where PIL's parser cost ~0.4 ms."""
+    if data.startswith(PNG_MAGIC):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise MalformedFrame("PNG header is truncated or has no IHDR chunk")
+        return struct.unpack(">II", data[16:24])
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise MalformedFrame("JPEG header is corrupt (expected a marker)")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            raise MalformedFrame("JPEG header is corrupt (bad segment length)")
+        if marker in _SOF_MARKERS:
+            if i + 9 > n:
+                break
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return int(width), int(height)
+        if marker == 0xDA:  # start of scan before any frame header
+            break
+        i += 2 + length
+    raise MalformedFrame("JPEG header is truncated (no frame header found)")
 
 
 def _scale_for(width: int, height: int, max_dim: int) -> float:

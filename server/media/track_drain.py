@@ -34,11 +34,17 @@ import numpy as np
 from server.analysis.budget import CallBudget
 from server.errors import SessionEnded, SessionNotFound
 from server.media.frames import Frame, FrameError
-from server.media.sampler import AlertState, SamplingPolicy, change_score, thumbnail
+from server.media.sampler import (
+    AlertState,
+    ChangeDetector,
+    ChangeScore,
+    SamplingPolicy,
+    thumbnail,
+)
 
 log = logging.getLogger(__name__)
 
-#: A thumbnail that costs more than this on average moves to a worker thread.
+#: A change score that costs more than this on average moves to a worker thread.
 THUMB_ON_LOOP_MAX_US = 200.0
 RECENT = 256  # samples kept for percentiles (bounded)
 
@@ -200,7 +206,7 @@ class SampleLoop:
         alert_state: Callable[[], AlertState],
         budget: CallBudget,
         *,
-        cell_delta: int = 18,
+        detector: ChangeDetector | None = None,
         ready: asyncio.Event | None = None,
         ready_timeout_s: float = 5.0,
         on_age: Callable[[float], None] | None = None,
@@ -210,7 +216,8 @@ class SampleLoop:
         self.submit = submit
         self.alert_state = alert_state
         self.budget = budget
-        self.cell_delta = cell_delta
+        self.detector = detector or ChangeDetector()
+        self.last_change: ChangeScore | None = None
         self.ready = ready
         self.ready_timeout_s = ready_timeout_s
         self.on_age = on_age
@@ -221,22 +228,34 @@ class SampleLoop:
         self.last_reason: str | None = None
         self.ages_ms: deque[float] = deque(maxlen=RECENT)
         self.budget_waits_ms: deque[float] = deque(maxlen=RECENT)
-        self._thumb_us = 0.0  # moving average
-        self._thumb_in_thread = False
+        self._change_us = 0.0  # moving average of thumbnail + score, CPU µs
+        self._change_in_thread = False
 
-    async def _thumb(self, df: DecodedFrame) -> np.ndarray:
-        if self._thumb_in_thread:
-            return await asyncio.to_thread(thumbnail, df.frame)
+    def _measure_change(
+        self, frame: Any, reference: np.ndarray | None
+    ) -> tuple[np.ndarray, ChangeScore | None, float]:
         # CPU time of this thread, not wall time: waiting for the GIL while the decoder
         # threads run is not work done on the event loop.
         t0 = time.thread_time_ns()
-        thumb = thumbnail(df.frame)
-        cost = (time.thread_time_ns() - t0) / 1000
-        self._thumb_us = cost if self._thumb_us == 0.0 else 0.9 * self._thumb_us + 0.1 * cost
-        if self._thumb_us > THUMB_ON_LOOP_MAX_US and self.drain.decoded > 30:
-            log.info("thumbnail costs %.0f µs: computing it off the event loop", self._thumb_us)
-            self._thumb_in_thread = True
-        return thumb
+        thumb = thumbnail(frame)
+        score = None if reference is None else self.detector.score(thumb, reference)
+        return thumb, score, (time.thread_time_ns() - t0) / 1000
+
+    async def _change(
+        self, df: DecodedFrame, reference: np.ndarray | None
+    ) -> tuple[np.ndarray, ChangeScore | None]:
+        """The frame's thumbnail and its change score against `reference`; on the event
+        loop while that stays under THUMB_ON_LOOP_MAX_US on average, else in a thread."""
+        if self._change_in_thread:
+            thumb, score, _ = await asyncio.to_thread(self._measure_change, df.frame, reference)
+            return thumb, score
+        thumb, score, cost = self._measure_change(df.frame, reference)
+        self._change_us = cost if self._change_us == 0.0 else 0.9 * self._change_us + 0.1 * cost
+        if self._change_us > THUMB_ON_LOOP_MAX_US and self.drain.decoded > 30:
+            log.info("change score costs %.0f µs: computing it off the event loop",
+                     self._change_us)
+            self._change_in_thread = True
+        return thumb, score
 
     async def run(self) -> None:
         if self.ready is not None:
@@ -254,11 +273,12 @@ class SampleLoop:
                 return
             seq = df.seq
             thumb: np.ndarray | None = None
-            change: float | None = None
+            changed: bool | None = None
             if reference is not None:
-                thumb = await self._thumb(df)
-                change = change_score(thumb, reference, self.cell_delta)
-            decision = self.policy.decide(time.monotonic(), change, self.alert_state())
+                thumb, score = await self._change(df, reference)
+                assert score is not None
+                self.last_change, changed = score, score.changed
+            decision = self.policy.decide(time.monotonic(), changed, self.alert_state())
             if decision is None:
                 continue
             if not self.budget.unlimited:
@@ -271,7 +291,7 @@ class SampleLoop:
                 if newest is not df:  # a newer frame arrived while waiting: send that one
                     df, thumb, seq = newest, None, newest.seq
             if thumb is None:
-                thumb = await self._thumb(df)
+                thumb, _ = await self._change(df, None)
             self.sampled += 1
             self.last_reason = decision.reason
             try:
@@ -311,7 +331,11 @@ class SampleLoop:
             "frame_age_ms_p50": None if age50 is None else round(age50, 1),
             "frame_age_ms_p95": None if age95 is None else round(age95, 1),
             "budget_wait_ms_p95": None if wait95 is None else round(wait95, 1),
-            "thumbnail_us": round(self._thumb_us, 1),
+            "change_score_us": round(self._change_us, 1),
+            "change_fraction": None if self.last_change is None
+            else round(self.last_change.fraction, 4),
+            "change_region": None if self.last_change is None else round(self.last_change.blob, 4),
+            "change_in_thread": self._change_in_thread,
             "last_reason": self.last_reason,
             "reasons": dict(getattr(self.policy, "reasons", {})),
         }

@@ -55,6 +55,7 @@ from server.media.frames import Frame
 from server.media.sampler import (
     AdaptiveSampler,
     AlertState,
+    ChangeDetector,
     FixedRateSampler,
     SamplerConfig,
     SamplingPolicy,
@@ -283,7 +284,7 @@ class RtcPeer:
             self._submit,
             self._alert_state,
             gw.budget,
-            cell_delta=gw.settings.sampler_change_cell_delta,
+            detector=ChangeDetector.from_settings(gw.settings),
             ready=self.channel_ready,
             ready_timeout_s=gw.settings.rtc_channel_open_timeout_s,
             on_age=lambda ms: gw.frame_age.observe(ms / 1000),
