@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from webrtc_kit import (  # noqa: E402
+from webrtc_kit import (
     EXPECTED_ALERT,
     Peer,
     ServerProcess,
@@ -40,7 +40,7 @@ from webrtc_kit import (  # noqa: E402
     show_scene,
 )
 
-from tests.fakes.rekognition import FakeRekognition  # noqa: E402
+from tests.fakes.rekognition import FakeRekognition
 
 POLICIES: dict[str, dict[str, Any]] = {
     "adaptive": {"sampler_policy": "adaptive"},

@@ -28,10 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fakes.rekognition import FakeRekognition, fake_face  # noqa: E402
-from tests.media import astronaut_bgr  # noqa: E402
-from tests.netns import in_loopback_only_netns  # noqa: E402
-from tests.rtc_client import (  # noqa: E402
+from tests.fakes.rekognition import FakeRekognition, fake_face
+from tests.media import astronaut_bgr
+from tests.netns import in_loopback_only_netns
+from tests.rtc_client import (
     EncodedCamera,
     RtcTestClient,
     alert_events,
@@ -259,7 +259,7 @@ class Peer:
 
     async def switched(self, scene: str) -> float:
         """Wall time of the first frame of `scene` (waits for it to be sent)."""
-        while not self.camera.switches or self.camera.switches[-1][0] != scene:
+        while not self.camera.switches or self.camera.switches[-1][0] != scene:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         return self.camera.switches[-1][1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from webrtc_kit import (  # noqa: E402
+from webrtc_kit import (
     Peer,
     ServerProcess,
     build_clips,

@@ -500,6 +500,13 @@
     renderSummary(ui.reportSummary, report.summary || {});
     renderScores(ui.reportScores, report.behavioural_scores || {});
     renderAssessment(ui.reportBody, report.body_language);
+    const emotions = Object.entries(report.emotion_distribution || {}).slice(0, 5);
+    if (emotions.length) {
+      const c = el("div", null, "chips");
+      c.dataset.testid = "report-emotions";
+      chips(c, emotions.map(([name, share]) => `${human(name.toLowerCase())} ${fmtNum(share * 100, 0)}%`));
+      ui.reportBody.append(el("div", "Apparent expressions over the session", "fine"), c);
+    }
     renderAssessment(ui.reportFit, report.cultural_fit);
     const ai = report.ai_summary;
     const aiText = ai && (typeof ai === "string" ? ai : ai.text);

@@ -30,6 +30,7 @@ from tests.browser_kit import (
     write_y4m,
 )
 from tests.conftest import RunningServer, make_settings, start_server
+from tests.fakes.llm import FakeOpenAI, FakeReply
 from tests.fakes.rekognition import FakeRekognition
 from tests.netns import require_netns
 
@@ -60,6 +61,21 @@ async def page_server(
     running = await start_server(settings)
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def openai_fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeOpenAI]:
+    """An OpenAI fake for the report's AI summary; request it before `page_server`."""
+    fake = FakeOpenAI()
+    monkeypatch.setenv("OPENAI_BASE_URL", await fake.start())
+    fake.reply = FakeReply(
+        content='{"summary": "Calm and attentive throughout.", '
+        '"cultural_fit": "Attentive, as the role needs."}',
+        prompt_tokens=321,
+        completion_tokens=54,
+    )
+    yield fake
+    await fake.stop()
 
 
 def _camera(tmp_path: Path, face: int = 30, blank: int = 30) -> Path:
@@ -107,6 +123,12 @@ async def test_page_connects_streams_alerts_and_shows_the_report(
         assert await page.get_attribute("#rtc-state", "data-state") == "connected"
         assert await page.get_attribute("#dc-state", "data-state") == "open"
         assert await page.is_disabled("#connect-btn")
+        # The page's offer: H.264 preferred, abs-send-time left out (no REMB; see app.js).
+        [peer] = page_server.app[RTC].peers()
+        assert peer.codec == "H264"
+        offer_sdp = peer.pc.remoteDescription.sdp
+        assert "a=sendonly" in offer_sdp and "webrtc-datachannel" in offer_sdp
+        assert "abs-send-time" not in offer_sdp
         await page.wait_for_function(
             "document.getElementById('backend').textContent === 'rekognition'"
         )
@@ -189,11 +211,13 @@ async def test_page_connects_streams_alerts_and_shows_the_report(
             "rtc_overload_cooldown_s": 60.0,
             # A steady scene is sampled every 12 s by default; sooner keeps this test short.
             "sampler_idle_interval_s": 1.0,
+            "llm_provider": "openai",
+            "openai_api_key": "sk-test",
         }
     ],
 )
-async def test_page_obeys_adjust_video_and_reconnects_to_the_same_session(
-    page_server: RunningServer, tmp_path: Path
+async def test_page_obeys_adjust_video_reconnects_and_shows_the_ai_summary(
+    openai_fake: FakeOpenAI, page_server: RunningServer, tmp_path: Path
 ) -> None:
     y4m = _camera(tmp_path, face=30, blank=0)
     async with launch_browser(y4m, tmp_path / "profile") as context:
@@ -239,7 +263,17 @@ async def test_page_obeys_adjust_video_and_reconnects_to_the_same_session(
         await page.click("#end-btn")
         await page.wait_for_function("document.body.dataset.state === 'ended'", timeout=30_000)
         assert await page.is_visible("#report")
+        assert await page.inner_text("#report-ai-summary") == "Calm and attentive throughout."
+        assert "openai" in await page.inner_text("#report-ai-provider")
+        assert await page.inner_text("[data-testid='report-ai-assessment']") == (
+            "Attentive, as the role needs."
+        )
+        assert "= 375 tokens" in await page.inner_text("#report-tokens")
+        assert (
+            await page.inner_text("#report-summary tr[data-key='frames_analysed'] td")
+        ).strip() != "0"
 
+    assert "Site Reliability Engineer" in openai_fake.requests[-1].prompt_text()
     assert console.errors == []
 
 

@@ -253,19 +253,24 @@ async def test_operator_endpoints_need_the_token_when_set(
     try:
         sid = await start(http, srv)  # a session's own endpoints need only its id
         assert (await post_frame(http, srv, sid, face_data_url()))[0] == 200
-        for path in ("/api/sessions", "/metrics", f"/api/sessions/{sid}/report"):
+        for path in ("/api/sessions", "/metrics"):
             async with http.get(srv.url + path) as r:
                 assert r.status == 401, path
                 assert (await r.json())["error"]["code"] == "unauthorized"
             async with http.get(srv.url + path, headers={"Authorization": "Bearer wrong"}) as r:
                 assert r.status == 403, path
+        async with http.post(f"{srv.url}/api/sessions/{sid}/end") as r:
+            assert r.status == 200
+        async with http.get(f"{srv.url}/api/sessions/{sid}/report") as r:
+            assert r.status == 200  # the session's id is its capability
+            assert (await r.json())["session_id"] == sid
         async with http.get(
             srv.url + "/api/sessions", headers={"Authorization": "Bearer s3cret"}
         ) as r:
             assert r.status == 200
             listed = await r.json()
         assert [s["session_id"] for s in listed["sessions"]] == [sid]
-        assert listed["sessions"][0]["status"] == "live"
+        assert listed["sessions"][0]["status"] == "ended"
         async with http.get(srv.url + "/metrics", headers={"X-API-Token": "s3cret"}) as r:
             text = await r.text()
         assert 'proctor_rekognition_calls_total{operation="DetectFaces",outcome="ok"} 1.0' in text

@@ -15,7 +15,7 @@ frames arrive late (aiortc's decode queue is unbounded, so a server that cannot 
 shows it as growing frame lag) or the event loop lags, pages get `adjust_video` and new
 sessions get 503 with Retry-After.
 
-Data channel messages are JSON objects with a `type` (see `rtc_protocol` in the README):
+Data channel messages are JSON objects with a `type` (the README's WebRTC section):
 server → page: session_started, frame_analysis, alerts, live_metrics, session_ended,
 adjust_video, pong, error; page → server: get_live_metrics, end_session, ping.
 """
@@ -116,13 +116,16 @@ def pin_host_addresses(addresses: list[str]) -> Callable[[], None]:
 
 
 def ice_servers(settings: Settings) -> list[RTCIceServer]:
+    """RTC_ICE_SERVERS as aiortc objects; a malformed entry fails at startup, not on the
+    first offer."""
     servers = []
-    for entry in settings.rtc_ice_servers:
+    for i, entry in enumerate(settings.rtc_ice_servers):
+        urls = entry.get("urls")
+        if not urls or not isinstance(urls, str | list):
+            raise ValueError(f"RTC_ICE_SERVERS[{i}] needs 'urls' (a string or a list of them)")
         servers.append(
             RTCIceServer(
-                urls=entry["urls"],
-                username=entry.get("username"),
-                credential=entry.get("credential"),
+                urls=urls, username=entry.get("username"), credential=entry.get("credential")
             )
         )
     return servers
@@ -264,6 +267,7 @@ class RtcPeer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
         self._closed = asyncio.Event()
+        self._ending = False
 
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
@@ -318,9 +322,11 @@ class RtcPeer:
     async def _run_drain(self) -> None:
         assert self.drain is not None and self.session is not None
         current_session.set(self.session.id)
-        await self.drain.run()
-        if not self.closing:
-            self.gateway.peer_lost(self, "track_ended")
+        try:
+            await self.drain.run()
+        finally:
+            if not self.closing:
+                self.gateway.peer_lost(self, "track_ended")
 
     async def _push_metrics(self) -> None:
         assert self.session is not None and self.drain is not None
@@ -398,7 +404,8 @@ class RtcPeer:
         elif kind == "get_live_metrics":
             self.send_live_metrics()
         elif kind == "end_session":
-            if self.session is not None:
+            if self.session is not None and not self._ending:
+                self._ending = True  # repeated requests while it ends are ignored
                 self._spawn(self._end_session(), "end")
         else:
             self.sender.send(
@@ -415,6 +422,8 @@ class RtcPeer:
             await self.gateway.manager.end_session(self.session.id, reason="client")
         except ProctorError as exc:
             self.sender.send(error_message(exc.code, exc.message))
+        finally:
+            self._ending = False
 
     async def _on_session_event(self, event: str, payload: dict[str, Any]) -> None:
         self.sender.send({"type": event, **payload})
@@ -479,6 +488,7 @@ class RtcGateway:
         self.manager = manager
         self.settings = settings
         self.budget = CallBudget(settings.analyser_calls_per_s)
+        self._ice_servers = ice_servers(settings)
         self.policy_factory = policy_factory or self._default_policy
         self._peers: dict[str, RtcPeer] = {}  # by session id: one peer per session
         self._negotiating = 0
@@ -570,7 +580,8 @@ class RtcGateway:
         if reconnect:
             await self.manager.get_live(body.session_id)  # 404 / 409 before any peer exists
         self._negotiating += 1
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers(self.settings)))
+        # Never None: aiortc would then use a public Google STUN server.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
         peer: RtcPeer | None = None
         try:
             video = None
@@ -593,6 +604,9 @@ class RtcGateway:
             peer = RtcPeer(self, pc, video.receiver.track)
             peer.codec = answer_video_codec(local.sdp)
             async with self._lock:
+                if self._closed:
+                    raise ProctorError("the server is shutting down", code="shutting_down",
+                                       status=503)
                 if reconnect:
                     session = await self.manager.get_live(body.session_id)
                     self._cancel_grace(session.id)
@@ -602,7 +616,13 @@ class RtcGateway:
                 else:
                     session = await self.manager.start_session(body.job_data, transport="webrtc")
                 self._peers[session.id] = peer
-                peer.start(session)
+                try:
+                    peer.start(session)
+                except BaseException:
+                    del self._peers[session.id]
+                    if not reconnect:  # a session nobody can reach: end it now
+                        self._background_task(self._end_quietly(session.id, "offer_failed"))
+                    raise
             self.peers_gauge.set(len(self._peers))
             self._ensure_monitor()
             log.info(
@@ -670,12 +690,15 @@ class RtcGateway:
     async def _end_after_grace(self, session_id: str) -> None:
         await asyncio.sleep(self.settings.rtc_reconnect_grace_s)
         self._grace.pop(session_id, None)
+        await self._end_quietly(session_id, "peer_lost")
+
+    async def _end_quietly(self, session_id: str, reason: str) -> None:
         try:
-            await self.manager.end_session(session_id, reason="peer_lost")
+            await self.manager.end_session(session_id, reason=reason)
         except (SessionEnded, SessionNotFound):
             pass
         except Exception:
-            log.exception("ending session %s after its grace period failed", session_id)
+            log.exception("ending session %s (%s) failed", session_id, reason)
 
     def grace_pending(self, session_id: str) -> bool:
         return session_id in self._grace
