@@ -76,6 +76,7 @@ RECENT_FRAMES = 30  # the monitor judges lag over about the last 2 s of frames
 #: else — alerts above all — is always sent.
 COALESCED_TYPES = frozenset({"frame_analysis", "live_metrics"})
 EARLY_MESSAGES_MAX = 512  # essential messages held before the channel opens
+REPORT_MAX_BYTES = 60 * 1024  # under every browser's data-channel message limit
 
 
 # --- host candidate addresses -------------------------------------------------------------
@@ -182,12 +183,16 @@ class ChannelSender:
         channel.on("bufferedamountlow", self.flush)
         self.flush()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], max_bytes: int | None = None) -> bool:
+        """Queue or send one message; False when it is larger than `max_bytes` (then
+        nothing is sent and the caller may send a smaller version)."""
         kind = str(message.get("type"))
         text = json.dumps(message, default=str)
+        if max_bytes is not None and len(text.encode()) > max_bytes:
+            return False
         if not self.open:
             if self.channel is not None:
-                return  # closed: nothing can be delivered any more
+                return True  # closed: nothing can be delivered any more
             if kind in COALESCED_TYPES:
                 self.coalesced += kind in self._held
                 self._held[kind] = text
@@ -196,14 +201,15 @@ class ChannelSender:
             else:
                 self.lost_early += 1
                 log.error("data channel never opened: %s message not delivered", kind)
-            return
+            return True
         if kind in COALESCED_TYPES and (
             kind in self._held or self.channel.bufferedAmount > self.high_water
         ):
             self.coalesced += kind in self._held
             self._held[kind] = text
-            return
+            return True
         self._send_text(text)
+        return True
 
     def _send_text(self, text: str) -> None:
         try:
@@ -211,6 +217,8 @@ class ChannelSender:
             self.sent += 1
         except InvalidStateError:
             pass  # closed under us; the peer is going away
+        except ValueError as exc:  # above the page's max-message-size
+            log.error("data channel message not sent: %s", exc)
 
     def flush(self) -> None:
         if not self.open:
@@ -426,9 +434,21 @@ class RtcPeer:
             self._ending = False
 
     async def _on_session_event(self, event: str, payload: dict[str, Any]) -> None:
-        self.sender.send({"type": event, **payload})
-        if event == "session_ended":
-            self.gateway.session_over(self)
+        if event != "session_ended":
+            self.sender.send({"type": event, **payload})
+            return
+        message = {"type": event, **payload}
+        if not self.sender.send(message, max_bytes=REPORT_MAX_BYTES):
+            # Browsers take data-channel messages up to 256 KiB (64 KiB when they do not
+            # say): a very long session's report goes without its per-alert detail and
+            # timeline, which stay available from GET /api/sessions/{id}/report.
+            report = dict(payload.get("report") or {})
+            alerts = report.pop("alerts", None) or []
+            report.pop("emotion_timeline", None)
+            report["alerts_count"] = len(alerts)
+            report["truncated"] = True
+            self.sender.send({**message, "report": report})
+        self.gateway.session_over(self)
 
     # --- adjust / close ---------------------------------------------------------------
 
@@ -667,9 +687,16 @@ class RtcGateway:
             return
         log.info("session %s lost its peer (%s): %.0f s to reconnect", session.id, reason,
                  self.settings.rtc_reconnect_grace_s)
-        self._grace[session.id] = asyncio.create_task(
-            self._end_after_grace(session.id), name=f"rtc-grace-{session.id[:8]}"
-        )
+        sid = session.id
+        task = asyncio.create_task(self._end_after_grace(sid), name=f"rtc-grace-{sid[:8]}")
+        self._grace[sid] = task
+
+        async def ended_elsewhere(event: str, payload: dict[str, Any]) -> None:
+            if event == "session_ended":  # by REST, Socket.IO or the idle timeout
+                self._cancel_grace(sid)
+
+        unsubscribe = session.subscribe(ended_elsewhere)
+        task.add_done_callback(lambda _: unsubscribe())
 
     def session_over(self, peer: RtcPeer) -> None:
         """The session ended (any transport): let its last messages out, then close."""

@@ -1,0 +1,168 @@
+"""SDP helpers, ICE configuration, host-address pinning and the data-channel sender
+(no packets are sent)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aioice.ice
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
+
+from server.config import Settings
+from server.media.codecs import (
+    NoDataChannel,
+    NoVideoTrack,
+    UnsupportedCodec,
+    inspect_offer,
+    restrict_candidates,
+    video_codec_preferences,
+)
+from server.signaling.rtc import ChannelSender, ice_servers, pin_host_addresses
+
+
+@pytest.fixture
+async def offer() -> AsyncIterator[str]:
+    unpin = pin_host_addresses(["127.0.0.1"])
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.createDataChannel("proctoring")
+    pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    yield pc.localDescription.sdp
+    await pc.close()
+    unpin()
+
+
+async def test_inspect_offer_reads_what_the_browser_sends(offer: str) -> None:
+    info = inspect_offer(offer)
+    assert info.kinds == ["application", "video"] or info.kinds == ["video", "application"]
+    assert info.has_data_channel
+    assert {"VP8", "H264"} <= set(info.decodable)
+    assert info.candidates >= 1
+
+
+async def test_inspect_offer_names_each_problem(offer: str) -> None:
+    with pytest.raises(UnsupportedCodec):
+        inspect_offer(offer.replace("VP8/90000", "VP9/90000").replace("H264/90000", "AV1/90000"))
+    with pytest.raises(NoVideoTrack):
+        inspect_offer(offer.replace("a=sendonly", "a=inactive"))
+    lines = offer.split("\r\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("m=application"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")), len(lines))
+    without_channel = "\r\n".join(lines[:start] + lines[end:])
+    without_channel = without_channel.replace("BUNDLE 0 1", "BUNDLE 0").replace("BUNDLE 1 0", "BUNDLE 1")
+    with pytest.raises(NoDataChannel):
+        inspect_offer(without_channel)
+
+
+def test_h264_is_preferred_and_rtx_kept() -> None:
+    names = [c.mimeType for c in video_codec_preferences(["H264", "VP8"])]
+    assert names[0] == "video/H264"
+    assert names.index("video/VP8") > max(i for i, n in enumerate(names) if n == "video/H264")
+    assert "video/rtx" in names
+    assert video_codec_preferences(["VP8"])[0].mimeType == "video/VP8"
+
+
+def test_restrict_candidates_keeps_only_udp_on_allowed_addresses() -> None:
+    sdp = "\r\n".join([
+        "v=0",
+        "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host",
+        "a=candidate:2 1 udp 2122260223 192.168.1.20 50001 typ host",
+        "a=candidate:3 1 tcp 1518280447 127.0.0.1 9 typ host tcptype active",
+        "a=candidate:4 1 udp 2122260223 3f2a-uuid.local 50002 typ host",
+        "a=candidate:5 1 udp 2122260223 ::1 50003 typ host",
+        "a=end-of-candidates",
+        "",
+    ])
+    kept = restrict_candidates(sdp, ["127.0.0.1"])
+    assert "127.0.0.1 50000" in kept
+    for gone in ("192.168.1.20", "tcp", ".local", "::1"):
+        assert gone not in kept
+    assert "a=end-of-candidates" in kept
+    assert restrict_candidates(sdp, []) == sdp
+
+
+def test_pinning_host_addresses_is_undone() -> None:
+    original = aioice.ice.get_host_addresses
+    unpin = pin_host_addresses(["127.0.0.1", "::1"])
+    assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1"]
+    assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.1", "::1"]
+    inner = pin_host_addresses(["127.0.0.2"])
+    assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.2"]
+    inner()
+    assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1"]
+    unpin()
+    assert aioice.ice.get_host_addresses is original
+
+
+def test_ice_servers_default_to_none_and_bad_entries_fail_early() -> None:
+    assert ice_servers(Settings(_env_file=None)) == []  # type: ignore[call-arg]
+    good = Settings(_env_file=None, rtc_ice_servers=[  # type: ignore[call-arg]
+        {"urls": ["turn:turn.example.com:3478"], "username": "u", "credential": "p"}])
+    (server,) = ice_servers(good)
+    assert server.urls == ["turn:turn.example.com:3478"] and server.username == "u"
+    bad = Settings(_env_file=None, rtc_ice_servers=[{"url": "stun:x"}])  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="urls"):
+        ice_servers(bad)
+
+
+# --- the data-channel sender (a stand-in channel: only its buffer matters here) -----------
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.readyState = "connecting"
+        self.bufferedAmount = 0
+        self.bufferedAmountLowThreshold = 0
+        self.sent: list[dict[str, Any]] = []
+        self.handlers: dict[str, Any] = {}
+
+    def on(self, event: str, handler: Any) -> None:
+        self.handlers[event] = handler
+
+    def send(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+
+def test_sender_holds_messages_until_the_channel_opens() -> None:
+    sender = ChannelSender(high_water=1000)
+    sender.send({"type": "session_started", "n": 0})
+    for i in range(5):
+        sender.send({"type": "frame_analysis", "n": i})
+    sender.send({"type": "alerts", "n": 1})
+    channel = _Channel()
+    channel.readyState = "open"
+    sender.attach(channel)
+    assert [(m["type"], m["n"]) for m in channel.sent] == [
+        ("session_started", 0), ("alerts", 1), ("frame_analysis", 4)]
+
+
+def test_sender_coalesces_metric_updates_but_never_alerts_when_backed_up() -> None:
+    channel = _Channel()
+    channel.readyState = "open"
+    sender = ChannelSender(high_water=1000)
+    sender.attach(channel)
+    channel.bufferedAmount = 5000  # the page is not reading fast enough
+    for i in range(10):
+        sender.send({"type": "frame_analysis", "n": i})
+        sender.send({"type": "live_metrics", "n": i})
+        sender.send({"type": "alerts", "n": i})
+    assert [m["n"] for m in channel.sent if m["type"] == "alerts"] == list(range(10))
+    assert not [m for m in channel.sent if m["type"] != "alerts"]
+    channel.bufferedAmount = 0
+    channel.handlers["bufferedamountlow"]()
+    rest = [(m["type"], m["n"]) for m in channel.sent if m["type"] != "alerts"]
+    assert rest == [("frame_analysis", 9), ("live_metrics", 9)]
+    assert sender.coalesced == 18
+
+
+def test_sender_refuses_a_message_over_the_size_limit() -> None:
+    channel = _Channel()
+    channel.readyState = "open"
+    sender = ChannelSender(high_water=1000)
+    sender.attach(channel)
+    assert not sender.send({"type": "session_ended", "report": "x" * 5000}, max_bytes=4096)
+    assert channel.sent == []
+    assert sender.send({"type": "session_ended", "report": "short"}, max_bytes=4096)
