@@ -5,13 +5,9 @@
 (() => {
   "use strict";
 
-  const METRICS = [
-    ["eye_contact", "Eye contact"],
-    ["engagement", "Engagement"],
-    ["facial_expression", "Expression"],
-    ["posture", "Posture"],
-    ["confidence", "Confidence"],
-  ];
+  // Rendering shared with client_example.html (metric bars, alerts, report): proctor_ui.js.
+  const { el, fmtTime, fmtNum, human, errText } = window.ProctorUI;
+
   const OFFER_URL = "/api/rtc/offer";
   const ICE_GATHER_TIMEOUT_MS = 5000; // aiortc has no trickle ICE: wait, but not forever
   const OPEN_TIMEOUT_MS = 20000; // answer → data channel open
@@ -31,19 +27,13 @@
     video: $("preview"), overlay: $("video-overlay"),
     sessionId: $("session-id"), backend: $("backend"), sendStats: $("send-stats"),
     videoLimits: $("video-limits"), rtt: $("rtt"), reconnects: $("reconnects"),
-    metrics: $("metrics"), faces: $("faces-count"), emotion: $("dominant-emotion"),
     analysed: $("frames-analysed"), latency: $("analysis-latency"),
-    emotions: $("emotions"), labels: $("labels"), text: $("text-seen"),
-    counters: $("server-counters"), serverVideo: $("server-video"), notes: $("frame-notes"),
-    alerts: $("alerts-list"), alertsEmpty: $("alerts-empty"), activeAlerts: $("active-alerts"),
+    counters: $("server-counters"), serverVideo: $("server-video"),
     status: $("status-line"), log: $("error-log"), timings: $("timings"),
-    report: $("report"), reportHeadline: $("report-headline"),
-    reportSummary: $("report-summary"), reportScores: $("report-scores"),
-    reportBody: $("report-body-language"), reportFit: $("report-cultural-fit"),
-    reportAiBlock: $("report-ai-summary-block"), reportAi: $("report-ai-summary"),
-    reportAiProvider: $("report-ai-provider"), reportAlerts: $("report-alerts"),
-    reportTokens: $("report-tokens"), reportRaw: $("report-raw"),
   };
+  const liveView = new ProctorUI.LiveView();
+  const alertList = new ProctorUI.AlertList();
+  const reportView = new ProctorUI.ReportView();
 
   // phase: idle → connecting → live ⇄ reconnecting → ending → ended (→ connecting again)
   const state = {
@@ -62,7 +52,6 @@
     endTimer: null,
     timers: [],
     analyses: 0,
-    alertItems: new Map(), // episode key → {li, alert}
     resyncAlerts: false,
     marks: {},
     frameAges: [], // ms from capture to analysis start, recent analyses (bounded)
@@ -72,39 +61,6 @@
                          get sessionId() { return state.sessionId; } };
 
   // --- small helpers ---------------------------------------------------------------------
-  function el(tag, text, cls) {
-    const node = document.createElement(tag);
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    if (cls) node.className = cls;
-    return node;
-  }
-  function toDate(value) {
-    if (value === null || value === undefined || value === "") return null;
-    if (typeof value === "number") return new Date(value > 1e12 ? value : value * 1000);
-    const d = new Date(value);
-    return Number.isNaN(d.getTime()) ? null : d;
-  }
-  function fmtTime(value) {
-    const d = toDate(value);
-    return d ? d.toLocaleTimeString() : "—";
-  }
-  function fmtNum(value, digits = 1) {
-    if (value === null || value === undefined || value === "") return "—";
-    const n = Number(value);
-    return Number.isFinite(n) ? n.toFixed(digits).replace(/\.0+$/, "") : String(value);
-  }
-  function fmtDuration(seconds) {
-    const s = Number(seconds);
-    if (!Number.isFinite(s)) return "—";
-    if (s < 60) return `${s.toFixed(1)} s`;
-    return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
-  }
-  function human(key) {
-    return String(key).replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
-  }
-  function errText(err) {
-    return err && err.message ? err.message : String(err);
-  }
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   function loadConfig() {
@@ -188,65 +144,9 @@
     setBadge(ui.dcState, dcState, dcState === "none" ? "—" : dcState, tone);
   }
 
-  // --- metrics panel --------------------------------------------------------------------------
-  const bars = {};
-  for (const [key, label] of METRICS) {
-    const row = el("div", null, "metric");
-    row.dataset.metric = key;
-    row.dataset.testid = `metric-${key}`;
-    const bar = el("div", null, "bar");
-    const fill = el("div", null, "bar-fill");
-    fill.id = `bar-${key}`;
-    fill.dataset.testid = `bar-${key}`;
-    bar.append(fill);
-    const value = el("div", null, "value");
-    const current = el("span", "—");
-    current.id = `value-${key}`;
-    current.dataset.testid = `value-${key}`;
-    const avg = el("span", "", "avg");
-    avg.id = `avg-${key}`;
-    value.append(current, avg);
-    row.append(el("div", label, "name"), bar, value);
-    ui.metrics.append(row);
-    bars[key] = { fill, current, avg };
-  }
-
-  function showMetric(key, value) {
-    const bar = bars[key];
-    const n = value === null || value === undefined ? NaN : Number(value);
-    if (!Number.isFinite(n)) {
-      bar.fill.style.width = "0%";
-      bar.fill.className = "bar-fill";
-      bar.current.textContent = "—";
-      bar.current.dataset.value = "";
-      return;
-    }
-    const clamped = Math.max(0, Math.min(100, n));
-    bar.fill.style.width = `${clamped}%`;
-    bar.fill.className = "bar-fill " + (clamped < 40 ? "low" : clamped < 70 ? "mid" : "high");
-    bar.current.textContent = fmtNum(clamped, 0);
-    bar.current.dataset.value = String(clamped);
-  }
-
-  function chips(container, items) {
-    container.replaceChildren();
-    if (!items.length) { container.textContent = "—"; return; }
-    for (const item of items) container.append(el("span", item));
-  }
-
+  // --- live panel -----------------------------------------------------------------------------
   function showResult(result) {
-    const metrics = result.metrics || {};
-    for (const [key] of METRICS) showMetric(key, metrics[key]);
-    ui.faces.textContent = result.faces_count ?? "—";
-    ui.faces.dataset.value = result.faces_count ?? "";
-    ui.emotion.textContent = result.dominant_emotion ? human(String(result.dominant_emotion).toLowerCase()) : "—";
-    ui.emotion.dataset.value = result.dominant_emotion || "";
-    chips(ui.emotions, Object.entries(result.emotions || {})
-      .sort((a, b) => b[1] - a[1]).slice(0, 4)
-      .map(([name, v]) => `${human(name.toLowerCase())} ${fmtNum(v, 0)}`));
-    chips(ui.labels, (result.labels || []).map((l) =>
-      typeof l === "string" ? l : `${l.name ?? "?"} ${fmtNum(l.confidence, 0)}%`));
-    chips(ui.text, (result.text || []).map((t) => (typeof t === "string" ? t : t.text ?? "")));
+    liveView.show(result);
     const t = result.timings || {};
     if (Number.isFinite(t.captured_at) && Number.isFinite(t.analysis_ended_at)) {
       const ms = Math.max(0, (t.analysis_ended_at - t.captured_at) * 1000);
@@ -259,18 +159,10 @@
       state.frameAges.push(Math.round(age));
       if (state.frameAges.length > 300) state.frameAges.shift();
     }
-    const notes = [];
-    if (result.insufficient) notes.push("face too small, dark or blurred to judge");
-    if (result.degraded && result.degraded.length) notes.push(`degraded: ${result.degraded.join(", ")}`);
-    ui.notes.textContent = notes.length ? notes.join("; ") : "—";
   }
 
   function showLiveMetrics(payload) {
-    for (const [key] of METRICS) {
-      const m = (payload.metrics || {})[key];
-      const avg = m && typeof m === "object" ? m.average : null;
-      bars[key].avg.textContent = avg === null || avg === undefined ? "" : `avg ${fmtNum(avg, 0)}`;
-    }
+    liveView.showAverages(payload.metrics);
     // Every frames_* counter the server reports (transport-specific ones included).
     const counters = Object.entries(payload)
       .filter(([k, v]) => k.startsWith("frames_") && typeof v === "number")
@@ -289,239 +181,25 @@
       if (parts.length) ui.serverVideo.textContent = parts.join(" · ");
     }
     if (state.resyncAlerts && Array.isArray(payload.active_alerts)) {
-      // After a reconnect, events sent while the channel was down are lost: take the
-      // server's list of open episodes as the truth.
       state.resyncAlerts = false;
-      const open = new Set(payload.active_alerts.map(alertKey));
-      for (const a of payload.active_alerts) if (!state.alertItems.has(alertKey(a))) showAlert(a);
-      for (const [key, item] of state.alertItems) {
-        if (item.alert.status !== "ended" && !open.has(key)) {
-          showAlert({ ...item.alert, status: "ended", ended_at: null, duration_s: null,
-                      end_reason: "ended while disconnected" });
-        }
-      }
+      alertList.resync(payload.active_alerts);
     }
-  }
-
-  // --- alerts ----------------------------------------------------------------------------------
-  function alertKey(a) { return a.episode_id ?? `${a.type}:${a.object ?? ""}@${a.started_at}`; }
-
-  function showAlert(a) {
-    if (!a || !a.type) return;
-    const key = alertKey(a);
-    let item = state.alertItems.get(key);
-    if (item && item.alert.status === "ended" && a.status !== "ended") return; // never reopen
-    if (!item) {
-      const li = el("li");
-      li.dataset.testid = "alert";
-      li.dataset.episodeId = key;
-      li.dataset.type = a.type;
-      const title = el("div", null, "title");
-      title.append(el("span", human(a.type)), el("span", "", "badge"), el("span", "", "state"));
-      li.append(title, el("div", null, "message"), el("div", null, "meta"));
-      ui.alerts.prepend(li);
-      item = { li, alert: a };
-      state.alertItems.set(key, item);
-    }
-    item.alert = { ...item.alert, ...a };
-    renderAlert(item);
-    refreshAlertCount();
-  }
-
-  function renderAlert(item) {
-    const a = item.alert;
-    const li = item.li;
-    const severity = ["info", "warning", "critical"].includes(a.severity) ? a.severity : "info";
-    const ended = a.status === "ended";
-    li.className = `${severity} ${ended ? "ended" : "active"}`;
-    li.dataset.status = ended ? "ended" : "onset";
-    li.dataset.severity = severity;
-    const [title, message, meta] = li.children;
-    const [, sevBadge, stateText] = title.children;
-    sevBadge.textContent = severity;
-    sevBadge.className = "badge" + (severity === "critical" ? " bad" : severity === "warning" ? " warn" : "");
-    stateText.textContent = ended ? "ended" : "active";
-    message.textContent = a.message || "";
-    const onset = `onset ${fmtTime(a.started_at)}`;
-    if (ended) {
-      const end = a.ended_at ? fmtTime(a.ended_at) : (a.end_reason || "unknown");
-      const duration = a.duration_s !== null && a.duration_s !== undefined
-        ? ` · lasted ${fmtDuration(a.duration_s)}` : "";
-      meta.textContent = `${onset} → ended ${end}${duration}`;
-      li.dataset.duration = a.duration_s ?? "";
-    } else {
-      const started = toDate(a.started_at);
-      const since = started ? ` · active for ${fmtDuration((Date.now() - started.getTime()) / 1000)}` : "";
-      meta.textContent = `${onset} (frame ${a.frame_index ?? "—"})${since}`;
-    }
-  }
-
-  function refreshAlertCount() {
-    let active = 0;
-    for (const item of state.alertItems.values()) if (item.alert.status !== "ended") active++;
-    ui.activeAlerts.textContent = `${active} active`;
-    ui.activeAlerts.dataset.count = String(active);
-    ui.activeAlerts.className = "badge" + (active ? " bad" : "");
-    ui.alertsEmpty.hidden = state.alertItems.size > 0;
-  }
-
-  function tickAlerts() {
-    for (const item of state.alertItems.values()) if (item.alert.status !== "ended") renderAlert(item);
   }
 
   function resetSessionView() {
     state.analyses = 0;
     ui.analysed.textContent = "0";
-    state.alertItems.clear();
-    ui.alerts.replaceChildren();
-    refreshAlertCount();
-    for (const [key] of METRICS) { showMetric(key, null); bars[key].avg.textContent = ""; }
-    for (const node of [ui.faces, ui.emotion, ui.latency]) node.textContent = "—";
-    for (const node of [ui.emotions, ui.labels, ui.text, ui.counters, ui.serverVideo, ui.notes]) {
-      node.textContent = "—";
-    }
+    alertList.clear();
+    liveView.reset();
+    for (const node of [ui.latency, ui.counters, ui.serverVideo]) node.textContent = "—";
     ui.sessionId.textContent = ui.backend.textContent = "—";
     ui.rtt.textContent = "—";
-    ui.report.hidden = true;
+    reportView.hide();
     state.reconnects = 0;
     ui.reconnects.textContent = "0";
     state.videoLimits = null;
     ui.videoLimits.textContent = "none";
     state.frameAges.length = 0;
-  }
-
-  // --- report --------------------------------------------------------------------------------
-  function cell(row, value, header = false) {
-    const c = el(header ? "th" : "td");
-    if (value !== null && typeof value === "object") {
-      c.textContent = Array.isArray(value) && value.every((v) => typeof v !== "object")
-        ? value.join(", ") : JSON.stringify(value);
-    } else {
-      c.textContent = value === null || value === undefined || value === "" ? "—" : String(value);
-      if (typeof value === "number") c.className = "num";
-    }
-    row.append(c);
-    return c;
-  }
-  function headerRow(table, names) {
-    const tr = el("tr");
-    for (const n of names) cell(tr, n, true);
-    table.append(tr);
-  }
-  function summaryValue(key, value) {
-    if (key.endsWith("_at")) {
-      const d = toDate(value);
-      if (d) return d.toLocaleString();
-    }
-    if (key === "duration_seconds") return fmtDuration(value);
-    if (typeof value === "boolean") return value ? "yes" : "no";
-    if (typeof value === "number") return fmtNum(value, 2);
-    if (value && typeof value === "object" && !Array.isArray(value)) {
-      const parts = Object.entries(value).map(([k, v]) => `${k} ${v}`);
-      return parts.length ? parts.join(", ") : "—";
-    }
-    return value;
-  }
-  function renderSummary(table, summary) {
-    table.replaceChildren();
-    for (const [key, value] of Object.entries(summary || {})) {
-      const tr = el("tr");
-      tr.dataset.key = key;
-      cell(tr, human(key), true);
-      cell(tr, summaryValue(key, value)).dataset.testid = `summary-${key}`;
-      table.append(tr);
-    }
-  }
-  function renderScores(table, scores) {
-    table.replaceChildren();
-    headerRow(table, ["Metric", "Average", "Min", "Max", "Trend"]);
-    for (const [metric, s] of Object.entries(scores || {})) {
-      const tr = el("tr");
-      tr.dataset.metric = metric;
-      cell(tr, human(metric), true);
-      const o = s && typeof s === "object" ? s : { average: s };
-      cell(tr, fmtNum(o.average));
-      cell(tr, fmtNum(o.min));
-      cell(tr, fmtNum(o.max));
-      cell(tr, o.trend ? human(o.trend) : "—");
-      table.append(tr);
-    }
-  }
-  function renderAssessment(container, part) {
-    container.replaceChildren();
-    if (!part) { container.append(el("p", "Not available.", "empty")); return; }
-    if (typeof part === "string") { container.append(el("p", part)); return; }
-    if (part.assessment) container.append(el("p", part.assessment));
-    if (part.ai_assessment) {
-      const ai = typeof part.ai_assessment === "string" ? part.ai_assessment : JSON.stringify(part.ai_assessment);
-      const p = el("p", ai);
-      p.dataset.testid = "report-ai-assessment";
-      container.append(el("div", "AI assessment", "fine"), p);
-    }
-    const bands = Object.entries(part.signals || part)
-      .filter(([k, v]) => typeof v === "string" && !["source", "assessment", "role", "ai_assessment"].includes(k))
-      .map(([k, v]) => `${human(k)}: ${v}`);
-    if (bands.length) {
-      const c = el("div", null, "chips");
-      chips(c, bands);
-      container.append(c);
-    }
-  }
-  function renderAlertHistory(table, alerts) {
-    table.replaceChildren();
-    headerRow(table, ["Type", "Severity", "Onset", "Ended", "Duration", "Message"]);
-    const list = Array.isArray(alerts) ? alerts : [];
-    if (!list.length) {
-      const tr = el("tr");
-      const c = cell(tr, "No alerts were raised.");
-      c.colSpan = 6;
-      c.className = "empty";
-      table.append(tr);
-      return;
-    }
-    for (const a of list) {
-      const tr = el("tr", null, a.severity || "info");
-      tr.dataset.testid = "report-alert";
-      tr.dataset.type = a.type || "";
-      cell(tr, human(a.type || "") + (a.object ? ` (${a.object})` : ""));
-      cell(tr, a.severity);
-      cell(tr, fmtTime(a.started_at));
-      cell(tr, a.ended_at ? fmtTime(a.ended_at) : "—");
-      cell(tr, a.duration_s === null || a.duration_s === undefined ? "—" : fmtDuration(a.duration_s));
-      cell(tr, a.message || "");
-      table.append(tr);
-    }
-  }
-  function renderReport(report) {
-    report = report || {};
-    const narrative = report.narrative;
-    ui.reportHeadline.textContent = typeof narrative === "string" ? narrative
-      : (narrative && narrative.summary) || "";
-    renderSummary(ui.reportSummary, report.summary || {});
-    renderScores(ui.reportScores, report.behavioural_scores || {});
-    renderAssessment(ui.reportBody, report.body_language);
-    const emotions = Object.entries(report.emotion_distribution || {}).slice(0, 5);
-    if (emotions.length) {
-      const c = el("div", null, "chips");
-      c.dataset.testid = "report-emotions";
-      chips(c, emotions.map(([name, share]) => `${human(name.toLowerCase())} ${fmtNum(share * 100, 0)}%`));
-      ui.reportBody.append(el("div", "Apparent expressions over the session", "fine"), c);
-    }
-    renderAssessment(ui.reportFit, report.cultural_fit);
-    const ai = report.ai_summary;
-    const aiText = ai && (typeof ai === "string" ? ai : ai.text);
-    ui.reportAiBlock.hidden = !aiText;
-    ui.reportAi.textContent = aiText || "";
-    ui.reportAiProvider.textContent = ai && ai.provider ? `(${ai.provider}${ai.model ? `, ${ai.model}` : ""})` : "";
-    renderAlertHistory(ui.reportAlerts, report.alerts);
-    const tokens = report.token_usage || {};
-    ui.reportTokens.textContent = tokens.total_tokens
-      ? `${tokens.prompt_tokens} prompt + ${tokens.completion_tokens} completion = ${tokens.total_tokens} tokens`
-        + (Object.keys(tokens.by_provider || {}).length ? ` (${Object.keys(tokens.by_provider).join(", ")})` : "")
-      : "No LLM was used: the narrative parts are rule-based.";
-    ui.reportRaw.textContent = JSON.stringify(report, null, 2);
-    ui.report.hidden = false;
-    ui.report.scrollIntoView({ behavior: "smooth", block: "start" });
   }
 
   // --- camera ----------------------------------------------------------------------------------
@@ -946,14 +624,9 @@
     clearTimeout(state.endTimer);
     teardownPeer();
     setPhase("ended");
-    for (const item of state.alertItems.values()) {
-      if (item.alert.status !== "ended") {
-        const closing = (report && report.alerts || []).find((a) => alertKey(a) === alertKey(item.alert));
-        showAlert(closing ? { ...closing, status: "ended" } : { ...item.alert, status: "ended", end_reason: "session ended" });
-      }
-    }
+    alertList.closeAll(report && report.alerts);
     setStatus("Session ended. The report is below.");
-    renderReport(report);
+    reportView.render(report);
   }
 
   // --- data channel messages ---------------------------------------------------------------------
@@ -979,10 +652,10 @@
         ui.analysed.textContent = String(state.analyses);
         if (state.analyses === 1) mark("first_analysis");
         showResult(msg.result);
-        for (const a of msg.result.alerts || []) showAlert(a);
+        for (const a of msg.result.alerts || []) alertList.show(a);
         break;
       case "alerts":
-        for (const a of msg.alerts || []) showAlert(a);
+        for (const a of msg.alerts || []) alertList.show(a);
         break;
       case "live_metrics":
         showLiveMetrics(msg);
@@ -1067,7 +740,6 @@
   // --- wiring ----------------------------------------------------------------------------------
   ui.connect.addEventListener("click", connect);
   ui.end.addEventListener("click", endSession);
-  setInterval(tickAlerts, 1000);
   window.addEventListener("pagehide", () => {
     // Closing the peer lets the server start its reconnect grace period at once.
     teardownPeer();
@@ -1077,7 +749,6 @@
   setPhase("idle");
   showPcState("new");
   showDcState("none");
-  refreshAlertCount();
   setStatus("Opening the camera for the preview…");
   ensureCamera()
     .then(() => setStatus("Camera ready. Enter the job title and press Connect."))

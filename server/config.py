@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     sampler_pending_interval_s: float = 0.2  # an alert rule's streak has started
     sampler_active_interval_s: float = 1.0  # an alert episode is open
     sampler_min_interval_s: float = 0.1  # floor between two samples of a session
+    sampler_probe_interval_s: float = 0.1  # change score computed at most this often
     sampler_change_min_interval_s: float = 0.5  # scene-change samples at most this often
     sampler_change_threshold: float = 0.10  # share of 64×48 thumbnail cells that changed
     sampler_change_object_threshold: float = 0.008  # … or one compact region this large

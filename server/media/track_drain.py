@@ -44,7 +44,7 @@ from server.media.sampler import (
 
 log = logging.getLogger(__name__)
 
-#: A change score that costs more than this on average moves to a worker thread.
+#: A change score whose median cost exceeds this (CPU µs) moves to a worker thread.
 THUMB_ON_LOOP_MAX_US = 200.0
 RECENT = 256  # samples kept for percentiles (bounded)
 
@@ -210,6 +210,7 @@ class SampleLoop:
         ready: asyncio.Event | None = None,
         ready_timeout_s: float = 5.0,
         on_age: Callable[[float], None] | None = None,
+        probe_interval_s: float = 0.0,
     ) -> None:
         self.drain = drain
         self.policy = policy
@@ -221,6 +222,7 @@ class SampleLoop:
         self.ready = ready
         self.ready_timeout_s = ready_timeout_s
         self.on_age = on_age
+        self.probe_interval_s = probe_interval_s  # change score at most this often
         self.sampled = 0
         self.analysed = 0
         self.dropped = 0
@@ -228,7 +230,7 @@ class SampleLoop:
         self.last_reason: str | None = None
         self.ages_ms: deque[float] = deque(maxlen=RECENT)
         self.budget_waits_ms: deque[float] = deque(maxlen=RECENT)
-        self._change_us = 0.0  # moving average of thumbnail + score, CPU µs
+        self._change_costs: deque[float] = deque(maxlen=64)  # thumbnail + score, CPU µs
         self._change_in_thread = False
 
     def _measure_change(
@@ -245,17 +247,21 @@ class SampleLoop:
         self, df: DecodedFrame, reference: np.ndarray | None
     ) -> tuple[np.ndarray, ChangeScore | None]:
         """The frame's thumbnail and its change score against `reference`; on the event
-        loop while that stays under THUMB_ON_LOOP_MAX_US on average, else in a thread."""
+        loop while the median cost stays under THUMB_ON_LOOP_MAX_US, else in a thread."""
         if self._change_in_thread:
             thumb, score, _ = await asyncio.to_thread(self._measure_change, df.frame, reference)
             return thumb, score
         thumb, score, cost = self._measure_change(df.frame, reference)
-        self._change_us = cost if self._change_us == 0.0 else 0.9 * self._change_us + 0.1 * cost
-        if self._change_us > THUMB_ON_LOOP_MAX_US and self.drain.decoded > 30:
+        self._change_costs.append(cost)
+        if len(self._change_costs) >= 30 and self.change_us() > THUMB_ON_LOOP_MAX_US:
             log.info("change score costs %.0f µs: computing it off the event loop",
-                     self._change_us)
+                     self.change_us())
             self._change_in_thread = True
         return thumb, score
+
+    def change_us(self) -> float:
+        """Median CPU cost of thumbnail + change score over the recent frames."""
+        return _percentile(self._change_costs, 0.5) or 0.0
 
     async def run(self) -> None:
         if self.ready is not None:
@@ -267,6 +273,7 @@ class SampleLoop:
                 pass
         seq = 0
         reference: np.ndarray | None = None
+        last_probe = 0.0
         while True:
             df = await self.drain.next_frame(seq)
             if df is None:
@@ -274,11 +281,15 @@ class SampleLoop:
             seq = df.seq
             thumb: np.ndarray | None = None
             changed: bool | None = None
+            now = time.monotonic()
             if reference is not None:
-                thumb, score = await self._change(df, reference)
-                assert score is not None
-                self.last_change, changed = score, score.changed
-            decision = self.policy.decide(time.monotonic(), changed, self.alert_state())
+                changed = False
+                if now - last_probe >= self.probe_interval_s:
+                    last_probe = now
+                    thumb, score = await self._change(df, reference)
+                    assert score is not None
+                    self.last_change, changed = score, score.changed
+            decision = self.policy.decide(now, changed, self.alert_state())
             if decision is None:
                 continue
             if not self.budget.unlimited:
@@ -331,7 +342,7 @@ class SampleLoop:
             "frame_age_ms_p50": None if age50 is None else round(age50, 1),
             "frame_age_ms_p95": None if age95 is None else round(age95, 1),
             "budget_wait_ms_p95": None if wait95 is None else round(wait95, 1),
-            "change_score_us": round(self._change_us, 1),
+            "change_score_us": round(self.change_us(), 1),
             "change_fraction": None if self.last_change is None
             else round(self.last_change.fraction, 4),
             "change_region": None if self.last_change is None else round(self.last_change.blob, 4),

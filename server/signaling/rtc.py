@@ -300,6 +300,7 @@ class RtcPeer:
             ready=self.channel_ready,
             ready_timeout_s=gw.settings.rtc_channel_open_timeout_s,
             on_age=lambda ms: gw.frame_age.observe(ms / 1000),
+            probe_interval_s=gw.settings.sampler_probe_interval_s,
         )
         self._spawn(self._run_drain(), "drain")
         self._spawn(self.loop.run(), "sampler")
