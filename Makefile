@@ -38,14 +38,13 @@ run: install
 	$(VENV)/bin/proctor serve
 
 # Inside a loopback-only network namespace when we can make one (root), so WebRTC and
-# browser tests can only ever send packets to 127.0.0.1.
+# browser tests (and benchmarks) can only ever send packets to 127.0.0.1.
+IN_NETNS := sh -c 'if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
+	exec unshare --net -- sh -c "ip link set lo up && exec \"\$$0\" \"\$$@\"" "$$0" "$$@"; \
+	else exec "$$0" "$$@"; fi'
+
 test: install-test
-	@if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
-		echo "running tests in a loopback-only network namespace"; \
-		unshare --net -- sh -c 'ip link set lo up && exec "$$0" -m pytest "$$@"' $(PY) $(PYTEST_ARGS); \
-	else \
-		$(PY) -m pytest $(PYTEST_ARGS); \
-	fi
+	$(IN_NETNS) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check server tests bench
@@ -53,6 +52,10 @@ lint: install-test
 
 bench: install-test
 	$(PY) bench/socketio_frames.py
+	$(PY) bench/local_backend.py
+	$(IN_NETNS) $(PY) bench/webrtc_latency.py
+	$(IN_NETNS) $(PY) bench/webrtc_cost.py
+	$(IN_NETNS) $(PY) bench/webrtc_capacity.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
