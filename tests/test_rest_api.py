@@ -361,3 +361,37 @@ async def test_blank_frames_raise_no_face_through_rest(
     finally:
         await srv.stop()
         await fake.stop()
+
+
+async def test_the_server_wide_budget_paces_push_transports_latest_wins(
+    tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
+) -> None:
+    """2 analyses/s server-wide: two sessions pushing as fast as they can share it; frames
+    that arrive while waiting replace each other and are counted as dropped."""
+    srv = await start_server(make_settings(tmp_path, analyser_calls_per_s=2))
+    try:
+        sids = [await start(http, srv), await start(http, srv)]
+
+        async def push(sid: str, n: int) -> list[str]:
+            out = []
+            for _ in range(n):
+                _, body = await post_frame(http, srv, sid, face_data_url())
+                out.append(body["status"])
+            return out
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        a, b = await asyncio.gather(push(sids[0], 3), push(sids[1], 3))
+        elapsed = loop.time() - t0
+        # 6 analyses at 2 per rolling second: the last grants come after ≥ 2 s.
+        assert a.count("analysed") == 3 and b.count("analysed") == 3
+        assert elapsed >= 1.9
+        assert rekognition.count("DetectFaces") == 6
+        # Concurrent pushes into one waiting session: latest wins while it waits.
+        results = await asyncio.gather(
+            *(post_frame(http, srv, sids[0], face_data_url()) for _ in range(4))
+        )
+        statuses = [body["status"] for _, body in results]
+        assert statuses.count("analysed") >= 1 and statuses.count("dropped") >= 2
+    finally:
+        await srv.stop()

@@ -43,6 +43,16 @@ class LatestSlot(Generic[T]):
         self._item, self._has_item = None, False
         return item  # type: ignore[return-value]
 
+    async def wait_ready(self) -> T:
+        """Wait until an item is waiting and return it without taking it (the consumer
+        may wait for something else, meanwhile newer items still replace it)."""
+        while not self._has_item:
+            if self._closed:
+                raise SlotClosed("slot is closed")
+            self._event.clear()
+            await self._event.wait()
+        return self._item  # type: ignore[return-value]
+
     def take_nowait(self) -> T | None:
         item = self._item if self._has_item else None
         self._item, self._has_item = None, False

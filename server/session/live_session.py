@@ -48,6 +48,7 @@ class PendingFrame:
     frame: Frame
     future: asyncio.Future[dict[str, Any]]
     scene_changed: bool = False
+    budgeted: bool = False  # the caller already holds a budget grant (WebRTC sampler)
 
 
 @dataclass(eq=False)

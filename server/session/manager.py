@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.analysis.analyser import Analyser, PoseCalibration
+from server.analysis.budget import CallBudget
 from server.analysis.cadence import CheckCadence
 from server.analysis.observation import Observation
 from server.analysis.rules import AlertEngine, FrameFacts, rules_from_settings
@@ -71,6 +72,9 @@ class SessionManager:
         self.instruments = instruments
         self.narrator = narrator
         self.pose_calibration_factory = pose_calibration_factory
+        # Server-wide analyses per second (the Rekognition TPS quota), shared round-robin
+        # by every session of every transport.
+        self.budget = CallBudget(settings.analyser_calls_per_s)
         self._live: dict[str, LiveSession] = {}
         self._ending: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -99,6 +103,7 @@ class SessionManager:
         for task in list(self._ending.values()) + list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
+        self.budget.close()
         await self.analyser.close()
         if self.narrator is not None:
             await self.narrator.close()
@@ -181,15 +186,18 @@ class SessionManager:
         *,
         scene_changed: bool = False,
         count_received: bool = True,
+        budgeted: bool = False,
     ) -> dict[str, Any]:
         """Queue a frame for analysis (replacing any frame still waiting) and wait for its
-        result; a replaced frame's caller gets `DROPPED`."""
+        result; a replaced frame's caller gets `DROPPED`. `budgeted`: the caller already
+        waited for the server-wide budget (the WebRTC sampler does, before it picks the
+        newest frame)."""
         if session.status != "live":
             raise SessionEnded(f"session {session.id} has ended")
         if count_received:
             self.frame_received(session)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        replaced = session.slot.put(PendingFrame(frame, future, scene_changed))
+        replaced = session.slot.put(PendingFrame(frame, future, scene_changed, budgeted))
         if replaced is not None:
             self._drop(session, replaced)
         return await future
@@ -211,8 +219,14 @@ class SessionManager:
         current_session.set(session.id)
         while True:
             try:
-                pending = await session.slot.get()
+                head = await session.slot.wait_ready()
+                if not head.budgeted:
+                    # While this waits, newer frames still replace the waiting one.
+                    await self.budget.acquire()
             except SlotClosed:
+                return
+            pending = session.slot.take_nowait()
+            if pending is None:  # the session ended while waiting for the budget
                 return
             session.analysing = True
             try:
@@ -342,7 +356,12 @@ class SessionManager:
         if leftover is not None:
             self._drop(session, leftover, "session_ended")
         if session.worker is not None:
-            await session.worker  # finishes the analysis in flight, then sees the closed slot
+            if not session.analysing:
+                # Idle or waiting for the budget: nothing to finish (acquire is
+                # cancellation-safe and consumes nothing).
+                session.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.worker  # finishes the analysis in flight, if any
         now = time.time()
         closing = session.engine.close_all(now, max(0, session.counters.analysed - 1))
         for ev in closing:
