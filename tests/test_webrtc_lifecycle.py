@@ -4,17 +4,22 @@ overload (503 + adjust_video), and many connect/disconnect cycles leaving nothin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from server.app import RTC
+from server.signaling.rtc import sctp_settled
 from tests.conftest import RunningServer
 from tests.fakes.rekognition import FakeRekognition
 from tests.rtc_client import (
@@ -236,3 +241,121 @@ async def test_connect_disconnect_cycles_leave_tasks_and_threads_flat(
     grown = rss[1] - rss[0]
     print(f"{cycles} cycles in {elapsed:.1f} s; RSS over the second half +{grown:.1f} MB")
     assert grown < 25, f"RSS grew {grown:.1f} MB over the last {cycles - cycles // 2} cycles"
+
+
+# --- the report gets through before the peer closes ----------------------------------------
+
+
+class _ClientLoop:
+    """The client peer on its own event loop and thread, as a browser is its own process:
+    the test can keep it busy (a page whose main thread is occupied, a slow network) while
+    the server ends the session, so nothing is acknowledged until it wakes up."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="rtc-test-client")
+        self.thread.start()
+
+    async def run(self, coro: Any) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def stall(self, seconds: float) -> None:
+        """Block the client's loop for `seconds`; returns once the block has begun."""
+        begun = threading.Event()
+
+        def block() -> None:
+            begun.set()
+            time.sleep(seconds)
+
+        self.loop.call_soon_threadsafe(block)
+        assert await asyncio.to_thread(begun.wait, 5)
+
+    async def stop(self) -> None:
+        await self.run(self.loop.shutdown_default_executor())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join, 5)
+        self.loop.close()
+
+
+def _big_job_data(i: int) -> dict[str, Any]:
+    # ~45 kB of distinct text: the report carries job_data verbatim, and stays under the
+    # 60 kB at which the data channel gets a trimmed report.
+    notes = [f"requirement {i}.{n}: " + secrets.token_hex(40) for n in range(450)]
+    return {"jobTitle": f"SRE {i}", "notes": notes}
+
+
+async def test_sctp_settled_reads_fields_aiortc_still_has() -> None:
+    # sctp_settled() reads aiortc's private SCTP queues; an aiortc that renames them must
+    # fail here rather than silently truncate reports again.
+    assert sctp_settled(None)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.createDataChannel("proctoring")
+    sctp = pc.sctp
+    assert sctp is not None and sctp.state == "new"
+    for name in ("_data_channel_queue", "_outbound_queue", "_sent_queue"):
+        assert isinstance(getattr(sctp, name), deque), name
+    # The channel's DCEP OPEN waits for the association: something is left to send.
+    assert len(sctp._data_channel_queue) == 1
+    assert not sctp_settled(sctp)
+    sctp._data_channel_queue.clear()
+    assert sctp_settled(sctp)
+    sctp._sent_queue.append(object())  # type: ignore[arg-type]
+    assert not sctp_settled(sctp)  # sent, not yet acknowledged
+    sctp._sent_queue.clear()
+    await pc.close()
+    assert sctp_settled(sctp)  # closed
+
+
+async def test_a_large_report_always_arrives_before_the_peer_closes(
+    rtc_server: RunningServer,
+) -> None:
+    """Ten sessions with a ~47 kB report. Even ones: ended by REST while the page's loop is
+    busy for 0.3 s, so the server must wait for SCTP acknowledgements (aiortc's
+    bufferedAmount is 0 long before). Odd ones: ended by the page, which closes its peer
+    as soon as the report arrives, as public/app.js does."""
+    gateway = rtc_server.app[RTC]
+    client_loop = _ClientLoop()
+    stall_s = 0.3
+    try:
+        for i in range(10):
+            job_data = _big_job_data(i)
+            client = RtcTestClient(rtc_server.url, camera())
+            try:
+                await client_loop.run(client.connect(job_data=job_data))
+                started = await client_loop.run(client.wait_for("session_started"))
+                assert started["job_data"] == job_data
+                [peer] = gateway.peers()
+                if i % 2 == 0:
+                    await client_loop.stall(stall_s)
+                    began = time.monotonic()
+                    async with aiohttp.ClientSession() as http:
+                        url = f"{rtc_server.url}/api/sessions/{client.session_id}/end"
+                        async with http.post(url) as resp:
+                            assert resp.status == 200
+                else:
+                    async def end_like_the_page(c: RtcTestClient = client) -> dict[str, Any]:
+                        c.send({"type": "end_session"})
+                        message = await c.wait_for("session_ended", within=5)
+                        assert c.pc is not None
+                        await c.pc.close()
+                        return message
+
+                    began = time.monotonic()
+                    await client_loop.run(end_like_the_page())
+                ended = await client_loop.run(client.wait_for("session_ended", within=5))
+                report = ended["report"]
+                assert report["session_id"] == client.session_id, i
+                assert report["job_data"] == job_data, i
+                assert "truncated" not in report
+                assert len(json.dumps(ended)) > 40_000
+                await asyncio.wait_for(peer._closed.wait(), 5)
+                closed_after = time.monotonic() - began
+                # The server waited for the page, not for the whole 2 s linger.
+                assert closed_after < 1.8, (i, closed_after)
+                if i % 2 == 0:
+                    assert closed_after >= stall_s * 0.9, (i, closed_after)
+            finally:
+                await client_loop.run(client.close())
+        assert gateway.peer_count == 0 and rtc_server.manager.live_count == 0
+    finally:
+        await client_loop.stop()

@@ -9,7 +9,8 @@ from typing import Any
 
 import aioice.ice
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.sdp import SessionDescription
 
 from server.config import Settings
 from server.media.codecs import (
@@ -18,6 +19,7 @@ from server.media.codecs import (
     UnsupportedCodec,
     inspect_offer,
     restrict_candidates,
+    strip_abs_send_time,
     video_codec_preferences,
 )
 from server.signaling.rtc import ChannelSender, ice_servers, pin_host_addresses
@@ -82,6 +84,63 @@ def test_restrict_candidates_keeps_only_udp_on_allowed_addresses() -> None:
         assert gone not in kept
     assert "a=end-of-candidates" in kept
     assert restrict_candidates(sdp, []) == sdp
+
+
+ABS = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
+def test_strip_abs_send_time_from_every_section_keeping_other_extmaps() -> None:
+    sdp = "\r\n".join([
+        "v=0",
+        "a=extmap-allow-mixed",
+        f"a=extmap:14 {ABS}",  # session level
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+        "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+        f"a=extmap:2 {ABS}",
+        "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid",
+        "m=video 9 UDP/TLS/RTP/SAVPF 96",
+        "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid",
+        f"a=extmap:2/sendonly {ABS}",
+        "a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+        f"a=extmap:5 {ABS}-not-quite",
+        "a=rtcp-fb:96 goog-remb",
+        "",
+    ])
+    out = strip_abs_send_time(sdp)
+    lines = out.split("\r\n")
+    assert not [line for line in lines if line.split()[1:2] == [ABS]]
+    assert len(lines) == len(sdp.split("\r\n")) - 3
+    for kept in ("a=extmap-allow-mixed", "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+                 "a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc",
+                 f"a=extmap:5 {ABS}-not-quite", "a=rtcp-fb:96 goog-remb"):
+        assert kept in out, kept
+    assert out.count("urn:ietf:params:rtp-hdrext:sdes:mid") == 2
+    assert out.endswith("goog-remb\r\n") and "\n\n" not in out
+    assert strip_abs_send_time(out) == out
+    unix = strip_abs_send_time(sdp.replace("\r\n", "\n"))
+    assert unix == out.replace("\r\n", "\n")
+
+
+async def test_an_aiortc_offer_without_abs_send_time_is_answered_without_it(offer: str) -> None:
+    """aiortc offers abs-send-time on video; once stripped, the answer leaves it out too,
+    so the sender never adds it and our receiver never sends REMB."""
+    video = next(m for m in SessionDescription.parse(offer).media if m.kind == "video")
+    assert ABS in [e.uri for e in video.rtp.headerExtensions]
+    stripped = strip_abs_send_time(offer)
+    info = inspect_offer(stripped)
+    assert "H264" in info.decodable and info.has_data_channel
+    video = next(m for m in SessionDescription.parse(stripped).media if m.kind == "video")
+    assert [e.uri for e in video.rtp.headerExtensions] == ["urn:ietf:params:rtp-hdrext:sdes:mid"]
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=stripped, type="offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        answer = pc.localDescription.sdp
+    finally:
+        await pc.close()
+    assert "abs-send-time" not in answer
+    assert "urn:ietf:params:rtp-hdrext:sdes:mid" in answer
 
 
 def test_pinning_host_addresses_is_undone() -> None:

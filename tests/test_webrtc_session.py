@@ -44,6 +44,10 @@ async def test_face_then_blank_raises_no_face_over_the_data_channel(
         assert answer["type"] == "answer" and answer["session_id"]
         assert answer["codec"] == "H264"  # preferred over VP8, which aiortc offers first
         assert answer["ice_servers"] == []
+        # aiortc offers abs-send-time; the server strips it, so no REMB (see codecs.py).
+        assert client.pc is not None
+        assert "abs-send-time" in client.pc.localDescription.sdp
+        assert "abs-send-time" not in answer["sdp"]
         started = await client.wait_for("session_started")
         assert started["session_id"] == answer["session_id"]
         assert started["transport"] == "webrtc"

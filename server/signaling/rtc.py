@@ -36,12 +36,17 @@ from typing import Any, Literal
 
 import aioice.ice
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSctpTransport,
+    RTCSessionDescription,
+)
 from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.analysis.budget import CallBudget
 from server.config import Settings
 from server.errors import Overloaded, ProctorError, SessionEnded, SessionNotFound
 from server.media.codecs import (
@@ -49,6 +54,7 @@ from server.media.codecs import (
     answer_video_codec,
     inspect_offer,
     restrict_candidates,
+    strip_abs_send_time,
     video_codec_preferences,
 )
 from server.media.frames import Frame
@@ -248,6 +254,19 @@ class ChannelSender:
         }
 
 
+def sctp_settled(sctp: RTCSctpTransport | None) -> bool:
+    """True when the SCTP association has nothing left to send or to get acknowledged (or
+    is gone). aiortc has no public API for this: a data channel's `bufferedAmount` drops
+    as soon as a message is cut into chunks on the transport's outbound queue, long before
+    they are sent and SACKed, and `pc.close()` aborts the association, dropping whatever
+    is still queued. So this reads aiortc 1.x's private queues (rtcsctptransport.py):
+    messages not yet chunked, chunks not yet sent, chunks sent but not acknowledged.
+    tests/test_webrtc_lifecycle.py checks the fields still exist."""
+    if sctp is None or sctp.state == "closed":
+        return True
+    return not (sctp._data_channel_queue or sctp._outbound_queue or sctp._sent_queue)
+
+
 def error_message(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
 
@@ -319,8 +338,9 @@ class RtcPeer:
 
     async def _submit(self, frame: Frame, scene_changed: bool) -> dict[str, Any]:
         assert self.session is not None
+        # The sample loop already waited for the budget before picking this frame.
         return await self.gateway.manager.submit(
-            self.session, frame, scene_changed=scene_changed, count_received=False
+            self.session, frame, scene_changed=scene_changed, count_received=False, budgeted=True
         )
 
     def _alert_state(self) -> AlertState:
@@ -470,6 +490,23 @@ class RtcPeer:
         )
         log.info("peer %s asked for ≤ %d px, ≤ %d fps (%s)", self.id, max_width, max_fps, reason)
 
+    async def _linger(self, linger_s: float) -> None:
+        """Wait (bounded) until the last messages — the report above all, often tens of kB
+        — have reached the page: the page has closed its side (it does as soon as the
+        report arrives) or SCTP has every chunk acknowledged."""
+        deadline = time.monotonic() + linger_s
+        await self.sender.drained(linger_s)
+        while (
+            self.sender.open
+            and self.pc.connectionState not in ("failed", "closed")
+            and not sctp_settled(self.pc.sctp)
+        ):
+            if time.monotonic() >= deadline:
+                log.warning("peer %s: closing with data-channel messages not yet delivered",
+                            self.id)
+                return
+            await asyncio.sleep(0.02)
+
     async def close(self, reason: str, linger_s: float = 0.0) -> None:
         """Release everything this peer holds; idempotent."""
         if self.closing:
@@ -479,7 +516,7 @@ class RtcPeer:
         self.close_reason = reason
         try:
             if linger_s > 0:
-                await self.sender.drained(linger_s)
+                await self._linger(linger_s)
             if self._unsubscribe is not None:
                 self._unsubscribe()
             current = asyncio.current_task()
@@ -508,7 +545,8 @@ class RtcGateway:
     ) -> None:
         self.manager = manager
         self.settings = settings
-        self.budget = CallBudget(settings.analyser_calls_per_s)
+        # One budget for every transport: the manager's (the quota is per account).
+        self.budget = manager.budget
         self._ice_servers = ice_servers(settings)
         self.policy_factory = policy_factory or self._default_policy
         self._peers: dict[str, RtcPeer] = {}  # by session id: one peer per session
@@ -616,6 +654,7 @@ class RtcGateway:
                     pc.addTransceiver(kind, direction="inactive")
             assert video is not None
             sdp = restrict_candidates(body.sdp, self.settings.rtc_remote_candidate_addresses)
+            sdp = strip_abs_send_time(sdp)  # no REMB, which starves the browser's send rate
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             except (ValueError, OperationError, InternalError, InvalidStateError) as exc:
@@ -806,7 +845,6 @@ class RtcGateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._grace.clear()
-        self.budget.close()
         self.peers_gauge.set(0)
         if self._unpin is not None:
             self._unpin()
