@@ -88,3 +88,15 @@ async def server(
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def rtc_server(
+    tmp_path: Path, rekognition: FakeRekognition, settings_overrides: dict[str, Any]
+) -> AsyncIterator[RunningServer]:
+    """The real server with WebRTC pinned to loopback (see tests/rtc_client.py)."""
+    from tests.rtc_client import start_rtc_server
+
+    running = await start_rtc_server(tmp_path, rekognition, **settings_overrides)
+    yield running
+    await running.stop()

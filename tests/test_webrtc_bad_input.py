@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,26 +13,15 @@ from aiortc import AudioStreamTrack
 
 from server.app import RTC
 from tests.conftest import RunningServer
-from tests.fakes.rekognition import FakeRekognition
 from tests.rtc_client import (
     OfferRefused,
     RtcTestClient,
     SyntheticCamera,
     face_blank_scenes,
-    start_rtc_server,
     until,
 )
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-async def rtc_server(
-    tmp_path: Path, rekognition: FakeRekognition, settings_overrides: dict[str, Any]
-) -> AsyncIterator[RunningServer]:
-    running = await start_rtc_server(tmp_path, rekognition, **settings_overrides)
-    yield running
-    await running.stop()
 
 
 def _live_tasks() -> int:

@@ -10,8 +10,6 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,26 +19,15 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from server.app import RTC
 from server.signaling.rtc import sctp_settled
 from tests.conftest import RunningServer
-from tests.fakes.rekognition import FakeRekognition
 from tests.rtc_client import (
     OfferRefused,
     RtcTestClient,
     SyntheticCamera,
     face_blank_scenes,
-    start_rtc_server,
     until,
 )
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-async def rtc_server(
-    tmp_path: Path, rekognition: FakeRekognition, settings_overrides: dict[str, Any]
-) -> AsyncIterator[RunningServer]:
-    running = await start_rtc_server(tmp_path, rekognition, **settings_overrides)
-    yield running
-    await running.stop()
 
 
 def camera(fps: float = 15) -> SyntheticCamera:
@@ -143,8 +130,14 @@ async def test_a_peer_that_stops_sending_is_dropped(rtc_server: RunningServer) -
 @pytest.mark.parametrize(
     "settings_overrides",
     # A negative loop-lag threshold makes every monitor tick count as "behind".
-    [{"rtc_overload_loop_lag_ms": -1.0, "rtc_overload_retry_after_s": 7,
-      "rtc_adjust_max_width": 320, "rtc_adjust_max_fps": 8}],
+    [
+        {
+            "rtc_overload_loop_lag_ms": -1.0,
+            "rtc_overload_retry_after_s": 7,
+            "rtc_adjust_max_width": 320,
+            "rtc_adjust_max_fps": 8,
+        }
+    ],
 )
 async def test_overload_refuses_new_sessions_and_asks_pages_for_less(
     rtc_server: RunningServer,
@@ -156,8 +149,12 @@ async def test_overload_refuses_new_sessions_and_asks_pages_for_less(
     try:
         await client.connect()
         adjust = await client.wait_for("adjust_video", within=5)
-        assert adjust == {"type": "adjust_video", "max_width": 320, "max_fps": 8,
-                          "reason": "server_overloaded"}
+        assert adjust == {
+            "type": "adjust_video",
+            "max_width": 320,
+            "max_fps": 8,
+            "reason": "server_overloaded",
+        }
         assert gateway.overloaded
         with pytest.raises(OfferRefused) as info:
             await late.connect()
@@ -223,13 +220,15 @@ async def test_connect_disconnect_cycles_leave_tasks_and_threads_flat(
         async with http.post(f"{rtc_server.url}/api/sessions/{session_id}/end") as resp:
             assert resp.status == 200
     assert not gateway.grace_pending(str(session_id))
+
     # Nothing new may be left running: no task, no thread (decoders, peers, timers).
     # The default executor's idle workers are the one exception: the pool grows to its
     # limit as calls overlap, and keeps its threads.
     def leftovers() -> tuple[list[str], list[str]]:
         new_tasks = [t for t in _task_names() if t not in tasks]
-        new_threads = [t for t in _thread_names() if t not in threads
-                       and not t.startswith("asyncio_")]
+        new_threads = [
+            t for t in _thread_names() if t not in threads and not t.startswith("asyncio_")
+        ]
         return new_tasks, new_threads
 
     assert await until(lambda: leftovers() == ([], [])), leftovers()
@@ -333,6 +332,7 @@ async def test_a_large_report_always_arrives_before_the_peer_closes(
                         async with http.post(url) as resp:
                             assert resp.status == 200
                 else:
+
                     async def end_like_the_page(c: RtcTestClient = client) -> dict[str, Any]:
                         c.send({"type": "end_session"})
                         message = await c.wait_for("session_ended", within=5)

@@ -4,9 +4,7 @@ the real server; results come back on the `proctoring` data channel."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -24,14 +22,6 @@ from tests.rtc_client import (
 )
 
 pytestmark = pytest.mark.netns
-
-@pytest.fixture
-async def rtc_server(
-    tmp_path: Path, rekognition: FakeRekognition, settings_overrides: dict[str, Any]
-) -> AsyncIterator[RunningServer]:
-    running = await start_rtc_server(tmp_path, rekognition, **settings_overrides)
-    yield running
-    await running.stop()
 
 
 async def test_face_then_blank_raises_no_face_over_the_data_channel(
@@ -56,8 +46,13 @@ async def test_face_then_blank_raises_no_face_over_the_data_channel(
         first = await client.wait_for("frame_analysis")
         result = first["result"]
         assert result["faces_count"] == 1
-        assert set(result["metrics"]) >= {"eye_contact", "engagement", "facial_expression",
-                                          "posture", "confidence"}
+        assert set(result["metrics"]) >= {
+            "eye_contact",
+            "engagement",
+            "facial_expression",
+            "posture",
+            "confidence",
+        }
         t = result["timings"]
         assert t["captured_at"] <= t["analysis_started_at"] <= t["analysis_ended_at"]
         assert set(result["checks"]) == {"faces", "labels", "text"}  # first frame: all
@@ -69,8 +64,10 @@ async def test_face_then_blank_raises_no_face_over_the_data_channel(
         mark = len(client.messages)
         camera.show("blank")
         onset = await client.wait_for(
-            "alerts", lambda m: bool(alert_events(m, "no_face_detected", "onset")),
-            within=5, start=mark,
+            "alerts",
+            lambda m: bool(alert_events(m, "no_face_detected", "onset")),
+            within=5,
+            start=mark,
         )
         switched_at = camera.switches[-1][1]
         latency = client.arrivals[client.index_of(onset)] - switched_at
@@ -81,8 +78,10 @@ async def test_face_then_blank_raises_no_face_over_the_data_channel(
         mark = len(client.messages)
         camera.show("face")
         await client.wait_for(
-            "alerts", lambda m: bool(alert_events(m, "no_face_detected", "ended")),
-            within=5, start=mark,
+            "alerts",
+            lambda m: bool(alert_events(m, "no_face_detected", "ended")),
+            within=5,
+            start=mark,
         )
 
         client.send({"type": "get_live_metrics"})
@@ -147,8 +146,10 @@ async def test_shutdown_releases_every_peer_and_task(
 ) -> None:
     running = await start_rtc_server(tmp_path, rekognition)
     before = _tasks()
-    clients = [RtcTestClient(running.url, SyntheticCamera(face_blank_scenes(), "face", fps=15))
-               for _ in range(2)]
+    clients = [
+        RtcTestClient(running.url, SyntheticCamera(face_blank_scenes(), "face", fps=15))
+        for _ in range(2)
+    ]
     try:
         for c in clients:
             await c.connect()
