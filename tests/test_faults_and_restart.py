@@ -87,8 +87,13 @@ async def test_rekognition_down_degrades_every_check(
     try:
         sid = await start(http, srv.url)
         await fake.stop()  # the service disappears mid-session
-        body = await frame(http, srv.url, sid)
-        assert {d.split(":")[0] for d in body["result"]["degraded"]} == {"faces", "labels", "text"}
+        async with http.post(
+            f"{srv.url}/api/sessions/{sid}/frame", json={"frame": face_data_url()}
+        ) as r:
+            assert r.status == 503 and r.headers["Retry-After"]
+            err = (await r.json())["error"]
+        assert err["code"] == "backend_unavailable"
+        assert all(f"{c}:unavailable" in err["message"] for c in ("faces", "labels", "text"))
         async with http.post(f"{srv.url}/api/sessions/{sid}/end") as r:
             assert r.status == 200
             assert (await r.json())["summary"]["frames_degraded"] == 1

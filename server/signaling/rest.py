@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.config import Settings
-from server.errors import BadRequest
+from server.errors import BackendUnavailable, BadRequest
 from server.media.frames import Frame
 from server.observability import Instruments
 from server.session.live_session import LiveSession
@@ -28,6 +29,16 @@ from server.signaling.schemas import (
 )
 
 LIST_LIMIT_MAX = 1000
+#: Degradations meaning the backend itself is unreachable or refusing us (not throttling).
+DOWN_REASONS = frozenset({"unavailable", "auth", "timeout", "error"})
+
+
+def backend_down(result: dict[str, Any]) -> bool:
+    """Every requested check failed for a reason other than throttling."""
+    reasons = [d.split(":", 1)[1] for d in result.get("degraded", [])]
+    return len(reasons) == len(result.get("checks", [])) > 0 and all(
+        r in DOWN_REASONS for r in reasons
+    )
 
 
 def build_api(manager: SessionManager, settings: Settings, instruments: Instruments) -> Api:
@@ -68,7 +79,7 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         summary="Analyse one frame",
         request=FrameRequest,
         response=FrameResult,
-        errors=(400, 404, 409, 413),
+        errors=(400, 404, 409, 413, 503),
     )
     async def analyse_frame(request: web.Request) -> web.Response:
         session = await live(request)
@@ -77,6 +88,12 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         result = await manager.submit(session, frame)
         if result.get("status") == "dropped":
             return json_response({"session_id": session.id, **result})
+        if backend_down(result):
+            raise BackendUnavailable(
+                "the analyser backend could not answer ("
+                + ", ".join(result["degraded"])
+                + "); the frame was counted as degraded and the session goes on"
+            )
         return json_response({"session_id": session.id, "status": "analysed", "result": result})
 
     @api.route(
