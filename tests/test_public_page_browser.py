@@ -115,6 +115,13 @@ async def test_page_connects_streams_alerts_and_shows_the_report(
         assert await page.is_enabled("#connect-btn")
         assert await page.is_disabled("#end-btn")
 
+        offers: list[dict] = []
+        page.on(
+            "request",
+            lambda req: (
+                offers.append(req.post_data_json) if req.url.endswith("/api/rtc/offer") else None
+            ),
+        )
         session_id = await _connect(page)
         live = page_server.manager.live_sessions()
         assert [s.id for s in live] == [session_id]
@@ -128,6 +135,9 @@ async def test_page_connects_streams_alerts_and_shows_the_report(
         assert peer.codec == "H264"
         offer_sdp = peer.pc.remoteDescription.sdp
         assert "a=sendonly" in offer_sdp and "webrtc-datachannel" in offer_sdp
+        # The server strips abs-send-time itself; the page must not offer it either (other
+        # servers, or a server older than that fix).
+        assert offers and "abs-send-time" not in offers[0]["sdp"]
         assert "abs-send-time" not in offer_sdp
         await page.wait_for_function(
             "document.getElementById('backend').textContent === 'rekognition'"
@@ -173,9 +183,7 @@ async def test_page_connects_streams_alerts_and_shows_the_report(
         assert await page.is_visible("#report")
         marks: dict[str, int] = await page.evaluate("({...window.proctorPage.marks})")
         assert "report_received" in marks, "the report must arrive on the data channel"
-        summary_analysed = await _number(
-            page, "#report-summary tr[data-key='frames_analysed'] td"
-        )
+        summary_analysed = await _number(page, "#report-summary tr[data-key='frames_analysed'] td")
         assert summary_analysed >= analysed_on_page
         assert (
             await page.inner_text("#report-summary tr[data-key='transport'] td")
