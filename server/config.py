@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     # --- server ---------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 5001
-    secret_key: str = ""
+    secret_key: str = Field(
+        default="",
+        description="Accepted for the seed's compatibility; unused (no cookies or signed tokens).",
+    )
     api_token: str = Field(
         default="",
         description="Server-wide operator token; guards listing, any report and /metrics.",
