@@ -93,6 +93,15 @@ class Quality:
     insufficient: bool = False
     reason: str | None = None  # "too_dark", "too_blurred", "face_too_small", ...
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "brightness": self.brightness,
+            "sharpness": self.sharpness,
+            "face_size": self.face_size,
+            "insufficient": self.insufficient,
+            "reason": self.reason,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Observation:
@@ -120,7 +129,8 @@ class Observation:
         return bool(self.quality and self.quality.insufficient)
 
     def to_json(self) -> dict[str, Any]:
-        """The wire form used in results and the store."""
+        """The whole observation as JSON (crosses process boundaries in tests; per-frame
+        results carry a smaller projection built by the session manager)."""
 
         def face_json(f: Face) -> dict[str, Any]:
             return {
@@ -157,15 +167,7 @@ class Observation:
             "text": None
             if self.text is None
             else [{"text": t.text, "confidence": round(t.confidence, 2)} for t in self.text],
-            "quality": None
-            if self.quality is None
-            else {
-                "brightness": self.quality.brightness,
-                "sharpness": self.quality.sharpness,
-                "face_size": self.quality.face_size,
-                "insufficient": self.quality.insufficient,
-                "reason": self.quality.reason,
-            },
+            "quality": None if self.quality is None else self.quality.to_json(),
             "degraded": list(self.degraded),
             "calls": dict(self.calls),
             "latency_ms": round(self.latency_ms, 2),

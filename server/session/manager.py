@@ -314,7 +314,7 @@ class SessionManager:
             "alerts": events,
             "active_alerts": [ep.type for ep in session.engine.active()],
             "insufficient": obs.insufficient,
-            "quality": obs.to_json()["quality"],
+            "quality": None if obs.quality is None else obs.quality.to_json(),
             "degraded": list(obs.degraded),
             "backend": obs.backend,
             "checks": obs.checks.names(),
