@@ -38,8 +38,9 @@ from tests.rtc_client import OfferRefused
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--levels", type=int, nargs="+", default=[5, 10, 20, 25, 30, 35])
     ap.add_argument("--window", type=float, default=20.0, help="seconds measured per level")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds before measuring")
@@ -87,20 +88,28 @@ async def main() -> None:
             own = (self_cpu_s() - own0) / elapsed
             rss = server.rss_mb()
             await asyncio.sleep(1.5)
-            metrics = await asyncio.gather(*(p.metrics() for p in peers))
-            rtc = [m["rtc"] for m in metrics]
+            # A page that gets no live_metrics within 10 s fails the level; it must not
+            # abort the run.
+            replies = await asyncio.gather(*(p.metrics() for p in peers), return_exceptions=True)
+            rtc = [m["rtc"] for m in replies if not isinstance(m, BaseException)]
+            silent = len(replies) - len(rtc)
             onsets = [r for r in results if r is not None]
             missed = len(results) - len(onsets)
             p50, p95 = pct(onsets, 0.5), pct(onsets, 0.95)
-            fps = statistics.median(r["fps"] for r in rtc)
-            lag95 = max((r["lag_ms_p95"] or 0.0) for r in rtc)
-            age95 = max((r["frame_age_ms_p95"] or 0.0) for r in rtc)
-            ok = missed == 0 and p95 <= 2.0
+            fps = statistics.median(r["fps"] for r in rtc) if rtc else 0.0
+            lag95 = max(((r["lag_ms_p95"] or 0.0) for r in rtc), default=0.0)
+            age95 = max(((r["frame_age_ms_p95"] or 0.0) for r in rtc), default=0.0)
+            ok = missed == 0 and p95 <= 2.0 and silent == 0
+            if silent:
+                print(f"  {silent} session(s) sent no live_metrics within 10 s", flush=True)
             rows.append((level, cpu, rss, p50, p95, missed, fps, lag95, age95, own, ok))
-            print(f"  {level:3d} sessions: CPU {cpu * 100:5.1f} %  RSS {rss:6.0f} MB  "
-                  f"alert p50 {fmt_s(p50)} p95 {fmt_s(p95)} missed {missed}  "
-                  f"fps {fps:4.1f}  lag p95 {lag95:5.0f} ms  age p95 {age95:4.0f} ms  "
-                  f"(bench {own * 100:.0f} %)", flush=True)
+            print(
+                f"  {level:3d} sessions: CPU {cpu * 100:5.1f} %  RSS {rss:6.0f} MB  "
+                f"alert p50 {fmt_s(p50)} p95 {fmt_s(p95)} missed {missed}  "
+                f"fps {fps:4.1f}  lag p95 {lag95:5.0f} ms  age p95 {age95:4.0f} ms  "
+                f"(bench {own * 100:.0f} %)",
+                flush=True,
+            )
             if not ok:
                 break
     finally:
@@ -110,17 +119,25 @@ async def main() -> None:
         await fake.stop()
 
     print()
-    print("capacity at 640×480@15 fps H.264, adaptive sampler, fake Rekognition at 50 ms "
-          "(2-core machine; server in its own process)")
-    print(f"{'sessions':>8} {'CPU %':>6} {'RSS MB':>7} {'CPU %/sess':>10} {'MB/sess':>8} "
-          f"{'p50 s':>6} {'p95 s':>6} {'missed':>6} {'fps':>5} {'lag95':>6} {'age95':>6}")
+    print(
+        "capacity at 640×480@15 fps H.264, adaptive sampler, fake Rekognition at 50 ms "
+        "(2-core machine; server in its own process)"
+    )
+    print(
+        f"{'sessions':>8} {'CPU %':>6} {'RSS MB':>7} {'CPU %/sess':>10} {'MB/sess':>8} "
+        f"{'p50 s':>6} {'p95 s':>6} {'missed':>6} {'fps':>5} {'lag95':>6} {'age95':>6}"
+    )
     for level, cpu, rss, p50, p95, missed, fps, lag95, age95, _own, _ok in rows:
-        print(f"{level:>8} {cpu * 100:6.1f} {rss:7.0f} {(cpu - idle_cpu) * 100 / level:10.2f} "
-              f"{(rss - idle_rss) / level:8.1f} {fmt_s(p50):>6} {fmt_s(p95):>6} {missed:>6} "
-              f"{fps:5.1f} {lag95:6.0f} {age95:6.0f}")
+        print(
+            f"{level:>8} {cpu * 100:6.1f} {rss:7.0f} {(cpu - idle_cpu) * 100 / level:10.2f} "
+            f"{(rss - idle_rss) / level:8.1f} {fmt_s(p50):>6} {fmt_s(p95):>6} {missed:>6} "
+            f"{fps:5.1f} {lag95:6.0f} {age95:6.0f}"
+        )
     passed = [r[0] for r in rows if r[-1]]
-    print(f"largest level with p95 ≤ 2 s and no missed alert: {max(passed) if passed else 0} "
-          "sessions (target ≥ 20)")
+    print(
+        f"largest level with p95 ≤ 2 s and no missed alert: {max(passed) if passed else 0} "
+        "sessions (target ≥ 20)"
+    )
 
 
 if __name__ == "__main__":
