@@ -33,16 +33,6 @@ class LatestSlot(Generic[T]):
         self._event.set()
         return replaced
 
-    async def get(self) -> T:
-        while not self._has_item:
-            if self._closed:
-                raise SlotClosed("slot is closed")
-            self._event.clear()
-            await self._event.wait()
-        item = self._item
-        self._item, self._has_item = None, False
-        return item  # type: ignore[return-value]
-
     async def wait_ready(self) -> T:
         """Wait until an item is waiting and return it without taking it (the consumer
         may wait for something else, meanwhile newer items still replace it)."""
