@@ -135,8 +135,13 @@ class Settings(BaseSettings):
     rtc_adjust_max_fps: int = 10  # … and this frame rate
     sampler_policy: Literal["adaptive", "fixed"] = "adaptive"
     sampler_fixed_interval_s: float = 1.0  # the "fixed" policy's interval
-    sampler_idle_interval_s: float = 12.0  # stable scene, no alert pending or active
-    sampler_pending_interval_s: float = 0.2  # an alert rule's streak has started
+    # Stable scene, no alert pending or active, on a billed (cloud) backend.
+    sampler_idle_interval_s: float = 12.0
+    # The same on the offline backend while its workers have headroom (backs off towards
+    # sampler_idle_interval_s as they fill up or under WebRTC overload).
+    sampler_local_idle_interval_s: float = 1.0
+    # An alert rule's streak has started (plus one sample exactly when its dwell is over).
+    sampler_pending_interval_s: float = 0.5
     sampler_active_interval_s: float = 1.0  # an alert episode is open
     sampler_min_interval_s: float = 0.1  # floor between two samples of a session
     sampler_probe_interval_s: float = 0.1  # change score computed at most this often
@@ -147,9 +152,14 @@ class Settings(BaseSettings):
     sampler_scene_checks_interval_s: float = (
         2.0  # scene changes force labels/text at most this often
     )
-    analyser_calls_per_s: float = (
-        25.0  # server-wide WebRTC analysis budget (≤ DetectFaces TPS); 0 = off
-    )
+    # On a sampled stream scene changes force labels and text; these periodic checks are
+    # the safety net for a scene that did not change.
+    sampler_labels_interval_s: float = 30.0
+    sampler_text_interval_s: float = 30.0
+    # Server-wide billed API calls per second (DetectFaces + DetectLabels + DetectText),
+    # shared by every session of every transport, live before recorded; cloud backends
+    # only (the offline backend is bounded by its worker pool). 0 = off.
+    analyser_calls_per_s: float = 25.0
 
     @property
     def has_aws_credentials(self) -> bool:

@@ -56,3 +56,14 @@ class Overloaded(ProctorError):
 class BackendUnavailable(ProctorError):
     code = "backend_unavailable"
     status = 503
+
+
+#: HTTP status of each refused-frame code (the rest are 400).
+FRAME_ERROR_STATUS = {"frame_too_large": 413}
+
+
+def from_frame_error(exc: Exception) -> ProctorError:
+    """A `server.media.frames.FrameError` as the error transports report."""
+    code = getattr(exc, "code", "invalid_frame")
+    message = getattr(exc, "message", str(exc))
+    return ProctorError(message, code=code, status=FRAME_ERROR_STATUS.get(code, 400))

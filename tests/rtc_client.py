@@ -37,8 +37,9 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from server.media.codecs import restrict_candidates
-from server.signaling.rtc import CHANNEL_LABEL, pin_host_addresses
+from server.signaling.datachannel import CHANNEL_LABEL
+from server.signaling.ice import pin_host_addresses
+from server.signaling.sdp import restrict_candidates
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.fakes.rekognition import FakeRekognition
 from tests.netns import require_netns

@@ -9,6 +9,7 @@ import pytest
 
 from server.analysis.observation import Box, Checks, Face, Observation, Pose
 from server.analysis.scoring import Scorer
+from server.errors import from_frame_error
 from server.media.frames import (
     Frame,
     FrameTooLarge,
@@ -97,7 +98,8 @@ def test_bad_frames_get_specific_errors(value: object, error: type[Exception]) -
 def test_too_large_is_refused_before_decoding() -> None:
     with pytest.raises(FrameTooLarge) as info:
         parse_data_url("A" * 4000, max_bytes=1000)
-    assert info.value.status == 413
+    assert info.value.code == "frame_too_large"
+    assert from_frame_error(info.value).status == 413
 
 
 def test_large_dimensions_are_downscaled_not_refused() -> None:

@@ -17,7 +17,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from server.app import RTC
-from server.signaling.rtc import sctp_settled
+from server.signaling.datachannel import sctp_settled
 from tests.conftest import RunningServer
 from tests.rtc_client import (
     OfferRefused,

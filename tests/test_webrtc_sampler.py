@@ -14,20 +14,20 @@ import pytest
 from server.analysis.budget import CallBudget
 from server.media.sampler import (
     AdaptiveSampler,
-    AlertState,
     ChangeDetector,
     FixedRateSampler,
     Reason,
     SamplerConfig,
+    SamplingState,
     thumbnail,
     thumbnail_cost_us,
 )
 from server.media.track_drain import ArrivalLag
 from tests.media import astronaut_bgr, blank_bgr
 
-IDLE = AlertState()
-PENDING = AlertState(pending=True)
-ACTIVE = AlertState(active=True)
+IDLE = SamplingState()
+PENDING = SamplingState(pending=True)
+ACTIVE = SamplingState(active=True)
 
 
 def frame_of(bgr: np.ndarray) -> av.VideoFrame:

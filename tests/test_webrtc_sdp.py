@@ -13,7 +13,16 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, V
 from aiortc.sdp import SessionDescription
 
 from server.config import Settings
-from server.media.codecs import (
+from server.signaling.datachannel import (
+    MAX_INBOUND_MESSAGE,
+    REPORT_MAX_BYTES,
+    ChannelMessageError,
+    ChannelSender,
+    fit_report,
+    parse_inbound,
+)
+from server.signaling.ice import ice_servers, pin_host_addresses
+from server.signaling.sdp import (
     NoDataChannel,
     NoVideoTrack,
     UnsupportedCodec,
@@ -22,7 +31,6 @@ from server.media.codecs import (
     strip_abs_send_time,
     video_codec_preferences,
 )
-from server.signaling.rtc import ChannelSender, ice_servers, pin_host_addresses
 
 
 @pytest.fixture
@@ -217,11 +225,40 @@ def test_sender_coalesces_metric_updates_but_never_alerts_when_backed_up() -> No
     assert sender.coalesced == 18
 
 
-def test_sender_refuses_a_message_over_the_size_limit() -> None:
-    channel = _Channel()
-    channel.readyState = "open"
-    sender = ChannelSender(high_water=1000)
-    sender.attach(channel)
-    assert not sender.send({"type": "session_ended", "report": "x" * 5000}, max_bytes=4096)
-    assert channel.sent == []
-    assert sender.send({"type": "session_ended", "report": "short"}, max_bytes=4096)
+def test_a_report_too_large_for_the_channel_goes_without_its_detail() -> None:
+    alerts = [{"type": "no_face_detected", "message": "x" * 500}] * 200
+    big = {"type": "session_ended", "report": {"alerts": alerts, "emotion_timeline": [1] * 9,
+                                               "summary": {"frames_analysed": 3}}}
+    fitted = fit_report(big)
+    assert len(json.dumps(fitted).encode()) <= REPORT_MAX_BYTES
+    assert fitted["report"]["truncated"] is True
+    assert fitted["report"]["alerts_count"] == 200
+    assert fitted["report"]["summary"] == {"frames_analysed": 3}
+    small = {"type": "session_ended", "report": {"alerts": alerts[:2]}}
+    assert fit_report(small) is small
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"\x00binary", "binary_not_supported"),
+        ("x" * (MAX_INBOUND_MESSAGE + 1), "message_too_large"),
+        ("[" * 8000 + "]" * 8000, "invalid_json"),
+        ('{"type": "ping", "t": NaN}', "invalid_json"),
+        ('{"type": "ping", "t": ' + "9" * 5000 + "}", "invalid_json"),
+        ("{not json", "invalid_json"),
+        ('["ping"]', "invalid_message"),
+        ('{"type": 7}', "invalid_message"),
+        ('{"type": "start_camera"}', "unknown_type"),
+        ('{"type": "ping", "x": ' + "[" * 20 + "]" * 20 + "}", "invalid_json"),
+    ],
+)
+def test_hostile_channel_messages_get_one_error_code(data: object, code: str) -> None:
+    with pytest.raises(ChannelMessageError) as info:
+        parse_inbound(data)
+    assert info.value.code == code
+
+
+def test_known_channel_messages_parse() -> None:
+    assert parse_inbound('{"type": "ping", "t": 12.5}') == {"type": "ping", "t": 12.5}
+    assert parse_inbound('{"type": "end_session"}')["type"] == "end_session"

@@ -15,6 +15,8 @@ from server.media.frames import Frame
 class Analyser(Protocol):
     #: "rekognition" or "local"; every observation says which backend made it.
     name: str
+    #: Calls cost money and count against a quota (the server-wide budget applies).
+    billed: bool
 
     async def start(self) -> None:
         """Load models / open clients. Called once before the first frame."""

@@ -1,15 +1,18 @@
-"""A server-wide budget of analyser calls per second, shared fairly between sessions.
+"""A server-wide budget of billed analyser API calls per second, shared fairly.
 
 Rekognition enforces a per-account transactions-per-second quota per API; above it every
-session's calls are throttled at once. Each analysis makes at most one call of each API
-(DetectFaces always, DetectLabels/DetectText at their cadence), so capping analyses per
-second at the DetectFaces quota keeps every API under its quota.
+session's calls are throttled at once. An analysis makes up to three calls (DetectFaces
+always, DetectLabels / DetectText at their cadence); the session worker asks this budget
+for exactly the calls it is about to make, so the total stays under `rate` calls in any
+rolling `window_s`. Only billed (cloud) backends use it: the offline backend is bounded by
+its own worker pool.
 
-The cap is exact: at most `rate` grants in any rolling `window_s` (a deque of the last
-grant times, bounded by the rate). Waiters are served first come, first served; a session
-has at most one analysis in flight and so at most one waiter, which makes the order a
-round robin: under saturation every waiting session gets an equal share, and none starves.
-No task: a single timer handle wakes the queue when the oldest grant leaves the window.
+Waiters are served first come, first served within a priority: every waiting "live"
+request (a candidate being watched now) goes before any "background" one (a recorded
+video), so a long video never starves live candidates. A session has at most one
+analysis in flight and so at most one waiter, which makes the order a round robin: under
+saturation every live session gets an equal share. No task: one timer handle wakes the
+queue when the oldest grant leaves the window.
 """
 
 from __future__ import annotations
@@ -19,14 +22,24 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
+
+Priority = Literal["live", "background"]
 
 
 @dataclass
 class BudgetStats:
-    granted: int = 0
-    waited: int = 0  # grants that had to wait for room in the window
+    granted: int = 0  # calls granted
+    waited: int = 0  # requests that had to wait for room in the window
     wait_s_total: float = 0.0
     max_wait_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[None]
+    calls: int
+    asked_at: float
 
 
 class CallBudget:
@@ -35,8 +48,8 @@ class CallBudget:
         self.rate_per_s = rate_per_s
         self.window_s = window_s
         self._limit = max(1, math.floor(rate_per_s * window_s)) if rate_per_s > 0 else 0
-        self._grants: deque[float] = deque(maxlen=self._limit or 1)
-        self._waiters: deque[tuple[asyncio.Future[None], float]] = deque()
+        self._grants: deque[float] = deque(maxlen=self._limit or 1)  # one entry per call
+        self._waiters: dict[Priority, deque[_Waiter]] = {"live": deque(), "background": deque()}
         self._timer: asyncio.TimerHandle | None = None
         self.stats = BudgetStats()
 
@@ -46,69 +59,108 @@ class CallBudget:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return sum(len(q) for q in self._waiters.values())
 
-    def _room(self, now: float) -> float:
-        """0 when a grant is possible now, else seconds until one is."""
-        if len(self._grants) < self._limit:
+    def _room(self, now: float, calls: int) -> float:
+        """0 when `calls` grants are possible now, else seconds until they are."""
+        free = self._limit - len(self._grants)
+        if free >= calls:
             return 0.0
-        return max(0.0, self._grants[0] + self.window_s - now)
+        # The (calls - free)-th oldest grant must leave the window first.
+        oldest = self._grants[calls - free - 1]
+        return max(0.0, oldest + self.window_s - now)
 
-    def _grant(self, now: float, asked_at: float) -> None:
-        self._grants.append(now)
-        self.stats.granted += 1
+    def _expire(self, now: float) -> None:
+        while self._grants and now - self._grants[0] >= self.window_s:
+            self._grants.popleft()
+
+    def _grant(self, now: float, calls: int, asked_at: float) -> None:
+        self._grants.extend([now] * calls)
+        self.stats.granted += calls
         wait = now - asked_at
         if wait > 0:
             self.stats.waited += 1
             self.stats.wait_s_total += wait
             self.stats.max_wait_s = max(self.stats.max_wait_s, wait)
 
-    async def acquire(self) -> None:
-        """Wait for the right to make one analyser call. Cancellation-safe: a cancelled
+    def _head(self) -> _Waiter | None:
+        for priority in ("live", "background"):
+            queue = self._waiters[priority]
+            while queue and queue[0].future.done():  # cancelled while queued
+                queue.popleft()
+            if queue:
+                return queue[0]
+        return None
+
+    async def acquire(self, calls: int = 1, priority: Priority = "live") -> None:
+        """Wait for the right to make `calls` API calls. Cancellation-safe: a cancelled
         waiter leaves the queue and consumes nothing."""
-        if self.unlimited:
-            self.stats.granted += 1
+        if self.unlimited or calls <= 0:
+            self.stats.granted += max(0, calls)
             return
+        calls = min(calls, self._limit)  # a request larger than the window still passes
         now = time.monotonic()
-        if not self._waiters and self._room(now) == 0.0:
-            self._grant(now, now)
+        self._expire(now)
+        if self._head() is None and self._room(now, calls) == 0.0:
+            self._grant(now, calls, now)
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (future, now)
-        self._waiters.append(entry)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), calls, now)
+        self._waiters[priority].append(waiter)
         self._schedule()
         try:
-            await future
+            await waiter.future
         except asyncio.CancelledError:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
+            queue = self._waiters[priority]
+            if waiter in queue:
+                queue.remove(waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Granted and cancelled in the same tick: the calls were not made.
+                for _ in range(waiter.calls):
+                    if self._grants:
+                        self._grants.pop()
+                self.stats.granted -= waiter.calls
+            self._reschedule()
             raise
 
+    def _reschedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule()
+
     def _schedule(self) -> None:
-        if self._timer is not None or not self._waiters:
+        if self._timer is not None:
             return
-        delay = self._room(time.monotonic())
+        head = self._head()
+        if head is None:
+            return
+        now = time.monotonic()
+        self._expire(now)
+        delay = self._room(now, head.calls)
         self._timer = asyncio.get_running_loop().call_later(delay, self._wake)
 
     def _wake(self) -> None:
         self._timer = None
         now = time.monotonic()
-        while self._waiters and self._room(now) == 0.0:
-            future, asked_at = self._waiters.popleft()
-            if future.done():  # cancelled while queued
-                continue
-            self._grant(now, asked_at)
-            future.set_result(None)
+        self._expire(now)
+        while (head := self._head()) is not None and self._room(now, head.calls) == 0.0:
+            for queue in self._waiters.values():
+                if queue and queue[0] is head:
+                    queue.popleft()
+                    break
+            self._grant(now, head.calls, head.asked_at)
+            head.future.set_result(None)
         self._schedule()
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._waiters:
-            future, _ = self._waiters.popleft()
-            if not future.done():
-                future.cancel()
+        for queue in self._waiters.values():
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.cancel()
 
     def grants_in_window(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

@@ -20,14 +20,23 @@ class CheckCadence:
     _last_labels: float | None = None
     _last_text: float | None = None
 
-    def next(self, now: float, scene_changed: bool = False) -> Checks:
+    def plan(self, now: float, scene_changed: bool = False) -> Checks:
+        """The checks due for a frame at `now`, without recording them (the worker plans,
+        waits for the budget, then commits what it really asks)."""
         labels = scene_changed or self._due(self._last_labels, self.labels_interval_s, now)
         text = scene_changed or self._due(self._last_text, self.text_interval_s, now)
-        if labels:
-            self._last_labels = now
-        if text:
-            self._last_text = now
         return Checks(faces=True, labels=labels, text=text)
+
+    def commit(self, checks: Checks, now: float) -> None:
+        if checks.labels:
+            self._last_labels = now
+        if checks.text:
+            self._last_text = now
+
+    def next(self, now: float, scene_changed: bool = False) -> Checks:
+        checks = self.plan(now, scene_changed)
+        self.commit(checks, now)
+        return checks
 
     def missed(self, degraded: tuple[str, ...]) -> None:
         """A slow check the backend had no room for ("labels:busy") is due again on the

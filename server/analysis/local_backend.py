@@ -176,6 +176,7 @@ class _SingleWorker(Generic[M, R]):
 
 class LocalAnalyser:
     name = "local"
+    billed = False  # costs CPU only: bounded by its own worker pool, not the API budget
     #: Pose is absolute w.r.t. a generic face: the session makes it per-candidate.
     needs_pose_baseline = True
 

@@ -227,6 +227,7 @@ def classify(exc: BaseException) -> str:
 
 class RekognitionAnalyser:
     name = "rekognition"
+    billed = True  # every call costs money and counts against the account's TPS quota
 
     def __init__(self, settings: Settings, instruments: Instruments | None = None) -> None:
         self._settings = settings

@@ -325,3 +325,8 @@ class AlertEngine:
         """Rule types with a streak under way but no episode yet (a sampler samples
         faster while any is pending, to confirm or clear it quickly)."""
         return [t for (t, _k), tr in self._tracks.items() if tr.episode is None and tr.streak > 0]
+
+    def pending_due_at(self) -> float | None:
+        """Capture time at which a pending rule's dwell completes (per-frame counting:
+        never)."""
+        return None

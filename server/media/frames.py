@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.errors import ProctorError
-
 if TYPE_CHECKING:
     import av
 
@@ -27,11 +25,15 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class FrameError(ProctorError):
-    """A frame we refuse; `code` is the stable machine-readable error code."""
+class FrameError(ValueError):
+    """A frame we refuse; `code` is the stable machine-readable error code. Transports
+    map it to their own form (`server.errors.from_frame_error`): media knows no HTTP."""
 
     code = "invalid_frame"
-    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class MalformedFrame(FrameError):
@@ -44,7 +46,6 @@ class UnsupportedImage(FrameError):
 
 class FrameTooLarge(FrameError):
     code = "frame_too_large"
-    status = 413
 
 
 def _b64_decoded_size(text: str) -> int:

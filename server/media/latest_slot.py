@@ -55,5 +55,9 @@ class LatestSlot(Generic[T]):
         return self.take_nowait()
 
     @property
+    def has_item(self) -> bool:
+        return self._has_item
+
+    @property
     def closed(self) -> bool:
         return self._closed

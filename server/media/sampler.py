@@ -1,15 +1,17 @@
 """When the newest decoded WebRTC frame goes to the analyser: the sampling policy.
 
 A policy is a small synchronous object asked, each time a new frame has been decoded and
-no analysis is in flight, "sample this one?". It sees only the clock, a change score and
-the session's alert state; the loop that feeds it (`server.media.track_drain.SampleLoop`)
-owns the frames, the analyser budget and the one-in-flight rule. Two policies:
+the session is free to take one, "sample this one?". It sees only the clock, a change
+score and the session's state (`SamplingState`); the loop that feeds it
+(`server.media.sample_loop.SampleLoop`) owns the frames. Two policies:
 
-- `AdaptiveSampler` (the default): a low idle rate while the scene is stable, an
-  immediate sample when the scene changes, a fast rate while an alert rule is pending
-  (its streak has started, e.g. 1 faceless frame seen of the 3 needed) so onsets are
-  confirmed within a second, and a moderate rate while an alert is active so its end is
-  seen quickly even when the change score misses it.
+- `AdaptiveSampler` (the default): a low idle rate while the scene is stable (the
+  session chooses it: slow for a billed cloud backend, about once a second for the
+  offline one while it has headroom), an immediate sample when the scene changes, a
+  boosted rate while an alert rule is pending (its streak has started) plus one sample
+  exactly when the pending rule's dwell completes, so the alert arrives right when its
+  dwell is over, and a moderate rate while an alert is active so its end is seen quickly
+  even when the change score misses it.
 - `FixedRateSampler`: one frame every `interval_s`, the seed design's client-side 1 fps,
   kept for comparisons in the benchmarks.
 
@@ -43,14 +45,21 @@ class Reason(StrEnum):
     SCENE_CHANGE = "scene_change"
     ALERT_PENDING = "alert_pending"
     ALERT_ACTIVE = "alert_active"
+    ALERT_DUE = "alert_due"
     IDLE = "idle"
     FIXED = "fixed"
 
 
 @dataclass(frozen=True, slots=True)
-class AlertState:
+class SamplingState:
+    """What the session tells its sampler (read before each decision)."""
+
     pending: bool = False  # some rule has a streak under way but no episode yet
     active: bool = False  # some episode is open
+    #: The newest frame's capture time has reached a pending rule's dwell: sample it.
+    due: bool = False
+    #: The session's idle interval now (None: the policy's own default).
+    idle_interval_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +72,12 @@ class Decision:
 class SamplingPolicy(Protocol):
     name: str
 
-    def decide(self, now: float, changed: bool | None, alerts: AlertState) -> Decision | None:
+    def decide(self, now: float, changed: bool | None, state: SamplingState) -> Decision | None:
         """`now` is time.monotonic(); `changed` whether the newest frame differs from the
         last analysed one (None before the first analysis). None means "not now"."""
         ...
 
-    def interval(self, alerts: AlertState) -> float:
+    def interval(self, state: SamplingState) -> float:
         """The current sampling interval in seconds (for metrics and wake-ups)."""
         ...
 
@@ -76,7 +85,7 @@ class SamplingPolicy(Protocol):
 @dataclass(frozen=True, slots=True)
 class SamplerConfig:
     idle_interval_s: float = 12.0
-    pending_interval_s: float = 0.2
+    pending_interval_s: float = 0.5
     active_interval_s: float = 1.0
     min_interval_s: float = 0.1
     change_min_interval_s: float = 0.5
@@ -104,15 +113,18 @@ class AdaptiveSampler:
         self._last_scene_checks: float | None = None
         self.reasons: dict[str, int] = {}
 
-    def interval(self, alerts: AlertState) -> float:
+    def interval(self, state: SamplingState) -> float:
         c = self.config
-        if alerts.pending:
+        if state.pending:
             return c.pending_interval_s
-        if alerts.active:
+        if state.active:
             return c.active_interval_s
-        return c.idle_interval_s
+        return self._idle(state)
 
-    def decide(self, now: float, changed: bool | None, alerts: AlertState) -> Decision | None:
+    def _idle(self, state: SamplingState) -> float:
+        return c if (c := state.idle_interval_s) is not None else self.config.idle_interval_s
+
+    def decide(self, now: float, changed: bool | None, state: SamplingState) -> Decision | None:
         c = self.config
         if self._last_sample is None:
             return self._take(now, Decision(Reason.FIRST, scene_changed=True))
@@ -130,11 +142,13 @@ class AdaptiveSampler:
                 or now - self._last_scene_checks >= c.scene_checks_interval_s
             )
             return self._take(now, Decision(Reason.SCENE_CHANGE, scene_changed=checks))
-        if alerts.pending and since >= c.pending_interval_s:
+        if state.due:
+            return self._take(now, Decision(Reason.ALERT_DUE))
+        if state.pending and since >= c.pending_interval_s:
             return self._take(now, Decision(Reason.ALERT_PENDING))
-        if alerts.active and since >= c.active_interval_s:
+        if state.active and since >= c.active_interval_s:
             return self._take(now, Decision(Reason.ALERT_ACTIVE))
-        if since >= c.idle_interval_s:
+        if since >= self._idle(state):
             return self._take(now, Decision(Reason.IDLE))
         return None
 
@@ -156,10 +170,10 @@ class FixedRateSampler:
         self._last_sample: float | None = None
         self.reasons: dict[str, int] = {}
 
-    def interval(self, alerts: AlertState) -> float:
+    def interval(self, state: SamplingState) -> float:
         return self.interval_s
 
-    def decide(self, now: float, changed: bool | None, alerts: AlertState) -> Decision | None:
+    def decide(self, now: float, changed: bool | None, state: SamplingState) -> Decision | None:
         if self._last_sample is not None and now - self._last_sample < self.interval_s:
             return None
         first = self._last_sample is None

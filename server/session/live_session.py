@@ -1,5 +1,10 @@
 """One live session's in-memory state: counters, scorer, alert engine, cadence, aggregate,
-its one-frame slot and the listeners that transports attach to receive its events."""
+its one-frame slot and the listeners that transports attach to receive its events.
+
+Transports only ever put frames into the slot (`put`, or `FrameSink.offer` for a sampled
+stream); the session's worker (`server.session.worker`) takes them. Results flow back to
+transports as events (`publish`), or, for a push transport that answers each frame, as
+the waiter of the frame it put."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.analysis.analyser import PoseCalibration
+from server.analysis.budget import Priority
 from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine
 from server.analysis.scoring import Scorer
@@ -46,9 +52,18 @@ class Counters:
 @dataclass(eq=False)
 class PendingFrame:
     frame: Frame
-    future: asyncio.Future[dict[str, Any]]
+    #: A push transport's waiter for this frame's result; None for sampled streams,
+    #: whose results arrive as session events.
+    future: asyncio.Future[dict[str, Any]] | None = None
     scene_changed: bool = False
-    budgeted: bool = False  # the caller already holds a budget grant (WebRTC sampler)
+
+    def answer(self, result: dict[str, Any]) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(exc)
 
 
 @dataclass(eq=False)
@@ -62,6 +77,11 @@ class LiveSession:
     engine: AlertEngine
     cadence: CheckCadence
     pose_calibration: PoseCalibration | None = None
+    #: "capture": the server chose which frames to analyse (WebRTC, recorded video), so
+    #: cadences follow capture time; "arrival": the client pushes at its own pace.
+    clock: Literal["capture", "arrival"] = "arrival"
+    #: Budget priority: live candidates before background work (recorded videos).
+    priority: Priority = "live"
     status: Literal["live", "ending", "ended"] = "live"
     counters: Counters = field(default_factory=Counters)
     last_activity: float = field(default_factory=time.monotonic)
@@ -69,6 +89,7 @@ class LiveSession:
     listeners: list[Listener] = field(default_factory=list)
     worker: asyncio.Task[None] | None = None
     analysing: bool = False
+    budget_wait_s: float = 0.0  # the last analysis' wait for the analyser budget
     aggregate: SessionAggregate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +97,21 @@ class LiveSession:
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
+
+    def clock_now(self, frame: Frame) -> float:
+        """The session's clock for cadences: capture time for server-sampled streams; for
+        push transports the arrival clock (a client's own timestamps cannot be trusted to
+        be monotonic, and must not be able to postpone the slower checks)."""
+        return frame.captured_at if self.clock == "capture" else time.monotonic()
+
+    def put(self, pending: PendingFrame) -> PendingFrame | None:
+        """Put a frame in the slot; returns the frame it replaced (still to be answered).
+        A scene change flagged on the replaced frame carries over: the slower checks it
+        asked for are still due."""
+        replaced = self.slot.put(pending)
+        if replaced is not None and replaced.scene_changed:
+            pending.scene_changed = True
+        return replaced
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self.listeners.append(listener)
@@ -93,6 +129,10 @@ class LiveSession:
                 await listener(event, payload)
             except Exception:
                 log.exception("listener failed on %s", event)
+
+    @property
+    def accepting(self) -> bool:
+        return self.status == "live" and not self.slot.closed
 
     @property
     def alerts_pending_or_active(self) -> bool:
@@ -115,3 +155,26 @@ class LiveSession:
             "pending_alerts": self.engine.pending(),
             "analyser_calls": dict(self.aggregate.calls),
         }
+
+
+class SessionSink:
+    """The session's slot as a `server.media.sample_loop.FrameSink` for a sampled stream:
+    offering never waits, a newer frame replaces a waiting one (not counted as dropped:
+    the stream has frames to spare, unlike a push client's)."""
+
+    def __init__(self, session: LiveSession) -> None:
+        self.session = session
+
+    def offer(self, frame: Frame, scene_changed: bool) -> bool:
+        if not self.session.accepting:
+            return False
+        self.session.put(PendingFrame(frame, None, scene_changed))
+        return True
+
+    @property
+    def waiting(self) -> bool:
+        return self.session.slot.has_item
+
+    @property
+    def in_flight(self) -> bool:
+        return self.session.analysing

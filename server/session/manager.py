@@ -1,8 +1,11 @@
-"""Session lifecycle shared by every transport: start, analyse (one frame in flight per
-session, latest wins), live metrics, end → report, idle timeout, restart recovery.
+"""Session lifecycle shared by every transport: start, frames in, live metrics, end →
+report, reconnect grace, idle timeout, restart recovery.
 
-Data flows one way: transport → `submit()` → analyser → scorer → alert engine → store and
-listeners. Transports never touch the analyser or the store directly.
+Data flows one way: a transport puts frames into the session's one-frame slot
+(`submit` for push transports, which wait for that frame's answer; `offer` through a
+`SessionSink` for sampled streams, which never wait) → the session's worker
+(`server.session.worker`) → analyser → rules → store → events to the session's
+listeners. Transports never touch the analyser, the budget or the store directly.
 """
 
 from __future__ import annotations
@@ -16,44 +19,28 @@ from collections.abc import Callable
 from typing import Any
 
 from server.analysis.analyser import Analyser, PoseCalibration
-from server.analysis.budget import CallBudget
+from server.analysis.budget import CallBudget, Priority
 from server.analysis.cadence import CheckCadence
-from server.analysis.observation import Observation
-from server.analysis.rules import AlertEngine, FrameFacts, rules_from_settings
-from server.analysis.scoring import FrameMetrics, Scorer
+from server.analysis.rules import AlertEngine, rules_from_settings
+from server.analysis.scoring import Scorer
 from server.config import Settings
 from server.errors import Overloaded, ReportNotReady, SessionEnded, SessionNotFound
-from server.media.frames import Frame, FrameError
-from server.media.latest_slot import SlotClosed
+from server.media.frames import Frame
 from server.observability import Instruments, current_session
 from server.session.live_session import DROPPED, LiveSession, PendingFrame
+from server.session.pacing import IdlePacing
 from server.session.report import attach_narrative, build_report
 from server.session.store import Store
+from server.session.worker import SessionPipeline, frame_summary
 
 log = logging.getLogger(__name__)
 
 NarratorFactory = Callable[[], Any]
+#: Transports whose frames the server samples itself: rules and cadences follow capture
+#: time there (SPEC "Alerts").
+CAPTURE_CLOCK_TRANSPORTS = frozenset({"webrtc", "video"})
 
-
-def frame_summary(obs: Observation, metrics: FrameMetrics) -> dict[str, Any]:
-    """What the store keeps per frame: numbers and names, never pixels."""
-    face = obs.primary_face
-    return {
-        "metrics": metrics.to_json(),
-        "faces": None if obs.faces is None else len(obs.faces),
-        "dominant_emotion": face.dominant_emotion if face else None,
-        "emotions": {k: round(v, 1) for k, v in face.emotions.items()} if face else {},
-        "pose": None
-        if face is None or face.pose is None
-        else [round(face.pose.yaw, 1), round(face.pose.pitch, 1), round(face.pose.roll, 1)],
-        "labels": None if obs.labels is None else [lb.name for lb in obs.labels],
-        "text_lines": None if obs.text is None else len(obs.text),
-        "insufficient": obs.insufficient,
-        "quality_reason": obs.quality.reason if obs.quality else None,
-        "degraded": list(obs.degraded),
-        "calls": dict(obs.calls),
-        "latency_ms": round(obs.latency_ms, 2),
-    }
+__all__ = ["SessionManager", "frame_summary"]
 
 
 class SessionManager:
@@ -72,10 +59,22 @@ class SessionManager:
         self.instruments = instruments
         self.narrator = narrator
         self.pose_calibration_factory = pose_calibration_factory
-        # Server-wide analyses per second (the Rekognition TPS quota), shared round-robin
-        # by every session of every transport.
+        # Server-wide billed API calls per second (the Rekognition TPS quota), shared
+        # round-robin by every session of every transport, live before background.
         self.budget = CallBudget(settings.analyser_calls_per_s)
+        billed = bool(getattr(analyser, "billed", False))
+        self.pacing = IdlePacing(
+            billed,
+            cloud_idle_s=settings.sampler_idle_interval_s,
+            local_idle_s=settings.sampler_local_idle_interval_s,
+            workers=int(getattr(analyser, "workers", 1) or 1),
+        )
+        self.pipeline = SessionPipeline(
+            settings, analyser, store, instruments, self.budget, self.pacing,
+            self.internal_error,
+        )
         self._live: dict[str, LiveSession] = {}
+        self._grace: dict[str, asyncio.Task[None]] = {}
         self._ending: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -100,7 +99,11 @@ class SessionManager:
                 await self.end_session(sid, reason="server_shutdown", use_llm=False)
             except Exception:
                 log.exception("could not end session %s at shutdown", sid)
-        for task in list(self._ending.values()) + list(self._background):
+        for task in list(self._grace.values()):
+            task.cancel()
+        for task in list(self._ending.values()) + list(self._background) + list(
+            self._grace.values()
+        ):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
         self.budget.close()
@@ -118,19 +121,30 @@ class SessionManager:
 
     # --- sessions -----------------------------------------------------------------------
 
-    async def start_session(self, job_data: dict[str, Any], transport: str) -> LiveSession:
+    async def start_session(
+        self,
+        job_data: dict[str, Any],
+        transport: str,
+        *,
+        started_at: float | None = None,
+        priority: Priority = "live",
+    ) -> LiveSession:
+        """`started_at`: the session's clock origin (a recorded video's own time base);
+        `priority`: "background" for work that must not starve live candidates."""
         if len(self._live) >= self.settings.max_live_sessions:
             raise Overloaded(
                 f"the server is at its limit of {self.settings.max_live_sessions} live sessions",
                 code="too_many_sessions",
             )
         s = self.settings
+        capture_clock = transport in CAPTURE_CLOCK_TRANSPORTS
+        sampled = transport == "webrtc"  # the sampler forces slow checks on scene changes
         session = LiveSession(
             id=secrets.token_urlsafe(16),  # 128 random bits: the session's capability
             transport=transport,
             backend=self.analyser.name,
             job_data=dict(job_data),
-            started_at=time.time(),
+            started_at=time.time() if started_at is None else started_at,
             scorer=Scorer(
                 yaw_limit=s.looking_away_yaw_deg,
                 pitch_limit=s.looking_away_pitch_deg,
@@ -138,16 +152,23 @@ class SessionManager:
                 positive_emotions=tuple(s.positive_emotions),
             ),
             engine=AlertEngine(rules_from_settings(s)),
-            cadence=CheckCadence(s.labels_interval_s, s.text_interval_s),
+            cadence=CheckCadence(
+                s.sampler_labels_interval_s if sampled else s.labels_interval_s,
+                s.sampler_text_interval_s if sampled else s.text_interval_s,
+            ),
             pose_calibration=self.pose_calibration_factory()
             if self.pose_calibration_factory
             else None,
+            clock="capture" if capture_clock else "arrival",
+            priority=priority,
         )
         self._live[session.id] = session
         await self.store.create_session(
             session.id, transport, session.backend, session.job_data, session.started_at
         )
-        session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
+        session.worker = asyncio.create_task(
+            self.pipeline.run(session), name=f"session-{session.id[:8]}"
+        )
         self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
         log.info("session %s started (%s, backend %s)", session.id, transport, session.backend)
@@ -180,24 +201,15 @@ class SessionManager:
     # --- frames -------------------------------------------------------------------------
 
     async def submit(
-        self,
-        session: LiveSession,
-        frame: Frame,
-        *,
-        scene_changed: bool = False,
-        count_received: bool = True,
-        budgeted: bool = False,
+        self, session: LiveSession, frame: Frame, *, scene_changed: bool = False
     ) -> dict[str, Any]:
-        """Queue a frame for analysis (replacing any frame still waiting) and wait for its
-        result; a replaced frame's caller gets `DROPPED`. `budgeted`: the caller already
-        waited for the server-wide budget (the WebRTC sampler does, before it picks the
-        newest frame)."""
-        if session.status != "live":
+        """A push transport's frame: put it in the slot (replacing any frame still
+        waiting) and wait for its result; a replaced frame's caller gets `DROPPED`."""
+        if not session.accepting:
             raise SessionEnded(f"session {session.id} has ended")
-        if count_received:
-            self.frame_received(session)
+        self.frame_received(session)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        replaced = session.slot.put(PendingFrame(frame, future, scene_changed, budgeted))
+        replaced = session.put(PendingFrame(frame, future, scene_changed))
         if replaced is not None:
             self._drop(session, replaced)
         return await future
@@ -210,126 +222,65 @@ class SessionManager:
     def _drop(
         self, session: LiveSession, pending: PendingFrame, reason: str = "superseded"
     ) -> None:
+        if pending.future is None:
+            return  # a sampled stream's frame: the stream has newer ones, nothing waits
         session.counters.dropped += 1
         self.instruments.frames_dropped.labels(transport=session.transport).inc()
-        if not pending.future.done():
-            pending.future.set_result({**DROPPED, "reason": reason})
+        pending.answer({**DROPPED, "reason": reason})
 
-    async def _work(self, session: LiveSession) -> None:
-        current_session.set(session.id)
-        while True:
-            try:
-                head = await session.slot.wait_ready()
-                if not head.budgeted:
-                    # While this waits, newer frames still replace the waiting one.
-                    await self.budget.acquire()
-            except SlotClosed:
-                return
-            pending = session.slot.take_nowait()
-            if pending is None:  # the session ended while waiting for the budget
-                return
-            session.analysing = True
-            try:
-                result = await self._analyse(session, pending.frame, pending.scene_changed)
-            except FrameError as exc:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-                continue
-            except Exception as exc:  # a bug must not kill the session's worker
-                log.exception("analysis failed")
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-                continue
-            finally:
-                session.analysing = False
-            if not pending.future.done():
-                pending.future.set_result(result)
+    def idle_interval_s(self) -> float:
+        """How long a sampled stream with a stable scene waits between analyses now."""
+        return self.pacing.interval()
 
-    async def _observe(
-        self, frame: Frame, session: LiveSession, scene_changed: bool
-    ) -> Observation:
-        checks = session.cadence.next(time.monotonic(), scene_changed)
-        try:
-            return await asyncio.wait_for(
-                self.analyser.analyse(frame, checks), self.settings.analyser_timeout_s
-            )
-        except FrameError:
-            raise
-        except TimeoutError:
-            reason = "timeout"
-        except Exception:
-            log.exception("analyser %s failed", self.analyser.name)
-            reason = "error"
-        return Observation(
-            backend=self.analyser.name,
-            checks=checks,
-            degraded=tuple(f"{c}:{reason}" for c in checks.names()),
-            width=frame.width,
-            height=frame.height,
+    def internal_error(
+        self, where: str, exc: BaseException, session: LiveSession | None = None
+    ) -> None:
+        """An unexpected error somewhere in a session's pipeline: logged and survived."""
+        log.error("internal error in %s", where, exc_info=exc)
+
+    # --- transports coming and going ---------------------------------------------------
+
+    def grace_for(self, transport: str) -> float | None:
+        """How long a session whose transport connection was lost waits for it to come
+        back; None: the idle timeout decides (push transports)."""
+        if transport == "webrtc":
+            return self.settings.rtc_reconnect_grace_s
+        return None
+
+    def detach(self, session: LiveSession, reason: str) -> None:
+        """The session's transport connection is gone (peer failed, closed, no media):
+        the session waits `grace_for(transport)` for `attach`, then ends."""
+        grace = self.grace_for(session.transport)
+        if grace is None or session.status != "live" or session.id in self._grace:
+            return
+        log.info("session %s lost its %s connection (%s): %.0f s to reconnect",
+                 session.id, session.transport, reason, grace)
+        self._grace[session.id] = asyncio.create_task(
+            self._end_after_grace(session.id, grace), name=f"grace-{session.id[:8]}"
         )
 
-    async def _analyse(
-        self, session: LiveSession, frame: Frame, scene_changed: bool
-    ) -> dict[str, Any]:
-        started = time.time()
-        t0 = time.perf_counter()
-        obs = await self._observe(frame, session, scene_changed)
-        analyser_s = time.perf_counter() - t0
-        self.instruments.analyser_latency.labels(backend=obs.backend).observe(analyser_s)
-        session.cadence.missed(obs.degraded)
-        if session.pose_calibration is not None:
-            obs = session.pose_calibration.apply(obs, frame.captured_at)
-        metrics = session.scorer.score(obs)
-        index = session.counters.analysed
-        session.counters.analysed += 1
-        session.counters.insufficient += obs.insufficient
-        session.counters.degraded += bool(obs.degraded)
-        self.instruments.frames_analysed.labels(transport=session.transport).inc()
-        events = session.engine.evaluate(FrameFacts(index, frame.captured_at, obs, metrics))
-        summary = frame_summary(obs, metrics)
-        session.aggregate.add(frame.captured_at, summary)
-        session.touch()
+    def attach(self, session: LiveSession) -> None:
+        """A transport (re)connected to the session: no grace running any more."""
+        self._cancel_grace(session.id)
 
-        await self.store.add_frame(session.id, index, frame.captured_at, summary)
-        for ev in events:
-            await self.store.save_alert(session.id, ev)
-            if ev["status"] == "onset":
-                self.instruments.alerts_raised.labels(type=ev["type"]).inc()
-        await self.store.update_counters(session.id, session.counters.to_json(), time.time())
+    def grace_pending(self, session_id: str) -> bool:
+        return session_id in self._grace
 
-        face = obs.primary_face
-        ended = time.time()
-        result = {
-            "frame_index": index,
-            "timestamp": frame.captured_at,
-            "metrics": metrics.to_json(),
-            "faces_count": None if obs.faces is None else len(obs.faces),
-            "dominant_emotion": face.dominant_emotion if face else None,
-            "emotions": {k: round(v, 2) for k, v in face.emotions.items()} if face else {},
-            "pose": summary["pose"],
-            "labels": None
-            if obs.labels is None
-            else [{"name": lb.name, "confidence": round(lb.confidence, 1)} for lb in obs.labels],
-            "text": None if obs.text is None else [t.text for t in obs.text],
-            "alerts": events,
-            "active_alerts": [ep.type for ep in session.engine.active()],
-            "insufficient": obs.insufficient,
-            "quality": None if obs.quality is None else obs.quality.to_json(),
-            "degraded": list(obs.degraded),
-            "backend": obs.backend,
-            "checks": obs.checks.names(),
-            "calls": dict(obs.calls),
-            "timings": {
-                "captured_at": frame.captured_at,
-                "analysis_started_at": started,
-                "analysis_ended_at": ended,
-                "analyser_ms": round(analyser_s * 1000, 2),
-            },
-        }
-        await session.publish("frame_analysis", {"session_id": session.id, "result": result})
-        if events:
-            await session.publish("alerts", {"session_id": session.id, "alerts": events})
-        return result
+    def _cancel_grace(self, session_id: str) -> None:
+        task = self._grace.pop(session_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _end_after_grace(self, session_id: str, grace_s: float) -> None:
+        current_session.set(session_id)
+        await asyncio.sleep(grace_s)
+        self._grace.pop(session_id, None)
+        try:
+            await self.end_session(session_id, reason="peer_lost")
+        except (SessionEnded, SessionNotFound):
+            pass
+        except Exception as exc:
+            self.internal_error("grace", exc, self._live.get(session_id))
 
     # --- ending and reports -------------------------------------------------------------
 
@@ -352,6 +303,7 @@ class SessionManager:
 
     async def _end(self, session: LiveSession, reason: str, use_llm: bool) -> dict[str, Any]:
         current_session.set(session.id)
+        self._cancel_grace(session.id)
         leftover = session.slot.close()
         if leftover is not None:
             self._drop(session, leftover, "session_ended")

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from server.errors import BadRequest, ProctorError
+from server.errors import BadRequest, ProctorError, from_frame_error
+from server.media.frames import FrameError
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -83,6 +84,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ProctorError as exc:
         return error_response(exc)
+    except FrameError as exc:
+        return error_response(from_frame_error(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

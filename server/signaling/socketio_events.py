@@ -15,8 +15,8 @@ from typing import Any
 import socketio
 
 from server.config import Settings
-from server.errors import BadRequest, ProctorError
-from server.media.frames import Frame
+from server.errors import BadRequest, ProctorError, from_frame_error
+from server.media.frames import Frame, FrameError
 from server.session.live_session import LiveSession
 from server.session.manager import SessionManager
 
@@ -104,6 +104,8 @@ class ProctorNamespace(socketio.AsyncNamespace):
                 float(timestamp) if isinstance(timestamp, int | float) else None,
             )
             result = await self.manager.submit(session, frame)
+        except FrameError as exc:
+            return await self._error(sid, "analyze_frame", from_frame_error(exc), payload)
         except ProctorError as exc:
             return await self._error(sid, "analyze_frame", exc, payload)
         if result.get("status") == "dropped":
