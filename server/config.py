@@ -118,7 +118,9 @@ class Settings(BaseSettings):
     # Host candidate addresses to offer (aioice's own default, used when empty, is every
     # interface address except 127.0.0.1). Tests pin ["127.0.0.1"].
     rtc_host_addresses: list[str] = Field(default_factory=list)
-    # When set, remote ICE candidates other than UDP on these addresses are dropped.
+    # Remote ICE candidates are checked only when public, or loopback / link-local /
+    # private when the server has such an address itself; these addresses or networks
+    # (e.g. "10.0.0.0/8") are admitted as well.
     rtc_remote_candidate_addresses: list[str] = Field(default_factory=list)
     rtc_prefer_codecs: list[str] = Field(default_factory=lambda: ["H264", "VP8"])
     rtc_max_peers: int = 50  # concurrent WebRTC peers; offers beyond get 429

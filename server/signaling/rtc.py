@@ -38,14 +38,19 @@ from server.media.sampler import (
 from server.observability import Instruments
 from server.session.manager import SessionManager
 from server.signaling.http_api import Api, json_response, parse_body
-from server.signaling.ice import ice_servers, pin_host_addresses
+from server.signaling.ice import (
+    CandidatePolicy,
+    ice_servers,
+    pin_host_addresses,
+    server_host_addresses,
+)
 from server.signaling.load_monitor import LoadMonitor
 from server.signaling.rtc_peer import RtcPeer
 from server.signaling.sdp import (
     MalformedSdp,
     answer_video_codec,
+    filter_candidates,
     inspect_offer,
-    restrict_candidates,
     strip_abs_send_time,
     video_codec_preferences,
 )
@@ -97,6 +102,9 @@ class RtcGateway:
         self._unpin = (
             pin_host_addresses(settings.rtc_host_addresses) if settings.rtc_host_addresses else None
         )
+        self.candidates = CandidatePolicy.for_server(
+            server_host_addresses(settings), settings.rtc_remote_candidate_addresses
+        )
         r = instruments.registry
         self.monitor = LoadMonitor(
             settings, lambda: self._peers.values(), r, on_overload=manager.pacing.overloaded_for
@@ -104,6 +112,11 @@ class RtcGateway:
         self.peers_gauge = Gauge("proctor_rtc_peers", "Live WebRTC peers", registry=r)
         self.offers = Counter(
             "proctor_rtc_offers", "WebRTC offers by outcome", ["outcome"], registry=r
+        )
+        self.candidates_dropped = Counter(
+            "proctor_rtc_remote_candidates_dropped",
+            "Remote ICE candidates the server will not send checks to (policy)",
+            registry=r,
         )
         self.frame_age = Histogram(
             "proctor_rtc_frame_age_seconds",
@@ -187,7 +200,9 @@ class RtcGateway:
                 else:  # never decode what we do not analyse (audio, extra cameras)
                     pc.addTransceiver(kind, direction="inactive")
             assert video is not None
-            sdp = restrict_candidates(body.sdp, self.settings.rtc_remote_candidate_addresses)
+            sdp, dropped = filter_candidates(body.sdp, self.candidates.allows)
+            if dropped:
+                self.candidates_dropped.inc(dropped)
             sdp = strip_abs_send_time(sdp)  # no REMB, which starves the browser's send rate
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))

@@ -10,6 +10,7 @@ first codec of our answer, so the answer lists them in `prefer` order.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiortc import RTCRtpReceiver
@@ -137,30 +138,36 @@ def answer_video_codec(sdp: str) -> str | None:
     return None
 
 
-def _allowed(address: str, allowed: set[str]) -> bool:
-    try:
-        return str(ipaddress.ip_address(address)) in allowed
-    except ValueError:
-        return False  # mDNS `.local` names and anything else that is not an address
-
-
-def restrict_candidates(sdp: str, allowed_addresses: list[str]) -> str:
-    """Drop `a=candidate` lines that are not UDP on one of `allowed_addresses`, so no
-    connectivity check is ever sent elsewhere (tests: 127.0.0.1 only). An empty list keeps
-    every candidate."""
-    if not allowed_addresses:
-        return sdp
-    allowed = {str(ipaddress.ip_address(a)) for a in allowed_addresses}
+def filter_candidates(sdp: str, keep: Callable[[str, str], bool]) -> tuple[str, int]:
+    """Drop the `a=candidate` lines for which `keep(address, transport)` is false (and any
+    line too short to be a candidate); returns the SDP and how many were dropped."""
     newline = "\r\n" if "\r\n" in sdp else "\n"
-    kept = []
+    kept, dropped = [], 0
     for line in sdp.splitlines():
         if line.startswith("a=candidate:"):
             parts = line.split()
             # a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ …
-            if len(parts) < 8 or parts[2].lower() != "udp" or not _allowed(parts[4], allowed):
+            if len(parts) < 8 or not keep(parts[4], parts[2].lower()):
+                dropped += 1
                 continue
         kept.append(line)
-    return newline.join(kept) + newline
+    return newline.join(kept) + newline, dropped
+
+
+def restrict_candidates(sdp: str, allowed_addresses: list[str]) -> str:
+    """Keep only `a=candidate` lines that are UDP on one of `allowed_addresses` (a test
+    client keeps every check on 127.0.0.1 this way). An empty list keeps every candidate."""
+    if not allowed_addresses:
+        return sdp
+    allowed = {str(ipaddress.ip_address(a)) for a in allowed_addresses}
+
+    def keep(address: str, transport: str) -> bool:
+        try:
+            return transport == "udp" and str(ipaddress.ip_address(address)) in allowed
+        except ValueError:
+            return False  # mDNS `.local` names and anything else that is not an address
+
+    return filter_candidates(sdp, keep)[0]
 
 
 def strip_abs_send_time(sdp: str) -> str:
