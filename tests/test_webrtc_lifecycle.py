@@ -76,6 +76,39 @@ async def test_reconnect_replaces_a_peer_that_is_still_there(rtc_server: Running
         await second.close()
 
 
+async def test_concurrent_reconnect_offers_leave_one_negotiation_standing(
+    rtc_server: RunningServer,
+) -> None:
+    gateway = rtc_server.app[RTC]
+    first = RtcTestClient(rtc_server.url, camera())
+    others = [RtcTestClient(rtc_server.url, camera()) for _ in range(4)]
+    try:
+        await first.connect()
+        await first.wait_for("frame_analysis")
+        outcomes = await asyncio.gather(
+            *(c.connect(session_id=first.session_id) for c in others), return_exceptions=True
+        )
+        refused = [o for o in outcomes if isinstance(o, OfferRefused)]
+        answered = [c for c, o in zip(others, outcomes, strict=True) if isinstance(o, dict)]
+        assert len(refused) + len(answered) == 4, outcomes
+        assert all(r.status == 409 and r.body["error"]["code"] == "offer_superseded"
+                   for r in refused)
+        assert answered  # the newest offer always wins
+        # One peer for the session, and it keeps analysing.
+        assert await until(lambda: gateway.peer_count == 1)
+        def connected() -> list[RtcTestClient]:
+            return [c for c in answered if c.pc is not None and c.pc.connectionState == "connected"]
+
+        assert await until(lambda: len(connected()) == 1, within=10)  # the rest were replaced
+        survivor = connected()[0]
+        mark = len(survivor.messages)
+        await survivor.wait_for("frame_analysis", start=mark, within=20)
+        assert rtc_server.manager.live_count == 1
+    finally:
+        for c in (first, *others):
+            await c.close()
+
+
 @pytest.mark.parametrize("settings_overrides", [{"rtc_reconnect_grace_s": 0.3}])
 async def test_after_grace_the_session_ends_with_its_report(rtc_server: RunningServer) -> None:
     client = RtcTestClient(rtc_server.url, camera())

@@ -96,6 +96,9 @@ class RtcGateway:
         self.policy_factory = policy_factory or self._default_policy
         self._peers: dict[str, RtcPeer] = {}  # by session id: one peer per session
         self._negotiating = 0
+        #: The newest negotiation per session id: an older one still running is superseded.
+        self._latest_offer: dict[str, int] = {}
+        self._offer_seq = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
         self._closed = False
@@ -183,8 +186,12 @@ class RtcGateway:
                 code="too_many_peers",
             )
         info = inspect_offer(body.sdp)
+        self._offer_seq += 1
+        seq = self._offer_seq
         if reconnect:
             await self.manager.get_live(body.session_id)  # 404 / 409 before any peer exists
+            assert body.session_id is not None
+            self._latest_offer[body.session_id] = seq
         self._negotiating += 1
         # Never None: aiortc would then use a public Google STUN server.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
@@ -218,6 +225,11 @@ class RtcGateway:
                                        status=503)
                 if reconnect:
                     session = await self.manager.get_live(body.session_id)
+                    if self._latest_offer.get(session.id) != seq:
+                        raise ProctorError(
+                            "a newer offer for this session replaced this one",
+                            code="offer_superseded", status=409,
+                        )
                     old = self._peers.pop(session.id, None)
                     if old is not None:
                         self._background_task(old.close("replaced"))
@@ -253,6 +265,8 @@ class RtcGateway:
             raise
         finally:
             self._negotiating -= 1
+            if body.session_id is not None and self._latest_offer.get(body.session_id) == seq:
+                del self._latest_offer[body.session_id]
 
     # --- peer lifecycle -------------------------------------------------------------------
 
