@@ -9,6 +9,7 @@
   const { el, fmtTime, fmtNum, human, errText } = window.ProctorUI;
 
   const OFFER_URL = "/api/rtc/offer";
+  const ICE_SERVERS_URL = "/api/rtc/ice-servers";
   const ICE_GATHER_TIMEOUT_MS = 5000; // aiortc has no trickle ICE: wait, but not forever
   const OPEN_TIMEOUT_MS = 20000; // answer → data channel open
   const DISCONNECTED_GRACE_MS = 3000; // "disconnected" often heals by itself
@@ -250,6 +251,23 @@
     describe() {
       const http = this.status ? `HTTP ${this.status} ` : "";
       return `${http}${this.code}: ${this.message}`;
+    }
+  }
+
+  // STUN/TURN servers (TURN with short-lived credentials) from the server, unless the page
+  // config names its own. Without any, the browser offers its host candidates only.
+  async function loadIceServers() {
+    if (state.config.iceServers.length) return;
+    try {
+      const res = await fetch(ICE_SERVERS_URL);
+      if (!res.ok) return;
+      const data = await res.json();
+      if (Array.isArray(data.ice_servers) && data.ice_servers.length) {
+        state.config.iceServers = data.ice_servers;
+        log("info", `using the server's ${data.ice_servers.length} ICE server(s)`);
+      }
+    } catch (err) {
+      log("warn", `could not load ICE servers (${errText(err)}); host candidates only`);
     }
   }
 
@@ -497,6 +515,7 @@
       return;
     }
     const jobData = { jobTitle: ui.job.value.trim() || "Candidate" };
+    await loadIceServers();
     for (let attempt = 0; ; attempt++) {
       try {
         setStatus("Connecting: gathering network candidates and sending the offer…");

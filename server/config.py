@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     # [{"urls": ["turn:turn.example.com:3478"], "username": "u", "credential": "p"}].
     # None by default: aiortc would otherwise use a public Google STUN server.
     rtc_ice_servers: list[dict[str, Any]] = Field(default_factory=list)
+    # TURN for browsers behind strict NATs: pages get these URLs with ephemeral
+    # credentials (TURN REST API: HMAC-SHA1 of TURN_SECRET, coturn's use-auth-secret),
+    # valid TURN_TTL_S seconds; the secret itself never leaves the server.
+    turn_urls: list[str] = Field(default_factory=list)
+    turn_secret: str = ""
+    turn_ttl_s: int = 3600
     # Host candidate addresses to offer (aioice's own default, used when empty, is every
     # interface address except 127.0.0.1). Tests pin ["127.0.0.1"].
     rtc_host_addresses: list[str] = Field(default_factory=list)

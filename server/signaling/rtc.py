@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from server.media.sampler import (
 )
 from server.observability import Instruments
 from server.session.manager import SessionManager
+from server.signaling.auth import require_operator
 from server.signaling.http_api import Api, json_response, parse_body
 from server.signaling.ice import (
     CandidatePolicy,
@@ -54,6 +56,7 @@ from server.signaling.sdp import (
     strip_abs_send_time,
     video_codec_preferences,
 )
+from server.signaling.turn import client_ice_servers
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,11 @@ class RtcOfferRequest(BaseModel):
     job_data: dict[str, Any] = Field(
         default_factory=dict, description="For a new session, e.g. {\"jobTitle\": \"...\"}"
     )
+
+
+class IceServers(BaseModel):
+    ice_servers: list[dict[str, Any]]
+    ttl_s: int | None = Field(default=None, description="Lifetime of the TURN credentials")
 
 
 class RtcAnswer(BaseModel):
@@ -137,6 +145,22 @@ class RtcGateway:
     # --- routes ---------------------------------------------------------------------------
 
     def register(self, api: Api) -> None:
+        async def rtc_ice_servers(request: web.Request) -> web.Response:
+            # Credentials are handed to token holders only (the operator's or a
+            # candidate's in secured mode; anyone in development mode).
+            require_operator(request, self.settings.api_token)
+            name = secrets.token_hex(6)
+            return json_response({
+                "ice_servers": client_ice_servers(self.settings, name),
+                "ttl_s": self.settings.turn_ttl_s if self.settings.turn_secret else None,
+            })
+
+        api.route(
+            "GET", "/api/rtc/ice-servers",
+            summary="STUN/TURN servers for the page, with ephemeral TURN credentials",
+            tag="webrtc", response=IceServers, errors=(401, 403),
+        )(rtc_ice_servers)
+
         @api.route(
             "POST", "/api/rtc/offer",
             summary="WebRTC offer → answer; results on the 'proctoring' data channel",
@@ -254,7 +278,7 @@ class RtcGateway:
                 "sdp": local.sdp,
                 "type": "answer",
                 "session_id": session.id,
-                "ice_servers": self.settings.rtc_ice_servers,
+                "ice_servers": client_ice_servers(self.settings, session.id[:12]),
                 "codec": peer.codec,
             }
         except BaseException:
