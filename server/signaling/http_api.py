@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from server import safe_json
 from server.errors import BadRequest, ProctorError, from_frame_error
 from server.media.frames import FrameError
 
@@ -64,8 +65,8 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         data: Any = {}
     else:
         try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = safe_json.loads(raw)
+        except safe_json.JsonRejected as exc:
             raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object", code="invalid_json")

@@ -237,9 +237,13 @@ class RtcGateway:
             sdp = strip_abs_send_time(sdp)  # no REMB, which starves the browser's send rate
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+                await pc.setLocalDescription(await pc.createAnswer())
             except (ValueError, OperationError, InternalError, InvalidStateError) as exc:
                 raise MalformedSdp(f"the offer was refused: {exc}") from None
-            await pc.setLocalDescription(await pc.createAnswer())
+            except (AttributeError, KeyError, IndexError, TypeError) as exc:
+                # aiortc trips over some crafted offers that its parser let through.
+                name = type(exc).__name__
+                raise MalformedSdp(f"the offer cannot be negotiated: {name}") from None
             local = pc.localDescription
             peer = RtcPeer(self, pc, video.receiver.track)
             peer.codec = answer_video_codec(local.sdp)

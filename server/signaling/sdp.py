@@ -23,6 +23,9 @@ from aiortc.sdp import SessionDescription
 from server.errors import BadRequest
 
 MAX_SDP_CHARS = 100_000  # a browser offer is a few kB; refuse anything absurd early
+MAX_MEDIA_SECTIONS = 16  # a camera, a microphone, a data channel and some room
+#: Bytes of each fingerprint algorithm's digest (the value is their hex, colon-separated).
+DIGEST_BYTES = {"sha-256": 32, "sha-384": 48, "sha-512": 64}
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 
 
@@ -66,6 +69,9 @@ def inspect_offer(sdp: str) -> OfferInfo:
     except Exception as exc:  # aiortc's parser raises whatever the bad line provokes
         raise MalformedSdp(f"sdp cannot be parsed: {type(exc).__name__}: {exc}") from None
     info = OfferInfo()
+    if len(desc.media) > MAX_MEDIA_SECTIONS:
+        raise MalformedSdp(f"sdp has more than {MAX_MEDIA_SECTIONS} media sections")
+    mids: set[str] = set()
     for i, media in enumerate(desc.media):
         info.kinds.append(media.kind)
         # aiortc accepts these missing and then fails inside a background task, leaving a
@@ -78,6 +84,14 @@ def inspect_offer(sdp: str) -> OfferInfo:
                    if f.algorithm.lower() not in X509_DIGEST_ALGORITHMS]
         if unknown:
             raise MalformedSdp(f"unsupported DTLS fingerprint algorithm {unknown[0]!r}")
+        for f in media.dtls.fingerprints:
+            # Else the DTLS handshake fails later and leaves a peer that never connects.
+            if not _fingerprint_ok(f.algorithm.lower(), f.value):
+                raise MalformedSdp(f"m-line {i} has a malformed {f.algorithm} fingerprint")
+        if media.rtp.muxId:
+            if media.rtp.muxId in mids:
+                raise MalformedSdp(f"m-line {i} repeats mid {media.rtp.muxId!r}")
+            mids.add(media.rtp.muxId)
         info.candidates += len(media.ice_candidates)
         if media.kind == "application":
             info.has_data_channel = True
@@ -108,6 +122,13 @@ def inspect_offer(sdp: str) -> OfferInfo:
             "before createOffer()"
         )
     return info
+
+
+def _fingerprint_ok(algorithm: str, value: str) -> bool:
+    parts = value.split(":")
+    return len(parts) == DIGEST_BYTES.get(algorithm, -1) and all(
+        len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts
+    )
 
 
 def video_codec_preferences(prefer: list[str]) -> list[RTCRtpCodecCapability]:
