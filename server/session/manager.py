@@ -125,6 +125,10 @@ class SessionManager:
                 code="too_many_sessions",
             )
         s = self.settings
+        # WebRTC and recorded video: the server picks the frames, so rules count capture
+        # time; push clients pick their own pace and keep the per-frame meaning.
+        dwell = s.rule_frame_interval_s if transport in ("webrtc", "video") else None
+        engine = AlertEngine(rules_from_settings(s), dwell_interval_s=dwell)
         session = LiveSession(
             id=secrets.token_urlsafe(16),  # 128 random bits: the session's capability
             transport=transport,
@@ -136,16 +140,22 @@ class SessionManager:
                 pitch_limit=s.looking_away_pitch_deg,
                 posture_window=s.posture_window_frames,
                 positive_emotions=tuple(s.positive_emotions),
+                gaze_min_confidence=s.eye_direction_min_confidence,
             ),
-            engine=AlertEngine(rules_from_settings(s)),
+            engine=engine,
             cadence=CheckCadence(s.labels_interval_s, s.text_interval_s),
             pose_calibration=self.pose_calibration_factory()
             if self.pose_calibration_factory
             else None,
         )
         self._live[session.id] = session
+        rules = {
+            **engine.describe(),
+            "eye_direction_min_confidence": s.eye_direction_min_confidence,
+        }
         await self.store.create_session(
-            session.id, transport, session.backend, session.job_data, session.started_at
+            session.id, transport, session.backend, session.job_data, session.started_at,
+            rules=rules,
         )
         session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
         self.instruments.sessions_started.labels(transport=transport).inc()
