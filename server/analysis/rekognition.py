@@ -23,7 +23,8 @@ Frame quality. Rekognition's per-face Quality says nothing when it finds no face
 camera too dark or blurred to see one would otherwise read as "no face" — a behaviour flag
 for a camera problem. So every analysis also runs the local backend's frame-level pixel
 check (`local_models.quality.assess_frame`: mean luma, Laplacian sharpness, flatness; a
-reduced-scale JPEG decode, ~1 ms) in the pool beside the API calls, adding no latency.
+reduced-scale JPEG decode) in the pool thread that prepares the image bytes, before the
+API calls: about a millisecond, and no extra pool slot.
 A frame where Rekognition found a face is judgeable whatever its pixels (the service saw
 it); a frame with no face found that the pixel check calls too dark, too bright or too
 blurred is insufficient (an absence cannot be told from darkness); a flat frame (covered
@@ -375,24 +376,14 @@ class RekognitionAnalyser:
         results: dict[str, _CheckResult] = {}
         pixels: Quality | None = None
         if wanted:
-            image = await self._run(
-                functools.partial(
-                    frame.jpeg,
-                    self._settings.max_frame_dimension,
-                    self._settings.jpeg_quality,
-                    self._max_image_bytes,
-                )
-            )
+            image, pixels = await self._run(functools.partial(self._prepare, frame))
             if len(image) > self._max_image_bytes:
                 # Frame.jpeg gives up at its lowest quality; the service would refuse it.
                 raise FrameTooLarge(
                     f"frame is still {len(image)} bytes after re-encoding; "
                     f"the limit is {self._max_image_bytes}"
                 )
-            pixels, outcomes = await asyncio.gather(
-                self._pixel_quality(frame),
-                asyncio.gather(*(self._check(name, image) for name in wanted)),
-            )
+            outcomes = await asyncio.gather(*(self._check(name, image) for name in wanted))
             results = dict(zip(wanted, outcomes, strict=True))
 
         calls: dict[str, int] = {}
@@ -428,15 +419,16 @@ class RekognitionAnalyser:
             height=frame.height,
         )
 
-    async def _pixel_quality(self, frame: Frame) -> Quality | None:
+    def _prepare(self, frame: Frame) -> tuple[bytes, Quality | None]:
+        """In a pool thread: the bytes to send, and the frame's pixel quality."""
+        s = self._settings
+        image = frame.jpeg(s.max_frame_dimension, s.jpeg_quality, self._max_image_bytes)
         try:
-            result: Quality = await self._run(functools.partial(assess_frame, frame))
-        except AnalyserClosed:
-            raise
+            pixels: Quality | None = assess_frame(frame)
         except Exception as exc:  # e.g. undecodable pixels: the service's answer decides
             log.debug("pixel quality check failed: %r", exc)
-            return None
-        return result
+            pixels = None
+        return image, pixels
 
     async def _check(self, name: str, image: bytes) -> _CheckResult:
         operation = OPERATIONS[name]
