@@ -70,15 +70,17 @@ class SioSession:
         self.sio = socketio.AsyncClient(reconnection=False)
         self.alerts: list[dict[str, Any]] = []
         self.results: dict[int, dict[str, Any]] = {}
+        self._new_result = asyncio.Event()
         self.sid = ""
+
+    def _on_result(self, data: dict[str, Any]) -> None:
+        self.results[data["result"]["frame_index"]] = data["result"]
+        self._new_result.set()
 
     async def __aenter__(self) -> SioSession:
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.sio.on("alerts", lambda data: self.alerts.extend(data["alerts"]))
-        self.sio.on(
-            "frame_analysis",
-            lambda data: self.results.__setitem__(data["result"]["frame_index"], data["result"]),
-        )
+        self.sio.on("frame_analysis", self._on_result)
         self.sio.on("session_started", lambda data: started.set_result(data["session_id"]))
         await self.sio.connect(self.url, transports=["websocket"])
         await self.sio.emit("start_session", {"job_data": {}})
@@ -95,7 +97,8 @@ class SioSession:
         assert ack["status"] == "analysed", ack
         async with asyncio.timeout(5):  # the event is emitted before the ack; be lenient
             while ack["frame_index"] not in self.results:
-                await asyncio.sleep(0.01)
+                self._new_result.clear()
+                await self._new_result.wait()
         return self.results[ack["frame_index"]]
 
     async def end(self) -> dict[str, Any]:
