@@ -24,7 +24,7 @@ camera too dark or blurred to see one would otherwise read as "no face" — a be
 for a camera problem. So every analysis also runs the local backend's frame-level pixel
 check (`local_models.quality.assess_frame`: mean luma, Laplacian sharpness, flatness; a
 reduced-scale JPEG decode) in the pool thread that prepares the image bytes, before the
-API calls: about a millisecond, and no extra pool slot.
+API calls: 0.5–2 ms (640×480 to 1080p), and no extra pool slot.
 A frame where Rekognition found a face is judgeable whatever its pixels (the service saw
 it); a frame with no face found that the pixel check calls too dark, too bright or too
 blurred is insufficient (an absence cannot be told from darkness); a flat frame (covered
