@@ -53,7 +53,7 @@ def create_app(
         Store(settings.database_path),
         instruments,
         narrator=make_narrator(settings, instruments),
-        pose_calibration_factory=pose_calibration_factory(analyser),
+        pose_calibration_factory=pose_calibration_factory(analyser, settings),
     )
     app = web.Application(
         client_max_size=_max_body(settings),

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     positive_emotions: list[str] = Field(default_factory=lambda: ["HAPPY", "CALM", "SURPRISED"])
 
     # --- alert rules (defaults are the product contract's) -----------------------------------
+    # "N frames" is per analysed frame on push transports (REST, Socket.IO); on WebRTC and
+    # recorded video a rule of N > 1 frames must hold over (N - 1) × this many seconds of
+    # capture time, seen in at least two analysed frames.
+    rule_frame_interval_s: float = 1.0
     no_face_frames: int = 3
     looking_away_yaw_deg: float = 30.0
     looking_away_pitch_deg: float = 25.0
@@ -79,7 +83,13 @@ class Settings(BaseSettings):
     low_engagement_threshold: float = 40.0
     low_engagement_frames: int = 10
     multiple_faces_frames: int = 1
+    suspicious_object_frames: int = 1
+    text_detected_frames: int = 1
+    # Too dark / too bright / too blurred to judge for this long (capture time, on every
+    # transport) raises video_unusable (category "technical").
+    unusable_video_s: float = 10.0
     suspicious_object_confidence: float = 70.0
+    # Flag whenever seen (above the confidence).
     suspicious_labels: list[str] = Field(
         default_factory=lambda: [
             "Mobile Phone",
@@ -89,17 +99,19 @@ class Settings(BaseSettings):
             "Paper",
             "Document",
             "Notebook",
-            "Monitor",
-            "Screen",
-            "Laptop",
-            "Computer",
             "Tablet Computer",
-            "Electronics",
             "Headphones",
         ]
     )
+    # The candidate's own equipment: flag only as a second device, two or more boxed
+    # instances in one frame.
+    second_device_labels: list[str] = Field(
+        default_factory=lambda: ["Computer", "Electronics", "Laptop", "Monitor", "Screen"]
+    )
     text_min_confidence: float = 80.0
     text_min_chars: int = 8  # "significant" text: this many characters over confident lines
+    # Rekognition's EyeDirection counts in eye_contact from this confidence (0-100) up.
+    eye_direction_min_confidence: float = 50.0
 
     # --- LLM narrative -------------------------------------------------------------------------
     openai_api_key: str = ""
@@ -150,6 +162,8 @@ class Settings(BaseSettings):
     sampler_local_idle_interval_s: float = 1.0
     # An alert rule's streak has started (plus one sample exactly when its dwell is over).
     sampler_pending_interval_s: float = 0.5
+    # ... while the pending rule's dwell ends within this many seconds.
+    sampler_pending_horizon_s: float = 2.0
     sampler_active_interval_s: float = 1.0  # an alert episode is open
     sampler_min_interval_s: float = 0.1  # floor between two samples of a session
     sampler_probe_interval_s: float = 0.1  # change score computed at most this often

@@ -343,3 +343,55 @@ def test_baseline_retaken_after_a_long_absence() -> None:
     for t in (62.0, 62.5):
         b.apply(obs_with_pose(-15.0, 0.0), t)
     assert b.baseline is not None and b.baseline.yaw == -15.0
+
+
+def test_baseline_cannot_absorb_a_sustained_35_degree_yaw() -> None:
+    """A candidate turned 35° from the very first frame (a second screen beside the
+    camera) is looking away, and stays so however long it lasts; also after a
+    re-calibration."""
+    from server.analysis.backends import pose_calibration_factory
+    from server.analysis.local_backend import LocalAnalyser
+    from server.analysis.rules import AlertEngine, FrameFacts, rules_from_settings
+    from server.analysis.scoring import Scorer
+    from server.config import Settings
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    factory = pose_calibration_factory(LocalAnalyser(settings), settings)
+    assert factory is not None
+    baseline = factory()
+    engine = AlertEngine(rules_from_settings(settings), dwell_interval_s=1.0)
+    scorer = Scorer()
+    onsets: list[tuple[float, str]] = []
+
+    def feed(o: Observation, t: float) -> Observation:
+        out = baseline.apply(o, t)
+        for ev in engine.evaluate(FrameFacts(int(t * 2), t, out, scorer.score(out))):
+            onsets.append((t, ev["type"] + ":" + ev["status"]))
+        return out
+
+    for i in range(40):  # 20 s, two frames a second, as steady as can be
+        out = feed(obs_with_pose(35.0, -3.0, 1.0), i / 2)
+        assert primary_pose(out).yaw == 35.0  # never made relative to itself
+    assert not baseline.calibrated  # type: ignore[attr-defined]
+    assert onsets == [(4.0, "looking_away:onset")]
+    # A glance at the screen ends the episode; then gone for a minute (the baseline is
+    # learnt again), back at 35°: the re-calibration cannot take it either.
+    feed(obs_with_pose(0.0, 0.0), 20.0)
+    assert onsets[-1] == (20.0, "looking_away:ended")
+    feed(no_face(), 25.0)
+    for i in range(20):
+        out = feed(obs_with_pose(35.0, -3.0, 1.0), 90.0 + i / 2)
+        assert primary_pose(out).yaw == 35.0
+    assert onsets[-1] == (94.0, "looking_away:onset")
+
+
+def test_baseline_stays_inside_the_thresholds() -> None:
+    b = PoseBaseline(max_yaw_deg=20.0, max_pitch_deg=15.0)
+    for t in (0.0, 0.5, 1.0):  # steady, but just past the yaw threshold
+        b.apply(obs_with_pose(21.0, 0.0), t)
+    assert not b.calibrated
+    for t in (2.0, 2.5, 3.0):  # inside: calibrated, and within the limits
+        b.apply(obs_with_pose(19.0, -14.0), t)
+    assert b.baseline == Pose(19.0, -14.0, 0.0)
+    # The worst the baseline can hide is the thresholds themselves: 41° reads as 22° (> 20).
+    assert primary_pose(b.apply(obs_with_pose(41.0, -14.0), 3.5)).yaw == pytest.approx(22.0)

@@ -78,8 +78,9 @@ async def openai_fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeOpen
     await fake.stop()
 
 
-def _camera(tmp_path: Path, face: int = 30, blank: int = 30) -> Path:
-    """2 s of a face then 2 s of an empty scene at 15 fps, looped by Chromium."""
+def _camera(tmp_path: Path, face: int = 30, blank: int = 60) -> Path:
+    """2 s of a face then 4 s of an empty scene at 15 fps, looped by Chromium (WebRTC
+    rules count capture time: no_face_detected needs 2 s of absence)."""
     return write_y4m(tmp_path / "camera.y4m", face_frames(face) + blank_frames(blank))
 
 

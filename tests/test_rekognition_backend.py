@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from server.analysis.observation import Checks, Observation
+from server.analysis.observation import Checks, Gaze, Observation
 from server.analysis.rekognition import AnalyserClosed, RekognitionAnalyser
 from server.config import Settings
 from server.media.frames import Frame, FrameTooLarge, MalformedFrame
@@ -91,6 +91,48 @@ async def make_analyser(
 # --- parsing ---------------------------------------------------------------------------------
 
 
+def image_frame(image: np.ndarray) -> Frame:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    return Frame.from_encoded(buf.tobytes(), "image/jpeg")
+
+
+async def test_a_dark_camera_is_insufficient_unless_rekognition_sees_a_face(
+    fake: FakeRekognition, make_analyser: MakeAnalyser
+) -> None:
+    from tests.media import astronaut_bgr
+
+    analyser = await make_analyser()
+    dark = image_frame((astronaut_bgr() * 0.15).astype(np.uint8))  # textured, mean luma < 30
+    fake.set_scene(faces=[])
+    unseen = await analyser.analyse(dark, Checks(faces=True))
+    assert unseen.faces == () and unseen.quality is not None
+    assert unseen.insufficient and unseen.quality.reason == "too_dark"
+    # The service found a face in the same pixels: the frame was judgeable after all.
+    fake.set_scene(faces=[fake_face()])
+    seen = await analyser.analyse(dark, Checks(faces=True))
+    assert seen.quality is not None and not seen.insufficient
+    assert seen.quality.brightness is not None and seen.quality.brightness < 30
+    # A covered lens (flat black) is a judgeable absence, not a dark camera.
+    fake.set_scene(faces=[])
+    covered = await analyser.analyse(image_frame(np.full((480, 640, 3), 3, np.uint8)), Checks())
+    assert covered.faces == () and not covered.insufficient
+    # A blurred camera with nothing recognisable in it is insufficient too.
+    blurred = cv2.GaussianBlur(astronaut_bgr(), (0, 0), 8)
+    out = await analyser.analyse(image_frame(blurred), Checks())
+    assert out.insufficient and out.quality is not None and out.quality.reason == "too_blurred"
+
+
+async def test_eye_direction_is_optional(
+    fake: FakeRekognition, make_analyser: MakeAnalyser
+) -> None:
+    fake.set_scene(faces=[fake_face(gaze=None)])
+    analyser = await make_analyser()
+    obs = await analyser.analyse(jpeg_frame(), Checks(faces=True))
+    assert obs.faces is not None and obs.faces[0].gaze is None and obs.faces[0].pose is not None
+
+
+
 async def test_faces_pose_emotions_and_flags_are_parsed(
     fake: FakeRekognition, make_analyser: MakeAnalyser, instruments: Instruments
 ) -> None:
@@ -105,6 +147,7 @@ async def test_faces_pose_emotions_and_flags_are_parsed(
                 eyes_open=False,
                 mouth_open=True,
                 smile=True,
+                gaze=(-20.0, 5.5, 97.0),
             ),
             fake_face(confidence=30.0),  # below rekognition_min_face_confidence
         ]
@@ -127,7 +170,11 @@ async def test_faces_pose_emotions_and_flags_are_parsed(
     assert (face.box.left, face.box.top, face.box.width, face.box.height) == pytest.approx(
         (0.2, 0.1, 0.3, 0.4)
     )
-    assert obs.labels is None and obs.text is None and obs.quality is None
+    assert face.gaze == Gaze(yaw=-20.0, pitch=5.5, confidence=97.0)
+    assert obs.labels is None and obs.text is None
+    # Our pixel check, not Rekognition's face Quality: a face was found, so judgeable.
+    assert obs.quality is not None and not obs.quality.insufficient
+    assert obs.quality.brightness is not None and obs.quality.face_size == pytest.approx(0.4)
     assert obs.degraded == ()
     assert obs.calls == {"DetectFaces": 1}
     assert (obs.width, obs.height) == (640, 480)

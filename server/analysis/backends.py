@@ -3,6 +3,7 @@ configured (or it is asked for), otherwise the offline local backend."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from server.analysis.analyser import Analyser, PoseCalibration
@@ -20,11 +21,20 @@ def make_analyser(settings: Settings, instruments: Instruments) -> Analyser:
     return LocalAnalyser(settings, instruments)
 
 
-def pose_calibration_factory(analyser: Analyser) -> Callable[[], PoseCalibration] | None:
+def pose_calibration_factory(
+    analyser: Analyser, settings: Settings | None = None
+) -> Callable[[], PoseCalibration] | None:
     """Backends whose head pose comes from a generic 3-D face model need a per-candidate
-    baseline; Rekognition's pose does not."""
+    baseline; Rekognition's pose does not. The baseline learns only from poses inside the
+    looking-away thresholds, so it can never absorb looking away."""
     if not getattr(analyser, "needs_pose_baseline", False):
         return None
     from server.analysis.pose_baseline import PoseBaseline
 
-    return PoseBaseline
+    if settings is None:
+        return PoseBaseline
+    return functools.partial(
+        PoseBaseline,
+        max_yaw_deg=settings.looking_away_yaw_deg,
+        max_pitch_deg=settings.looking_away_pitch_deg,
+    )

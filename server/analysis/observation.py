@@ -54,6 +54,16 @@ class Pose:
 
 
 @dataclass(frozen=True, slots=True)
+class Gaze:
+    """Where the eyes point relative to the head (Rekognition's EyeDirection: "independent
+    of the head pose"), in degrees; the gaze relative to the camera is pose + gaze."""
+
+    yaw: float
+    pitch: float
+    confidence: float  # 0..100
+
+
+@dataclass(frozen=True, slots=True)
 class Face:
     box: Box
     confidence: float
@@ -62,6 +72,7 @@ class Face:
     eyes_open: bool | None = None
     mouth_open: bool | None = None
     smile: bool | None = None
+    gaze: Gaze | None = None  # None: the backend does not estimate eye direction
 
     @property
     def dominant_emotion(self) -> str | None:
@@ -147,6 +158,13 @@ class Observation:
                     "yaw": round(f.pose.yaw, 2),
                     "pitch": round(f.pose.pitch, 2),
                     "roll": round(f.pose.roll, 2),
+                },
+                "gaze": None
+                if f.gaze is None
+                else {
+                    "yaw": round(f.gaze.yaw, 2),
+                    "pitch": round(f.gaze.pitch, 2),
+                    "confidence": round(f.gaze.confidence, 2),
                 },
                 "emotions": {k: round(v, 2) for k, v in f.emotions.items()},
                 "eyes_open": f.eyes_open,

@@ -7,11 +7,14 @@ learns the candidate's resting pose and reports the primary face's pose relative
 
 - Calibration: the primary face's poses from judgeable frames (quality sufficient) are
   collected while they are stable — every sample within `BASELINE_MAX_SPREAD_DEG` of the
-  newest on each axis — and frontal-ish (within `BASELINE_MAX_ABS_DEG` of straight
-  ahead). Once such a run spans `BASELINE_WINDOW_S` seconds with at least
-  `BASELINE_MIN_SAMPLES` poses, its per-axis median is the baseline. A new sample drops the older
-  samples it disagrees with, so a candidate who settles late
-  is still calibrated on their settled pose.
+  newest on each axis — and inside the looking-away thresholds (|yaw| ≤ `max_yaw_deg`,
+  |pitch| ≤ `max_pitch_deg`, the session's LOOKING_AWAY_YAW_DEG / _PITCH_DEG), so a
+  candidate who looks away from the first frame on is never calibrated on it: the
+  baseline can only absorb a camera offset the rules would tolerate anyway. The baseline
+  is also clamped to those thresholds, after every (re-)calibration. Once such a run
+  spans `BASELINE_WINDOW_S` seconds with at least `BASELINE_MIN_SAMPLES` poses, its
+  per-axis median is the baseline. A new sample drops the older samples it disagrees
+  with, so a candidate who settles late is still calibrated on their settled pose.
 - Until calibrated, poses pass through unchanged: the backend has already removed the
   face model's mean bias (`local_models.head_pose.POSE_BIAS`), so early frames are judged
   on that generic correction rather than held back.
@@ -33,9 +36,10 @@ BASELINE_WINDOW_S = 1.0
 BASELINE_MIN_SAMPLES = 3
 #: Poses in a stable run differ by at most this on each axis (degrees).
 BASELINE_MAX_SPREAD_DEG = 8.0
-#: Calibration poses are within this of straight ahead on yaw and pitch (degrees):
-#: generous, because an off-axis camera is exactly what the baseline is for.
-BASELINE_MAX_ABS_DEG = 40.0
+#: Calibration poses (and the baseline) are within these of straight ahead (degrees);
+#: sessions pass the looking-away thresholds, these are their defaults.
+BASELINE_MAX_YAW_DEG = 30.0
+BASELINE_MAX_PITCH_DEG = 25.0
 #: No face for this long (seconds) drops the baseline.
 BASELINE_ABSENCE_S = 30.0
 
@@ -46,13 +50,15 @@ class PoseBaseline:
         window_s: float = BASELINE_WINDOW_S,
         min_samples: int = BASELINE_MIN_SAMPLES,
         max_spread_deg: float = BASELINE_MAX_SPREAD_DEG,
-        max_abs_deg: float = BASELINE_MAX_ABS_DEG,
+        max_yaw_deg: float = BASELINE_MAX_YAW_DEG,
+        max_pitch_deg: float = BASELINE_MAX_PITCH_DEG,
         absence_s: float = BASELINE_ABSENCE_S,
     ) -> None:
         self.window_s = window_s
         self.min_samples = min_samples
         self.max_spread_deg = max_spread_deg
-        self.max_abs_deg = max_abs_deg
+        self.max_yaw_deg = abs(max_yaw_deg)
+        self.max_pitch_deg = abs(max_pitch_deg)
         self.absence_s = absence_s
         self.baseline: Pose | None = None
         self._samples: deque[tuple[float, Pose]] = deque(maxlen=64)
@@ -92,7 +98,7 @@ class PoseBaseline:
         self._last_face = None
 
     def _learn(self, pose: Pose, now: float) -> None:
-        if abs(pose.yaw) > self.max_abs_deg or abs(pose.pitch) > self.max_abs_deg:
+        if abs(pose.yaw) > self.max_yaw_deg or abs(pose.pitch) > self.max_pitch_deg:
             self._samples.clear()
             return
         # Keep only the samples that agree with the newest one.
@@ -103,8 +109,8 @@ class PoseBaseline:
         if len(self._samples) >= self.min_samples and span >= self.window_s:
             poses = [p for _, p in self._samples]
             self.baseline = Pose(
-                yaw=statistics.median(p.yaw for p in poses),
-                pitch=statistics.median(p.pitch for p in poses),
+                yaw=_clamp(statistics.median(p.yaw for p in poses), self.max_yaw_deg),
+                pitch=_clamp(statistics.median(p.pitch for p in poses), self.max_pitch_deg),
                 roll=statistics.median(p.roll for p in poses),
             )
             self._samples.clear()
@@ -116,6 +122,10 @@ def _close(a: Pose, b: Pose, limit: float) -> bool:
         and abs(a.pitch - b.pitch) <= limit
         and abs(a.roll - b.roll) <= limit
     )
+
+
+def _clamp(angle: float, limit: float) -> float:
+    return max(-limit, min(limit, angle))
 
 
 def _wrap(angle: float) -> float:

@@ -18,6 +18,17 @@ InvalidImageFormatException or InvalidParameterException the image itself is at 
 (undecodable body behind a valid header, dimensions below the service's minimum) and we
 raise `MalformedFrame`; ImageTooLargeException raises `FrameTooLarge`. Retrying or
 degrading would only repeat the same refusal for every check of every such frame.
+
+Frame quality. Rekognition's per-face Quality says nothing when it finds no face, and a
+camera too dark or blurred to see one would otherwise read as "no face" — a behaviour flag
+for a camera problem. So every analysis also runs the local backend's frame-level pixel
+check (`local_models.quality.assess_frame`: mean luma, Laplacian sharpness, flatness; a
+reduced-scale JPEG decode) in the pool thread that prepares the image bytes, before the
+API calls: 0.5–2 ms (640×480 to 1080p), and no extra pool slot.
+A frame where Rekognition found a face is judgeable whatever its pixels (the service saw
+it); a frame with no face found that the pixel check calls too dark, too bright or too
+blurred is insufficient (an absence cannot be told from darkness); a flat frame (covered
+lens) stays a judgeable absence.
 """
 
 from __future__ import annotations
@@ -47,14 +58,17 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import HTTPClientError as BotoHTTPClientError
 
+from server.analysis.local_models.quality import assess_frame
 from server.analysis.observation import (
     EMOTIONS,
     Box,
     Checks,
     Face,
+    Gaze,
     Label,
     Observation,
     Pose,
+    Quality,
     TextLine,
 )
 from server.config import Settings
@@ -146,6 +160,30 @@ def _flag(detail: dict[str, Any], key: str) -> bool | None:
     return bool(attr["Value"])
 
 
+def _gaze(detail: dict[str, Any]) -> Gaze | None:
+    eyes = detail.get("EyeDirection")
+    if not isinstance(eyes, dict) or "Yaw" not in eyes or "Pitch" not in eyes:
+        return None
+    return Gaze(
+        yaw=float(eyes["Yaw"]),
+        pitch=float(eyes["Pitch"]),
+        confidence=float(eyes.get("Confidence", 0.0)),
+    )
+
+
+def frame_quality(pixels: Quality | None, faces: tuple[Face, ...] | None) -> Quality | None:
+    """The frame's quality from the pixel check and what DetectFaces found (module doc)."""
+    if pixels is None:
+        return None
+    if not faces:
+        return pixels
+    return Quality(
+        brightness=pixels.brightness,
+        sharpness=pixels.sharpness,
+        face_size=round(max(f.box.height for f in faces), 4),
+    )
+
+
 def parse_faces(response: dict[str, Any], min_confidence: float) -> tuple[Face, ...]:
     faces = []
     for fd in response.get("FaceDetails", []):
@@ -164,6 +202,7 @@ def parse_faces(response: dict[str, Any], min_confidence: float) -> tuple[Face, 
                     pitch=float(pose.get("Pitch", 0.0)),
                     roll=float(pose.get("Roll", 0.0)),
                 ),
+                gaze=_gaze(fd),
                 # The service may add "UNKNOWN"; observations carry only the eight emotions.
                 emotions={
                     e["Type"]: float(e.get("Confidence", 0.0))
@@ -336,15 +375,9 @@ class RekognitionAnalyser:
             await self.start()
         wanted = checks.names()
         results: dict[str, _CheckResult] = {}
+        pixels: Quality | None = None
         if wanted:
-            image = await self._run(
-                functools.partial(
-                    frame.jpeg,
-                    self._settings.max_frame_dimension,
-                    self._settings.jpeg_quality,
-                    self._max_image_bytes,
-                )
-            )
+            image, pixels = await self._run(functools.partial(self._prepare, frame))
             if len(image) > self._max_image_bytes:
                 # Frame.jpeg gives up at its lowest quality; the service would refuse it.
                 raise FrameTooLarge(
@@ -371,19 +404,32 @@ class RekognitionAnalyser:
                 raise FrameTooLarge(message)
             raise MalformedFrame(message)
 
+        faces = results["faces"].value if "faces" in results else None
         return Observation(
             backend=self.name,
             checks=checks,
-            faces=results["faces"].value if "faces" in results else None,
+            faces=faces,
             labels=results["labels"].value if "labels" in results else None,
             text=results["text"].value if "text" in results else None,
-            quality=None,  # Rekognition's 0–100 face Quality is not our luma/Laplacian units
+            # Ours, not Rekognition's 0–100 face Quality (other units, and no face, no value).
+            quality=frame_quality(pixels, faces),
             degraded=tuple(degraded),
             calls=calls,
             latency_ms=(time.perf_counter() - started) * 1000.0,
             width=frame.width,
             height=frame.height,
         )
+
+    def _prepare(self, frame: Frame) -> tuple[bytes, Quality | None]:
+        """In a pool thread: the bytes to send, and the frame's pixel quality."""
+        s = self._settings
+        image = frame.jpeg(s.max_frame_dimension, s.jpeg_quality, self._max_image_bytes)
+        try:
+            pixels: Quality | None = assess_frame(frame)
+        except Exception as exc:  # e.g. undecodable pixels: the service's answer decides
+            log.debug("pixel quality check failed: %r", exc)
+            pixels = None
+        return image, pixels
 
     async def _check(self, name: str, image: bytes) -> _CheckResult:
         operation = OPERATIONS[name]

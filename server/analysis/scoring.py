@@ -1,7 +1,10 @@
 """Per-frame behavioural metrics (0–100) from an observation, as the contract defines them.
 
-- eye_contact: from the primary face's yaw/pitch; frontal = 100, the looking-away
-  thresholds score 50, twice the thresholds or more score 0.
+- eye_contact: from the primary face's gaze relative to the camera; frontal = 100, the
+  looking-away thresholds score 50, twice the thresholds or more score 0. The gaze is the
+  head pose plus the eye direction when the backend reports one confidently (Rekognition's
+  EyeDirection is relative to the head), so eyes on a second screen with the head frontal
+  score low; otherwise it is the head pose alone.
 - facial_expression: share of positive emotions (settings.positive_emotions) in the
   face's emotion distribution.
 - engagement: 0.6 × eye_contact + 0.4 × facial_expression.
@@ -47,11 +50,27 @@ def _clamp(value: float) -> float:
     return max(0.0, min(100.0, value))
 
 
-def eye_contact_score(face: Face, yaw_limit: float, pitch_limit: float) -> float | None:
+def gaze_angles(face: Face, gaze_min_confidence: float = 50.0) -> tuple[float, float] | None:
+    """(yaw, pitch) of where the face looks, relative to the camera."""
     if face.pose is None:
+        return None  # an eye direction alone is relative to an unknown head pose
+    yaw, pitch = face.pose.yaw, face.pose.pitch
+    if face.gaze is not None and face.gaze.confidence >= gaze_min_confidence:
+        # Small-angle composition: eyes rotate within the head, the head within the view.
+        yaw += face.gaze.yaw
+        pitch += face.gaze.pitch
+    return yaw, pitch
+
+
+def eye_contact_score(
+    face: Face, yaw_limit: float, pitch_limit: float, gaze_min_confidence: float = 50.0
+) -> float | None:
+    angles = gaze_angles(face, gaze_min_confidence)
+    if angles is None:
         return None
+    yaw, pitch = angles
     # 1.0 at the looking-away threshold, 2.0 at twice it.
-    off_axis = max(abs(face.pose.yaw) / yaw_limit, abs(face.pose.pitch) / pitch_limit)
+    off_axis = max(abs(yaw) / yaw_limit, abs(pitch) / pitch_limit)
     return _clamp(100.0 * (1.0 - off_axis / 2.0))
 
 
@@ -71,7 +90,9 @@ class Scorer:
         pitch_limit: float = 25.0,
         posture_window: int = 10,
         positive_emotions: tuple[str, ...] = ("HAPPY", "CALM", "SURPRISED"),
+        gaze_min_confidence: float = 50.0,
     ) -> None:
+        self.gaze_min_confidence = gaze_min_confidence
         self.yaw_limit = yaw_limit
         self.pitch_limit = pitch_limit
         self.positive = frozenset(e.upper() for e in positive_emotions)
@@ -81,7 +102,9 @@ class Scorer:
         face = observation.primary_face
         if face is None:
             return FrameMetrics()
-        eye = eye_contact_score(face, self.yaw_limit, self.pitch_limit)
+        eye = eye_contact_score(
+            face, self.yaw_limit, self.pitch_limit, self.gaze_min_confidence
+        )
         expr = expression_score(face, self.positive)
         if eye is not None and expr is not None:
             engagement: float | None = 0.6 * eye + 0.4 * expr

@@ -137,8 +137,13 @@ class SessionManager:
                 code="too_many_sessions",
             )
         s = self.settings
+        # WebRTC and recorded video: the server picks the frames, so rules and cadences
+        # count capture time; push clients pick their own pace and keep the per-frame
+        # meaning.
         capture_clock = transport in CAPTURE_CLOCK_TRANSPORTS
         sampled = transport == "webrtc"  # the sampler forces slow checks on scene changes
+        dwell = s.rule_frame_interval_s if capture_clock else None
+        engine = AlertEngine(rules_from_settings(s), dwell_interval_s=dwell)
         session = LiveSession(
             id=secrets.token_urlsafe(16),  # 128 random bits: the session's capability
             transport=transport,
@@ -150,8 +155,9 @@ class SessionManager:
                 pitch_limit=s.looking_away_pitch_deg,
                 posture_window=s.posture_window_frames,
                 positive_emotions=tuple(s.positive_emotions),
+                gaze_min_confidence=s.eye_direction_min_confidence,
             ),
-            engine=AlertEngine(rules_from_settings(s)),
+            engine=engine,
             cadence=CheckCadence(
                 s.sampler_labels_interval_s if sampled else s.labels_interval_s,
                 s.sampler_text_interval_s if sampled else s.text_interval_s,
@@ -163,8 +169,13 @@ class SessionManager:
             priority=priority,
         )
         self._live[session.id] = session
+        rules = {
+            **engine.describe(),
+            "eye_direction_min_confidence": s.eye_direction_min_confidence,
+        }
         await self.store.create_session(
-            session.id, transport, session.backend, session.job_data, session.started_at
+            session.id, transport, session.backend, session.job_data, session.started_at,
+            rules=rules,
         )
         session.worker = asyncio.create_task(
             self.pipeline.run(session), name=f"session-{session.id[:8]}"

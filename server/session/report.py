@@ -137,7 +137,13 @@ def alert_summary(alerts: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {}
     for a in alerts:
         entry = out.setdefault(
-            a["type"], {"count": 0, "total_duration_s": 0.0, "severity": a["severity"]}
+            a["type"],
+            {
+                "count": 0,
+                "total_duration_s": 0.0,
+                "severity": a["severity"],
+                "category": a.get("category", "behaviour"),
+            },
         )
         entry["count"] += 1
         entry["total_duration_s"] = round(
@@ -149,15 +155,22 @@ def alert_summary(alerts: list[dict[str, Any]]) -> dict[str, Any]:
 def rule_based_summary(
     agg: SessionAggregate, alerts: list[dict[str, Any]], duration_s: float
 ) -> str:
-    critical = sum(1 for a in alerts if a["severity"] == "critical")
-    warnings = sum(1 for a in alerts if a["severity"] == "warning")
+    technical = sum(1 for a in alerts if a.get("category") == "technical")
+    behaviour = [a for a in alerts if a.get("category", "behaviour") != "technical"]
+    critical = sum(1 for a in behaviour if a["severity"] == "critical")
+    warnings = sum(1 for a in behaviour if a["severity"] == "warning")
     eng = agg.metrics["engagement"].average
     eng_text = (
         "engagement could not be measured" if eng is None else f"average engagement {eng:.0f}/100"
     )
     return (
         f"{duration_s / 60:.1f}-minute session, {agg.frames} frames analysed, {eng_text}. "
-        f"{len(alerts)} alert episode(s): {critical} critical, {warnings} warning."
+        f"{len(behaviour)} alert episode(s): {critical} critical, {warnings} warning."
+        + (
+            f" {technical} time(s) the video could not be judged (technical)."
+            if technical
+            else ""
+        )
         + (f" {agg.insufficient} frame(s) were too poor to judge." if agg.insufficient else "")
     )
 
@@ -219,6 +232,8 @@ def build_report(
         "emotion_note": "Emotions are apparent facial expressions, not inner states.",
         "alerts": alerts,
         "alert_summary": alert_summary(alerts),
+        # The settings the alerts were judged with (None for sessions stored before).
+        "rules": session.get("rules"),
         "narrative": {"source": "rules", "summary": summary_text},
         "ai_summary": None,
         "llm": None,

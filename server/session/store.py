@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     ended_at REAL,
     end_reason TEXT,
     last_activity REAL NOT NULL,
-    counters TEXT NOT NULL DEFAULT '{}'
+    counters TEXT NOT NULL DEFAULT '{}',
+    rules TEXT                         -- the alert settings the session is judged with
 );
 CREATE TABLE IF NOT EXISTS frames (
     session_id TEXT NOT NULL,
@@ -91,6 +92,9 @@ class Store:
 
         def init(conn: sqlite3.Connection) -> list[str]:
             conn.executescript(SCHEMA)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+            if "rules" not in columns:  # a file from before the column existed
+                conn.execute("ALTER TABLE sessions ADD COLUMN rules TEXT")
             ids = [r[0] for r in conn.execute("SELECT id FROM sessions WHERE status='live'")]
             conn.execute(
                 "UPDATE sessions SET status='interrupted', end_reason='server_restart' "
@@ -180,11 +184,20 @@ class Store:
         backend: str,
         job_data: dict[str, Any],
         started_at: float,
+        rules: dict[str, Any] | None = None,
     ) -> None:
         await self._put(
             "INSERT INTO sessions (id, status, transport, backend, job_data, started_at, "
-            "last_activity) VALUES (?, 'live', ?, ?, ?, ?, ?)",
-            (session_id, transport, backend, _dumps(job_data), started_at, started_at),
+            "last_activity, rules) VALUES (?, 'live', ?, ?, ?, ?, ?, ?)",
+            (
+                session_id,
+                transport,
+                backend,
+                _dumps(job_data),
+                started_at,
+                started_at,
+                None if rules is None else _dumps(rules),
+            ),
         )
 
     async def update_counters(
@@ -240,6 +253,7 @@ class Store:
             "end_reason": row["end_reason"],
             "last_activity": row["last_activity"],
             "counters": json.loads(row["counters"] or "{}"),
+            "rules": json.loads(row["rules"]) if row["rules"] else None,
         }
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None:

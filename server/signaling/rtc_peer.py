@@ -104,10 +104,13 @@ class RtcPeer:
     def _sampling_state(self, captured_at: float) -> SamplingState:
         assert self.session is not None
         engine = self.session.engine
-        due_at = engine.pending_due_at()
+        due_at = engine.pending_due_at()  # capture time, the same clock as `captured_at`
+        horizon = self.gateway.settings.sampler_pending_horizon_s
         return SamplingState(
-            pending=bool(engine.pending()),
-            active=bool(engine.active()),
+            # A long dwell (a dark camera's 10 s) is not boosted all along: only its last
+            # seconds, and one sample when it completes.
+            pending=due_at is not None and due_at - captured_at <= horizon,
+            active=any(ep.category != "technical" for ep in engine.active()),
             due=due_at is not None and captured_at >= due_at,
             idle_interval_s=self.gateway.manager.idle_interval_s(),
         )

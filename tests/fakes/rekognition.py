@@ -99,16 +99,19 @@ def fake_face(
     smile: bool = False,
     brightness: float = 80.0,
     sharpness: float = 90.0,
+    gaze: tuple[float, float, float] | None = (0.0, 0.0, 98.0),
 ) -> FaceSpec:
     """A realistic `FaceDetail` as DetectFaces(Attributes=["ALL"]) returns it.
-    `box` is (left, top, width, height) as ratios of the frame."""
+    `box` is (left, top, width, height) as ratios of the frame. `gaze` is EyeDirection
+    (yaw, pitch, confidence): where the eyes point relative to the head ("independent of
+    the head pose"), (0, 0) being the eyes following the head; None leaves it out."""
     left, top, width, height = box
     cx, cy = left + width / 2, top + height / 2
 
     def point(kind: str, dx: float, dy: float) -> dict[str, Any]:
         return {"Type": kind, "X": cx + dx * width, "Y": cy + dy * height}
 
-    return {
+    detail: FaceSpec = {
         "BoundingBox": {"Width": width, "Height": height, "Left": left, "Top": top},
         "AgeRange": {"Low": 25, "High": 35},
         "Smile": {"Value": smile, "Confidence": 97.1},
@@ -131,8 +134,10 @@ def fake_face(
         "Quality": {"Brightness": brightness, "Sharpness": sharpness},
         "Confidence": confidence,
         "FaceOccluded": {"Value": False, "Confidence": 99.0},
-        "EyeDirection": {"Yaw": yaw * 0.3, "Pitch": pitch * 0.3, "Confidence": 98.0},
     }
+    if gaze is not None:
+        detail["EyeDirection"] = {"Yaw": gaze[0], "Pitch": gaze[1], "Confidence": gaze[2]}
+    return detail
 
 
 def fake_label(

@@ -23,6 +23,7 @@ import numpy as np
 
 from server.analysis.local_models.faces import DetectedFace
 from server.analysis.observation import Quality
+from server.media.frames import Frame, MalformedFrame
 
 #: Mean luma below this: too dark to judge (the astronaut at 30 % exposure reads 34).
 TOO_DARK_BRIGHTNESS = 30.0
@@ -86,3 +87,29 @@ def assess(gray: np.ndarray, faces: list[DetectedFace]) -> Quality:
         insufficient=reason is not None,
         reason=reason,
     )
+
+
+_REDUCED_GREY = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                 (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def frame_grey(frame: Frame) -> np.ndarray:
+    """The frame in grey at about `FRAME_SIDE` (never below it when the frame is larger),
+    cheaply: an encoded JPEG is decoded at a reduced scale (DCT scaling), a decoded frame
+    is converted at that size. Blocking pixel work: call it in a worker thread."""
+    longest = max(frame.width, frame.height)
+    if frame.encoded is not None:
+        flag = cv2.IMREAD_GRAYSCALE
+        if frame.mime == "image/jpeg":
+            flag = next((f for k, f in _REDUCED_GREY if longest // k >= FRAME_SIDE), flag)
+        grey = cv2.imdecode(np.frombuffer(frame.encoded, dtype=np.uint8), flag)
+        if grey is None:
+            raise MalformedFrame("image data cannot be decoded")
+        return grey
+    return cv2.cvtColor(frame.bgr(FRAME_SIDE), cv2.COLOR_BGR2GRAY)
+
+
+def assess_frame(frame: Frame) -> Quality:
+    """Frame-level quality (brightness, whole-frame sharpness, flatness) for a backend
+    whose faces come from elsewhere (Rekognition): the face-free half of `assess`."""
+    return assess(frame_grey(frame), [])
