@@ -56,6 +56,22 @@ def frame_summary(obs: Observation, metrics: FrameMetrics) -> dict[str, Any]:
     }
 
 
+def _story(obs: Observation, metrics: FrameMetrics) -> str:
+    """One log line's worth of a frame's result."""
+    face = obs.primary_face
+    faces = "faces not checked" if obs.faces is None else f"{len(obs.faces)} face(s)"
+    parts = [faces]
+    if face is not None and metrics.eye_contact is not None:
+        parts.append(f"eye contact {metrics.eye_contact:.0f}")
+    if face is not None and face.dominant_emotion:
+        parts.append(face.dominant_emotion)
+    if obs.insufficient:
+        parts.append(f"insufficient ({obs.quality.reason if obs.quality else 'quality'})")
+    if obs.degraded:
+        parts.append(f"degraded: {', '.join(obs.degraded)}")
+    return f"{'; '.join(parts)} ({obs.backend}, {obs.latency_ms:.0f} ms)"
+
+
 class SessionManager:
     def __init__(
         self,
@@ -150,7 +166,8 @@ class SessionManager:
         session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
         self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
-        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend)
+        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend,
+                 extra={"session_id": session.id})
         return session
 
     async def get_live(self, session_id: object) -> LiveSession:
@@ -291,10 +308,14 @@ class SessionManager:
         session.touch()
 
         await self.store.add_frame(session.id, index, frame.captured_at, summary)
+        if index == 0:
+            log.info("first analysis: %s", _story(obs, metrics), extra={"session_id": session.id})
         for ev in events:
             await self.store.save_alert(session.id, ev)
             if ev["status"] == "onset":
                 self.instruments.alerts_raised.labels(type=ev["type"]).inc()
+                log.info("alert %s (%s): %s", ev["type"], ev["severity"], ev["message"],
+                         extra={"session_id": session.id})
         await self.store.update_counters(session.id, session.counters.to_json(), time.time())
 
         face = obs.primary_face
@@ -372,11 +393,13 @@ class SessionManager:
         self._live.pop(session.id, None)
         self.instruments.live_sessions.set(len(self._live))
         self.instruments.sessions_ended.labels(reason=reason).inc()
+        c = session.counters
+        log.info("session ended (%s): %d frames received, %d analysed", reason, c.received,
+                 c.analysed, extra={"session_id": session.id})
         report = await self._make_report(session.id, use_llm)
         session.status = "ended"
         await session.publish("session_ended", {"session_id": session.id, "report": report})
         session.listeners.clear()
-        log.info("session %s ended (%s)", session.id, reason)
         self._ending.pop(session.id, None)
         return report
 
@@ -394,6 +417,10 @@ class SessionManager:
             attach_narrative(report, narrative.to_json())
         await self.store.save_report(session_id, report)
         await self.store.flush()
+        llm = report.get("llm") or {}
+        by = f"LLM {llm.get('provider')}" if llm and not llm.get("error") else "rules"
+        log.info("report written: %d alerts, narrative by %s", len(report.get("alerts") or []),
+                 by, extra={"session_id": session_id})
         return report
 
     async def report(self, session_id: str) -> dict[str, Any]:

@@ -395,7 +395,11 @@ class RtcPeer:
 
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
-        log.debug("peer %s connection %s", self.id, state)
+        about = {"session_id": self.session.id if self.session else ""}
+        if state == "connected":
+            log.info("WebRTC peer %s connected (%s)", self.id, self.codec, extra=about)
+        else:
+            log.debug("peer %s connection %s", self.id, state, extra=about)
         if state in ("failed", "closed") and not self.closing:
             self.gateway.peer_lost(self, f"connection_{state}")
 
@@ -488,7 +492,8 @@ class RtcPeer:
         self.sender.send(
             {"type": "adjust_video", "max_width": max_width, "max_fps": max_fps, "reason": reason}
         )
-        log.info("peer %s asked for ≤ %d px, ≤ %d fps (%s)", self.id, max_width, max_fps, reason)
+        log.info("peer %s asked for ≤ %d px, ≤ %d fps (%s)", self.id, max_width, max_fps, reason,
+                 extra={"session_id": self.session.id if self.session else ""})
 
     async def _linger(self, linger_s: float) -> None:
         """Wait (bounded) until the last messages — the report above all, often tens of kB
@@ -529,7 +534,8 @@ class RtcPeer:
                     await task
         finally:
             self._closed.set()
-        log.info("peer %s closed (%s)", self.id, reason)
+        log.info("WebRTC peer %s closed (%s)", self.id, reason,
+                 extra={"session_id": self.session.id if self.session else ""})
 
 
 # --- the gateway: routes, peers, grace, overload ------------------------------------------
@@ -686,8 +692,8 @@ class RtcGateway:
             self.peers_gauge.set(len(self._peers))
             self._ensure_monitor()
             log.info(
-                "peer %s for session %s (%s, %s)", peer.id, session.id,
-                "reconnect" if reconnect else "new", peer.codec,
+                "WebRTC offer answered: peer %s (%s, %s)", peer.id,
+                "reconnect" if reconnect else "new", peer.codec, extra={"session_id": session.id},
             )
             return {
                 "sdp": local.sdp,
@@ -725,8 +731,8 @@ class RtcGateway:
         self.peers_gauge.set(len(self._peers))
         if self._closed or session.status != "live":
             return
-        log.info("session %s lost its peer (%s): %.0f s to reconnect", session.id, reason,
-                 self.settings.rtc_reconnect_grace_s)
+        log.info("session lost its peer (%s): %.0f s to reconnect", reason,
+                 self.settings.rtc_reconnect_grace_s, extra={"session_id": session.id})
         sid = session.id
         task = asyncio.create_task(self._end_after_grace(sid), name=f"rtc-grace-{sid[:8]}")
         self._grace[sid] = task
