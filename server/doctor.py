@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from dotenv import load_dotenv
 
@@ -199,11 +199,35 @@ def _bind_error(host: str, port: int) -> OSError | None:
     return None
 
 
+def _running_proctor(host: str, port: int) -> dict[str, Any] | None:
+    """The /health answer of a proctor server already listening there, if it is one."""
+    import json
+    import urllib.request
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
+    target = "[::1]" if target == "::" else (f"[{target}]" if ":" in target else target)
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+        with opener.open(f"http://{target}:{port}/health", timeout=2) as resp:
+            body = json.loads(resp.read(64 * 1024))
+    except (OSError, ValueError):
+        return None
+    if isinstance(body, dict) and body.get("status") == "ok" and "live_sessions" in body:
+        return body
+    return None
+
+
 def check_listen(s: Settings) -> Check:
     url = f"http://{'localhost' if _is_loopback(s.host) else s.host}:{s.port}/"
     error = _bind_error(s.host, s.port)
     if error is not None:
         busy = error.errno == errno.EADDRINUSE
+        running = _running_proctor(s.host, s.port) if busy else None
+        if running is not None:
+            return Check(
+                "listen", "ok", f"{url}: a proctor server is already serving here "
+                f"(backend {running.get('backend')}, {running.get('live_sessions')} live sessions)",
+            )
         if busy:
             return Check("listen", "problem", f"{s.host}:{s.port}: another process uses the port",
                          fix="stop it, or choose another port: PORT=5002 in .env "
