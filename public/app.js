@@ -124,7 +124,7 @@
     ui.sessionState.className = "badge" + (phase === "live" ? " ok"
       : ["connecting", "reconnecting", "ending"].includes(phase) ? " warn" : "");
     ui.connect.disabled = !["idle", "ended"].includes(phase);
-    ui.connect.textContent = phase === "ended" ? "New session" : "Connect";
+    ui.connect.textContent = phase === "ended" ? "Start New Session" : "Start Session";
     ui.end.disabled = !["live", "reconnecting"].includes(phase);
     ui.job.disabled = !["idle", "ended"].includes(phase);
   }
@@ -204,7 +204,7 @@
   }
 
   // --- camera ----------------------------------------------------------------------------------
-  // One getUserMedia at a time: the preview at load and a Connect click may overlap.
+  // One getUserMedia at a time: the preview at load and a Start Session click may overlap.
   let cameraPromise = null;
   function ensureCamera() {
     if (state.track && state.track.readyState === "live") return Promise.resolve();
@@ -510,7 +510,7 @@
       ui.overlay.hidden = false;
       ui.overlay.textContent = `Camera unavailable: ${errText(err)}`;
       showError(`Camera: ${errText(err)}`);
-      setStatus("Allow the camera and press Connect again.");
+      setStatus("Allow the camera and press Start Session again.");
       setPhase("idle");
       return;
     }
@@ -532,7 +532,7 @@
           continue;
         }
         showError(`Could not connect — ${err instanceof OfferError ? err.describe() : errText(err)}`);
-        setStatus("Not connected. Fix the problem above and press Connect again.");
+        setStatus("Not connected. Fix the problem above and press Start Session again.");
         state.sessionId = null;
         setPhase("idle");
         return;
@@ -770,11 +770,11 @@
   showDcState("none");
   setStatus("Opening the camera for the preview…");
   ensureCamera()
-    .then(() => setStatus("Camera ready. Enter the job title and press Connect."))
+    .then(() => setStatus("Camera ready. Enter the job title and press Start Session."))
     .catch((err) => {
       ui.overlay.hidden = false;
       ui.overlay.textContent = `Camera unavailable: ${errText(err)}`;
-      setStatus("Allow the camera, then press Connect.");
+      setStatus("Allow the camera, then press Start Session.");
       log("warn", `camera: ${errText(err)}`);
     });
 })();

@@ -1,4 +1,8 @@
-"""`proctor` command: `proctor serve [--host H] [--port P]`."""
+"""`proctor` command: `proctor serve`, `proctor doctor`, `proctor sample-frame`.
+
+Each command other than `serve` lives in its own module with a `register(sub)` that adds
+its parser and sets `run`; this file only lists them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import sys
 from aiohttp import web
 from dotenv import load_dotenv
 
+from server import doctor, sample_frame
 from server.config import Settings
 from server.observability import configure_logging
 
@@ -25,17 +30,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="proctor", description="Live interview-proctoring server")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--host", help="address to bind (default from HOST, else 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default from PORT, else 5001)")
-    serve.add_argument(
-        "--backend", choices=["auto", "rekognition", "local"], help="analyser backend"
-    )
-    args = parser.parse_args(argv)
-
+def serve(args: argparse.Namespace) -> int:
     # boto3 and the LLM SDKs read their own variables (AWS_ENDPOINT_URL_REKOGNITION,
     # OPENAI_BASE_URL, ...) from the process environment only: export `.env` for them.
     load_dotenv(override=False)
@@ -54,17 +49,44 @@ def main(argv: list[str] | None = None) -> int:
             "sessions and read every report. Set API_TOKEN or bind to 127.0.0.1. !!!",
             settings.host,
         )
-    from server.app import create_app
+    from server.app import MANAGER, create_app
 
     app = create_app(settings)
-    log.info(
-        "serving on http://%s:%d (backend %s)",
-        settings.host,
-        settings.port,
-        settings.resolved_backend,
-    )
+
+    async def announce_ready(app: web.Application) -> None:  # after the models are loaded
+        host = "localhost" if _is_loopback(settings.host) else settings.host
+        log.info("ready: open http://%s:%d/ (backend %s)", host, settings.port,
+                 settings.resolved_backend)
+
+    async def announce_shutdown(app: web.Application) -> None:
+        live = app[MANAGER].live_count
+        log.info("shutting down: ending %d live session(s) with their reports", live)
+
+    app.on_startup.append(announce_ready)
+    app.on_shutdown.insert(0, announce_shutdown)
+    log.info("starting on %s:%d (backend %s)", settings.host, settings.port,
+             settings.resolved_backend)
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    log.info("stopped")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proctor", description="Live interview-proctoring server")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("serve", help="run the server", description="Run the server.")
+    p.add_argument("--host", help="address to bind (default from HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default from PORT, else 5001)")
+    p.add_argument("--backend", choices=["auto", "rekognition", "local"], help="analyser backend")
+    p.set_defaults(run=serve)
+    doctor.register(sub)
+    sample_frame.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
 
 
 if __name__ == "__main__":

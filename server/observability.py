@@ -11,27 +11,49 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-#: The session a log line is about; set by whoever works on a session's behalf.
+#: The session a log line is about; set by whoever works on a session's behalf. A line
+#: about a session logged from elsewhere names it with `extra={"session_id": id}`.
 current_session: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "current_session", default="-"
+    "current_session", default=""
 )
+
+#: Characters of a session id shown in log tags: enough to tell sessions apart, short
+#: enough to read; lines that start a session print the whole id once.
+SHORT_ID_CHARS = 8
+
+#: Our own loggers. At INFO they tell the story of each session; every other logger
+#: (aioice's ICE checks, aiortc, aiohttp, socketio/engineio, botocore, httpx…) is chatter
+#: and shows only from WARNING unless LOG_LEVEL=DEBUG.
+OWN_LOGGERS = ("server", "proctor")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(session_tag)s%(message)s"
+
+
+def short_id(session_id: str) -> str:
+    return session_id[:SHORT_ID_CHARS]
 
 
 class SessionLogFilter(logging.Filter):
+    """Adds `session_tag`: `[session=<short id>] ` for a line about a session, else ""."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.session_id = current_session.get()
+        sid = getattr(record, "session_id", None) or current_session.get()
+        record.session_tag = f"[session={short_id(sid)}] " if sid and sid != "-" else ""
         return True
 
 
 def configure_logging(level: str = "INFO") -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"LOG_LEVEL={level!r} is not a logging level (DEBUG, INFO, WARNING, ...)")
     handler = logging.StreamHandler()
     handler.addFilter(SessionLogFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [session=%(session_id)s] %(message)s")
-    )
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(numeric)
 
 
 class Instruments:

@@ -8,20 +8,13 @@ import functools
 import cv2
 import numpy as np
 
+from server import sample_frame
+
 
 @functools.cache
 def astronaut_bgr(width: int = 640, height: int = 480) -> np.ndarray:
-    from skimage import data
-
-    rgb = data.astronaut()  # 512×512, one smiling frontal face
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    canvas = np.full((height, width, 3), 40, np.uint8)
-    scale = min(width / bgr.shape[1], height / bgr.shape[0])
-    resized = cv2.resize(bgr, (int(bgr.shape[1] * scale), int(bgr.shape[0] * scale)))
-    y = (height - resized.shape[0]) // 2
-    x = (width - resized.shape[1]) // 2
-    canvas[y : y + resized.shape[0], x : x + resized.shape[1]] = resized
-    return canvas
+    """One smiling frontal face (the photo `proctor sample-frame` writes)."""
+    return sample_frame.astronaut_bgr(width, height)
 
 
 def blank_bgr(width: int = 640, height: int = 480, value: int = 128) -> np.ndarray:

@@ -86,7 +86,7 @@ def _camera(tmp_path: Path, face: int = 30, blank: int = 60) -> Path:
 
 async def _open(page: Page, url: str) -> None:
     await page.goto(f"{url}/")
-    # The preview opens the camera at load; Connect is enabled once the page is idle.
+    # The preview opens the camera at load; Start Session is enabled once the page is idle.
     await page.wait_for_function("document.body.dataset.state === 'idle'")
     await page.wait_for_function("window.proctorPage.marks.camera_ready !== undefined")
 
@@ -100,7 +100,8 @@ async def _number(page: Page, selector: str) -> float:
 
 async def _connect(page: Page, job_title: str = "Site Reliability Engineer") -> str:
     await page.fill("#job-title", job_title)
-    await page.click("#connect-btn")
+    # By its label: the README tells the user to "start a session".
+    await page.get_by_role("button", name="Start Session", exact=True).click()
     await page.wait_for_function("document.body.dataset.state === 'live'", timeout=20_000)
     return (await page.inner_text("#session-id")).strip()
 

@@ -182,7 +182,8 @@ class SessionManager:
         )
         self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
-        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend)
+        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend,
+                 extra={"session_id": session.id})
         return session
 
     async def get_live(self, session_id: object) -> LiveSession:
@@ -264,8 +265,8 @@ class SessionManager:
         grace = self.grace_for(session.transport)
         if grace is None or session.status != "live" or session.id in self._grace:
             return
-        log.info("session %s lost its %s connection (%s): %.0f s to reconnect",
-                 session.id, session.transport, reason, grace)
+        log.info("session lost its %s connection (%s): %.0f s to reconnect",
+                 session.transport, reason, grace, extra={"session_id": session.id})
         self._grace[session.id] = asyncio.create_task(
             self._end_after_grace(session.id, grace), name=f"grace-{session.id[:8]}"
         )
@@ -335,11 +336,13 @@ class SessionManager:
         self._live.pop(session.id, None)
         self.instruments.live_sessions.set(len(self._live))
         self.instruments.sessions_ended.labels(reason=reason).inc()
+        c = session.counters
+        log.info("session ended (%s): %d frames received, %d analysed", reason, c.received,
+                 c.analysed, extra={"session_id": session.id})
         report = await self._make_report(session.id, use_llm)
         session.status = "ended"
         await session.publish("session_ended", {"session_id": session.id, "report": report})
         session.listeners.clear()
-        log.info("session %s ended (%s)", session.id, reason)
         self._ending.pop(session.id, None)
         return report
 
@@ -357,6 +360,10 @@ class SessionManager:
             attach_narrative(report, narrative.to_json())
         await self.store.save_report(session_id, report)
         await self.store.flush()
+        llm = report.get("llm") or {}
+        by = f"LLM {llm.get('provider')}" if llm and not llm.get("error") else "rules"
+        log.info("report written: %d alerts, narrative by %s", len(report.get("alerts") or []),
+                 by, extra={"session_id": session_id})
         return report
 
     async def report(self, session_id: str) -> dict[str, Any]:

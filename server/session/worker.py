@@ -62,6 +62,22 @@ def frame_summary(obs: Observation, metrics: FrameMetrics) -> dict[str, Any]:
     }
 
 
+def _story(obs: Observation, metrics: FrameMetrics) -> str:
+    """One log line's worth of a frame's result."""
+    face = obs.primary_face
+    faces = "faces not checked" if obs.faces is None else f"{len(obs.faces)} face(s)"
+    parts = [faces]
+    if face is not None and metrics.eye_contact is not None:
+        parts.append(f"eye contact {metrics.eye_contact:.0f}")
+    if face is not None and face.dominant_emotion:
+        parts.append(face.dominant_emotion)
+    if obs.insufficient:
+        parts.append(f"insufficient ({obs.quality.reason if obs.quality else 'quality'})")
+    if obs.degraded:
+        parts.append(f"degraded: {', '.join(obs.degraded)}")
+    return f"{'; '.join(parts)} ({obs.backend}, {obs.latency_ms:.0f} ms)"
+
+
 def _calls(checks: Checks) -> int:
     return len(checks.names())
 
@@ -211,10 +227,14 @@ class SessionPipeline:
         session.touch()
 
         await self.store.add_frame(session.id, index, frame.captured_at, summary)
+        if index == 0:
+            log.info("first analysis: %s", _story(obs, metrics), extra={"session_id": session.id})
         for ev in events:
             await self.store.save_alert(session.id, ev)
             if ev["status"] == "onset":
                 self.instruments.alerts_raised.labels(type=ev["type"]).inc()
+                log.info("alert %s (%s): %s", ev["type"], ev["severity"], ev["message"],
+                         extra={"session_id": session.id})
         await self.store.update_counters(session.id, session.counters.to_json(), time.time())
 
         face = obs.primary_face

@@ -275,8 +275,8 @@ class RtcGateway:
             self.peers_gauge.set(len(self._peers))
             self.monitor.ensure_running()
             log.info(
-                "peer %s for session %s (%s, %s)", peer.id, session.id,
-                "reconnect" if reconnect else "new", peer.codec,
+                "WebRTC offer answered: peer %s (%s, %s)", peer.id,
+                "reconnect" if reconnect else "new", peer.codec, extra={"session_id": session.id},
             )
             return {
                 "sdp": local.sdp,

@@ -165,7 +165,11 @@ class RtcPeer:
 
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
-        log.debug("peer %s connection %s", self.id, state)
+        about = {"session_id": self.session.id if self.session else ""}
+        if state == "connected":
+            log.info("WebRTC peer %s connected (%s)", self.id, self.codec, extra=about)
+        else:
+            log.debug("peer %s connection %s", self.id, state, extra=about)
         if state in ("failed", "closed") and not self.closing:
             self.gateway.peer_lost(self, f"connection_{state}")
 
@@ -242,7 +246,8 @@ class RtcPeer:
         self.sender.send(
             {"type": "adjust_video", "max_width": max_width, "max_fps": max_fps, "reason": reason}
         )
-        log.info("peer %s asked for ≤ %d px, ≤ %d fps (%s)", self.id, max_width, max_fps, reason)
+        log.info("peer %s asked for ≤ %d px, ≤ %d fps (%s)", self.id, max_width, max_fps, reason,
+                 extra={"session_id": self.session.id if self.session else ""})
 
     async def _linger(self, linger_s: float) -> None:
         """Wait (bounded) until the last messages — the report above all, often tens of kB
@@ -283,4 +288,5 @@ class RtcPeer:
                     await task
         finally:
             self._closed.set()
-        log.info("peer %s closed (%s)", self.id, reason)
+        log.info("WebRTC peer %s closed (%s)", self.id, reason,
+                 extra={"session_id": self.session.id if self.session else ""})

@@ -61,6 +61,8 @@ class ProctorNamespace(socketio.AsyncNamespace):
         if session not in self._forwarding:
             self._forwarding.add(session)
             session.subscribe(self._room_listener(session.id))
+        if session.id not in self.rooms(sid):
+            log.info("socket %s connected to the session", sid, extra={"session_id": session.id})
         await self.enter_room(sid, session.id)
 
     def _room_listener(self, session_id: str) -> Any:
@@ -74,6 +76,9 @@ class ProctorNamespace(socketio.AsyncNamespace):
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         log.debug("socket %s disconnected", sid)
+        for room in self.rooms(sid):
+            if room != sid:  # the socket's own room; the others are sessions
+                log.info("socket %s disconnected (%s)", sid, reason, extra={"session_id": room})
 
     async def on_start_session(self, sid: str, data: Any = None) -> dict[str, Any]:
         try:
