@@ -56,3 +56,10 @@ class Overloaded(ProctorError):
 class BackendUnavailable(ProctorError):
     code = "backend_unavailable"
     status = 503
+
+
+class InternalError(ProctorError):
+    """A bug of ours, already logged and counted; the session goes on."""
+
+    code = "internal_error"
+    status = 500

@@ -94,8 +94,23 @@ class SessionList(BaseModel):
     count: int
 
 
+class StoreHealth(BaseModel):
+    status: Literal["ok", "degraded"]
+    reasons: list[str] = Field(description="writes_failing, queue_full")
+    failed_writes: int = Field(description="Statements lost after every retry, since start")
+    failed_batches: int
+    retried_batches: int
+    last_error: str | None
+    last_error_at: float | None
+    queue_depth: int
+    queue_capacity: int
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded while store writes fail (still HTTP 200: the server serves)"
+    )
+    store: StoreHealth
     backend: str
     live_sessions: int
     uptime_s: float
