@@ -41,8 +41,8 @@ def _file(path: Path) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
-def make_store(settings: Settings) -> Store:
-    return Store(
+def make_store(settings: Settings, cls: type[Store] = Store) -> Store:
+    return cls(
         settings.database_path,
         settings.store_queue_size,
         write_attempts=settings.store_write_attempts,

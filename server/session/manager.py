@@ -511,9 +511,12 @@ class SessionManager:
             await self.store.end_session(session.id, ended_at, reason, session.counters.to_json())
             self._release(session)
             self.instruments.sessions_ended.labels(reason=reason).inc()
-            report = await self._make_report(
-                session.id, use_llm, session, self._memory_record(session, reason, ended_at)
-            )
+            memory = self._memory_record(session, reason, ended_at)
+            try:
+                report = await self._make_report(session.id, use_llm, session, memory)
+            except Exception as exc:  # _make_report has its own fallbacks: a last resort
+                self.internal_error("report", exc, session)
+                report = fallback_report(memory, ["report_failed"])
             session.status = "ended"
             await session.publish("session_ended", {"session_id": session.id, "report": report})
             log.info("session %s ended (%s)", session.id, reason)
@@ -546,8 +549,8 @@ class SessionManager:
             log.error("session worker did not finish within %.1f s: cancelled", limit)
             worker.cancel()
             await asyncio.wait({worker}, timeout=1.0)
-        elif not worker.cancelled() and worker.exception() is not None:
-            self.internal_error("worker", worker.exception() or Exception(), session)
+        elif not worker.cancelled() and (exc := worker.exception()) is not None:
+            self.internal_error("worker", exc, session)
 
     @staticmethod
     def _memory_record(session: LiveSession, reason: str, ended_at: float) -> dict[str, Any]:

@@ -76,6 +76,14 @@ class Report(BaseModel):
     alerts: list[dict[str, Any]]
     ai_summary: dict[str, Any] | None
     token_usage: dict[str, Any]
+    partial: bool = Field(
+        default=False, description="Some stored data was damaged or missing; see partial_reasons"
+    )
+    partial_reasons: list[str] = Field(
+        default_factory=list,
+        description="e.g. bad_frame_timestamp, corrupt_frame_row, corrupt_alert_row, "
+        "store_write_failed, store_unreadable, report_failed",
+    )
 
 
 class SessionRecord(BaseModel):
