@@ -21,6 +21,7 @@ import socketio
 
 from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser
+from server.analysis.budget import CallBudget
 from server.analysis.cadence import Checks
 from server.app import make_store
 from server.media.frames import Frame
@@ -243,6 +244,38 @@ async def test_repeated_internal_errors_end_the_session_with_its_report(
         assert (await internal_errors(http, srv.url))["worker"] == 3.0
         status, body = await post_frame(http, srv.url, sid)
         assert status == 409 and body["error"]["code"] == "session_ended"
+    finally:
+        await srv.stop()
+
+
+class BrokenBudget(CallBudget):
+    async def acquire(self) -> None:
+        raise RuntimeError("budget exploded")
+
+
+async def test_a_dead_worker_ends_its_session_with_a_report(
+    tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
+) -> None:
+    srv = await start_server(make_settings(tmp_path))
+    try:
+        sid = await start(http, srv.url)
+        assert (await post_frame(http, srv.url, sid))[0] == 200
+        # A failure outside the worker's per-frame guard kills the worker itself.
+        srv.manager.budget = BrokenBudget(25.0)
+        status, body = await post_frame(http, srv.url, sid)
+        # The waiting frame is answered, not left hanging.
+        assert status == 200 and body["status"] == "dropped"
+
+        async def reported() -> bool:
+            async with http.get(f"{srv.url}/api/sessions/{sid}/report") as r:
+                return r.status == 200
+
+        await eventually(reported)
+        async with http.get(f"{srv.url}/api/sessions/{sid}/report") as r:
+            report = strict_json(await r.text())
+        assert report["summary"]["end_reason"] == "internal_error"
+        assert report["summary"]["frames_analysed"] == 1
+        assert (await internal_errors(http, srv.url))["worker"] == 1.0
     finally:
         await srv.stop()
 

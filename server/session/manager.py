@@ -155,8 +155,9 @@ class SessionManager:
             await self._close_within(self.narrator.close(), deadline, "narrator")
 
     async def _close_within(self, aw: Any, deadline: float, what: str) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(max(0.1, remaining)):  # a moment to release threads
                 await aw
         except TimeoutError:
             log.error("%s did not close within the shutdown timeout", what)
@@ -203,6 +204,7 @@ class SessionManager:
             session.id, transport, session.backend, session.job_data, session.started_at
         )
         session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
+        session.worker.add_done_callback(functools.partial(self._worker_done, session))
         self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
         log.info("session %s started (%s, backend %s)", session.id, transport, session.backend)
@@ -527,6 +529,17 @@ class SessionManager:
             session.listeners.clear()
             self._ending.pop(session.id, None)
 
+    def _worker_done(self, session: LiveSession, worker: asyncio.Task[None]) -> None:
+        if worker.cancelled():
+            return
+        if (exc := worker.exception()) is not None:
+            self.internal_error("worker", exc, session)
+        if session.status == "live":  # no worker, no analysis: end it, with its report
+            log.error("the worker of session %s stopped: ending the session", session.id)
+            self._spawn(
+                self._end_quietly(session.id, "internal_error"), f"end-worker-{session.id[:8]}"
+            )
+
     def _release(self, session: LiveSession) -> None:
         if self._live.pop(session.id, None) is not None:
             self.instruments.live_sessions.set(len(self._live))
@@ -549,8 +562,6 @@ class SessionManager:
             log.error("session worker did not finish within %.1f s: cancelled", limit)
             worker.cancel()
             await asyncio.wait({worker}, timeout=1.0)
-        elif not worker.cancelled() and (exc := worker.exception()) is not None:
-            self.internal_error("worker", exc, session)
 
     @staticmethod
     def _memory_record(session: LiveSession, reason: str, ended_at: float) -> dict[str, Any]:
