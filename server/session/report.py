@@ -1,5 +1,7 @@
 """The final session report, built from what the store holds (frames, alert episodes),
-so a live session's report and an interrupted one's come from one code path.
+so a live session's report and an interrupted one's come from one code path. Frame rows
+are streamed through the running aggregate, never held in memory all at once, and damaged
+rows make a `partial` report, never a failed one.
 
 The narrative parts are always written by rules; an LLM narrative, when configured, is
 added beside them (`ai_summary`) and never replaces the facts.
@@ -414,21 +416,6 @@ class ReportBuilder:
         except Exception as exc:
             self._unexpected(f"{name}_failed", exc)
             return fallback
-
-
-def build_report(
-    session: dict[str, Any],
-    frames: Iterable[tuple[Any, Any, Any]],
-    alerts: Iterable[Any],
-) -> dict[str, Any]:
-    """A report from in-memory rows `(idx, t, summary JSON)` (tests and tools); the server
-    streams them from the store instead."""
-    rows = list(frames)
-    times = [t for _i, t, _s in rows if _timestamp(t) is not None]
-    builder = ReportBuilder(session)
-    span = FrameSpan(min(times, default=None), max(times, default=None), len(times))
-    builder.consume(span, iter(rows))
-    return builder.finish(alerts)
 
 
 def mark_partial(report: dict[str, Any], reasons: Iterable[str]) -> dict[str, Any]:

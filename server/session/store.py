@@ -277,15 +277,14 @@ class Store:
                 if len(batch) >= 500 or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
-            try:
-                if batch:
+            if batch:
+                try:
                     await self._write(batch)
-                if flush is not None:
-                    self._answer(flush)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the writer must outlive any bug of its own
-                log.exception("store writer error")
+                except Exception as exc:  # the writer must outlive any bug of its own
+                    log.exception("store writer error")
+                    self._lose(batch, exc)
+            if flush is not None:
+                self._answer(flush)
             if stop:
                 return
 
