@@ -42,7 +42,7 @@ from server.session.report import (
     fallback_report,
     mark_partial,
 )
-from server.session.store import FrameSpan, Store, StoreError, StoreTimeout
+from server.session.store import Store, StoreError, StoreTimeout
 
 log = logging.getLogger(__name__)
 
@@ -618,9 +618,7 @@ class SessionManager:
         alert_rows: list[Any] = []
         report: dict[str, Any] | None = None
         try:
-            failure = await self.store.scan_frames(
-                session_id, functools.partial(_feed, builder), TIMESTAMP_RANGE
-            )
+            failure = await self.store.scan_frames(session_id, builder.feed, TIMESTAMP_RANGE)
             alert_rows = await self.store.alert_rows(session_id)
         except StoreError as exc:
             self.internal_error("store", exc, live)
@@ -703,15 +701,3 @@ class SessionManager:
                         )
             except Exception as exc:  # the sweeper must keep sweeping
                 self.internal_error("idle_sweeper", exc)
-
-
-def _feed(builder: ReportBuilder, span: FrameSpan, rows: Any) -> BaseException | None:
-    """Runs in the store's reader thread: streams the rows into the builder. A builder
-    failure is returned (the store's own errors propagate as StoreError)."""
-    try:
-        builder.consume(span, rows)
-    except StoreError:
-        raise
-    except Exception as exc:
-        return exc
-    return None

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from server.session.aggregate import SessionAggregate
-from server.session.store import FrameSpan
+from server.session.store import FrameSpan, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,17 @@ class ReportBuilder:
             except Exception as exc:  # a bug here must cost one row, not the report
                 self.unreadable_frames += 1
                 self._unexpected("frame_row_failed", exc)
+
+    def feed(self, span: FrameSpan, rows: Iterator[tuple[Any, Any, Any]]) -> BaseException | None:
+        """`consume`, for the store's reader thread: a failure of the builder is returned,
+        told apart from the store's own (StoreError propagates)."""
+        try:
+            self.consume(span, rows)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return exc
+        return None
 
     def add_row(self, idx: Any, t: Any, summary_json: Any) -> None:
         self.frame_rows += 1
