@@ -75,9 +75,13 @@ class FlakyStore(Store):
 class StuckStore(Store):
     """Commits block until released (a hung disk)."""
 
-    release = threading.Event()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = threading.Event()
+        self.release = threading.Event()
 
     def _commit(self, batch: list[tuple[str, Sequence[Any]]]) -> None:
+        self.entered.set()
         self.release.wait(30)
         super()._commit(batch)
 
@@ -400,21 +404,24 @@ async def test_a_lost_write_degrades_health_fails_flush_and_marks_the_report(
         await srv.stop()
 
 
-async def test_flush_never_waits_forever(tmp_path: Path) -> None:
-    StuckStore.release.clear()
-    store = StuckStore(tmp_path / "s.sqlite3", flush_timeout_s=0.3)
+async def test_flush_never_waits_forever_and_a_full_queue_is_degraded(tmp_path: Path) -> None:
+    store = StuckStore(tmp_path / "s.sqlite3", queue_size=2, flush_timeout_s=0.3)
     await store.open()
     try:
         await store.create_session("s1", "rest", "local", {}, 1.0)
-        with pytest.raises(StoreTimeout):
+        assert await asyncio.to_thread(store.entered.wait, 10)  # the writer is stuck on it
+        await store.create_session("s2", "rest", "local", {}, 1.0)
+        await store.create_session("s3", "rest", "local", {}, 1.0)
+        h = store.health()
+        assert h["status"] == "degraded" and h["reasons"] == ["queue_full"]
+        assert h["queue_depth"] == h["queue_capacity"] == 2
+        with pytest.raises(StoreTimeout):  # waiting for room in the queue is bounded too
             await store.flush()
-        assert store.health()["queue_depth"] >= 0
+        # Closing is bounded too (it gives up on the queued writes), however long the
+        # disk hangs: wait_for only turns a hang into a failure.
+        await asyncio.wait_for(store.close(timeout_s=0.3), 20)
     finally:
-        StuckStore.release.set()
-        await store.close()
-    conn = sqlite3.connect(tmp_path / "s.sqlite3")
-    assert conn.execute("SELECT id FROM sessions").fetchall() == [("s1",)]
-    conn.close()
+        store.release.set()
 
 
 async def test_one_refused_statement_does_not_lose_its_batch(tmp_path: Path) -> None:
