@@ -101,6 +101,13 @@ class HangingEndStore(Store):
         await super().end_session(session_id, ended_at, reason, counters)
 
 
+class UnreadableFramesStore(Store):
+    """Reading a session's frames fails (the database file went away under us)."""
+
+    async def scan_frames(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreError("store read failed: disk I/O error")
+
+
 class FailingReportBuilder(ReportBuilder):
     def finish(self, alert_rows: Any) -> dict[str, Any]:
         raise RuntimeError("report builder exploded")
@@ -466,6 +473,24 @@ async def test_report_builder_failure_still_ends_the_session_with_a_report(
         async with http.get(f"{srv.url}/api/sessions/{sid}/report") as r:
             assert r.status == 200 and (await r.json())["partial_reasons"] == ["report_failed"]
         assert srv.manager.live_count == 0
+    finally:
+        await srv.stop()
+
+
+async def test_unreadable_frames_give_a_report_from_memory(
+    tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
+) -> None:
+    srv, _store = await store_server(tmp_path, UnreadableFramesStore)
+    try:
+        sid = await start(http, srv.url)
+        for _ in range(2):
+            assert (await post_frame(http, srv.url, sid))[0] == 200
+        report = await end(http, srv.url, sid)
+        assert report["partial"] is True
+        assert {"store_unreadable", "frames_from_memory"} <= set(report["partial_reasons"])
+        assert report["summary"]["frames_analysed"] == 2
+        assert report["behavioural_scores"]["eye_contact"]["samples"] == 2
+        assert (await internal_errors(http, srv.url))["store"] == 1.0
     finally:
         await srv.stop()
 

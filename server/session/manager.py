@@ -219,7 +219,10 @@ class SessionManager:
             return session
         if session_id in self._ending or session is not None:
             raise SessionEnded(f"session {session_id} has ended")
-        record = await self.store.get_session(session_id)
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
         if record is None:
             raise SessionNotFound(f"no session with id {session_id}")
         raise SessionEnded(f"session {session_id} has {record['status']}")
@@ -601,9 +604,7 @@ class SessionManager:
             record = await self.store.get_session(session_id)
         except StoreError as exc:
             if memory is None:
-                raise BackendUnavailable(
-                    "the session store cannot be read", code="store_unavailable"
-                ) from exc
+                raise _store_unavailable() from exc
             self.internal_error("store", exc, live)
             reasons.append("store_unreadable")
         if record is None:
@@ -679,7 +680,10 @@ class SessionManager:
             task.exception()  # retrieved: every waiter got it already
 
     async def _stored_or_new_report(self, session_id: str) -> dict[str, Any]:
-        stored = await self.store.get_report(session_id)
+        try:
+            stored = await self.store.get_report(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
         if stored is not None:
             return stored
         return await self._make_report(session_id, use_llm=True)
@@ -701,3 +705,7 @@ class SessionManager:
                         )
             except Exception as exc:  # the sweeper must keep sweeping
                 self.internal_error("idle_sweeper", exc)
+
+
+def _store_unavailable() -> BackendUnavailable:
+    return BackendUnavailable("the session store cannot be read", code="store_unavailable")
