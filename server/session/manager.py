@@ -405,21 +405,19 @@ class SessionManager:
         its listeners as an `error` event. INTERNAL_ERRORS_MAX of them within
         INTERNAL_ERRORS_WINDOW_S end the session (reason `internal_error`, with its
         report). Never raises."""
-        self._record_error(where, exc, session, announce=True)
+        self._record_error(where, exc, session)
 
-    def _record_error(
-        self, where: str, exc: BaseException, session: LiveSession | None, announce: bool
-    ) -> None:
+    def _record_error(self, where: str, exc: BaseException, session: LiveSession | None) -> None:
         try:
             sid = session.id if session is not None else current_session.get()
             log.error("internal error in %s (session %s)", where, sid, exc_info=exc)
             self.instruments.internal_errors.labels(where=where).inc()
             if session is not None:
-                self._session_error(session, where, announce)
+                self._session_error(session, where)
         except Exception:  # the error path itself must not fail its caller
             log.exception("could not record an internal error")
 
-    def _session_error(self, session: LiveSession, where: str, announce: bool) -> None:
+    def _session_error(self, session: LiveSession, where: str) -> None:
         s = self.settings
         now = time.monotonic()
         recent = session.internal_errors
@@ -427,7 +425,7 @@ class SessionManager:
         while recent and recent[0] <= now - s.internal_errors_window_s:
             recent.popleft()
         ending = session.status == "live" and len(recent) >= s.internal_errors_max
-        if announce and session.status != "ended":
+        if session.status != "ended":
             message = f"internal error ({where}); " + (
                 "too many in a row: the session is ending" if ending else "the session goes on"
             )
@@ -453,15 +451,16 @@ class SessionManager:
     def _listener_failed(
         self, session: LiveSession, where: str, exc: BaseException, event: str
     ) -> None:
-        # An `error` event whose delivery fails is not announced again: that would loop.
-        self._record_error(where, exc, session, announce=event != "error")
+        # An `error` announcement that fails is counted, but neither announced again (that
+        # would loop) nor held against the session (the failure it announces already is).
+        self._record_error(where, exc, session if event != "error" else None)
 
     def _store_write_failed(self, exc: BaseException, session_ids: set[str], lost: int) -> None:
         self.internal_error("store", exc)  # one failure, counted once
         for sid in session_ids:
             session = self._live.get(sid)
             if session is not None:
-                self._session_error(session, "store", announce=True)
+                self._session_error(session, "store")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
