@@ -505,6 +505,7 @@ class SessionManager:
         try:
             try:
                 await self._stop_worker(session)
+                ended_at = time.time()  # after the analysis in flight, if any
                 closing = session.engine.close_all(ended_at, max(0, session.counters.analysed - 1))
                 for ev in closing:
                     await self.store.save_alert(session.id, ev)
