@@ -518,6 +518,13 @@ async def test_damaged_rows_make_a_partial_report_not_a_500(
         assert (await post_frame(http, srv.url, sid))[0] == 200
     # A client timestamp far past year 9999: stored as sent, unusable as a time.
     assert (await post_frame(http, srv.url, sid, timestamp=1e300))[0] == 200
+    for bad in ("NaN", "Infinity"):  # refused as input, never stored
+        async with http.post(
+            f"{srv.url}/api/sessions/{sid}/frame",
+            data=f'{{"frame": "{face_data_url()}", "timestamp": {bad}}}',
+            headers={"Content-Type": "application/json"},
+        ) as r:
+            assert r.status == 400  # invalid_field, or invalid_json with a strict parser
     empty = await start(http, srv.url)
     empty_report = await end(http, srv.url, empty)
     assert empty_report["partial"] is False and empty_report["summary"]["frames_analysed"] == 0

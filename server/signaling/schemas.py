@@ -39,7 +39,9 @@ class FrameRequest(BaseModel):
         description="data:image/jpeg;base64,... URL (JPEG or PNG); bare base64 accepted"
     )
     timestamp: float | None = Field(
-        default=None, description="Capture time (Unix seconds); defaults to arrival time"
+        default=None,
+        allow_inf_nan=False,  # NaN cannot be stored, and no time is infinite
+        description="Capture time (Unix seconds); defaults to arrival time",
     )
 
 
