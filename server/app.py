@@ -41,8 +41,21 @@ def _file(path: Path) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
+def make_store(settings: Settings, cls: type[Store] = Store) -> Store:
+    return cls(
+        settings.database_path,
+        settings.store_queue_size,
+        write_attempts=settings.store_write_attempts,
+        retry_backoff_s=settings.store_retry_backoff_s,
+        flush_timeout_s=settings.store_flush_timeout_s,
+    )
+
+
 def create_app(
-    settings: Settings | None = None, *, analyser: Analyser | None = None
+    settings: Settings | None = None,
+    *,
+    analyser: Analyser | None = None,
+    store: Store | None = None,
 ) -> web.Application:
     settings = settings or Settings()
     instruments = Instruments()
@@ -50,7 +63,7 @@ def create_app(
     manager = SessionManager(
         settings,
         analyser,
-        Store(settings.database_path),
+        store or make_store(settings),
         instruments,
         narrator=make_narrator(settings, instruments),
         pose_calibration_factory=pose_calibration_factory(analyser, settings),

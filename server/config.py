@@ -39,11 +39,18 @@ class Settings(BaseSettings):
 
     # --- storage ------------------------------------------------------------------------
     database_path: Path = Path("data/proctor.sqlite3")
+    store_queue_size: int = 10_000  # writes waiting for the writer thread; producers wait beyond
+    store_write_attempts: int = 3  # a failed write batch is tried this many times in all …
+    store_retry_backoff_s: float = 0.1  # … this long before the 2nd, twice it before the 3rd
+    store_flush_timeout_s: float = 10.0  # flush() raises instead of waiting longer than this
 
     # --- sessions -----------------------------------------------------------------------
     max_live_sessions: int = 200
     session_idle_timeout_s: float = 300.0
     idle_sweep_interval_s: float = 5.0
+    internal_errors_max: int = 5  # this many internal errors in one session …
+    internal_errors_window_s: float = 60.0  # … within this window end it ("internal_error")
+    shutdown_timeout_s: float = 10.0  # a graceful stop gives up waiting for sessions after this
     max_frame_bytes: int = 5 * 1024 * 1024  # Rekognition's image limit
     max_frame_dimension: int = 1920  # larger frames are downscaled, never refused
     jpeg_quality: int = 85

@@ -67,3 +67,10 @@ def from_frame_error(exc: Exception) -> ProctorError:
     code = getattr(exc, "code", "invalid_frame")
     message = getattr(exc, "message", str(exc))
     return ProctorError(message, code=code, status=FRAME_ERROR_STATUS.get(code, 400))
+
+
+class InternalError(ProctorError):
+    """A bug of ours, already logged and counted; the session goes on."""
+
+    code = "internal_error"
+    status = 500

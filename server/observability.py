@@ -95,6 +95,15 @@ class Instruments:
         self.alerts_raised = Counter(
             "proctor_alerts_raised", "Alert episodes opened", ["type"], registry=r
         )
+        self.internal_errors = Counter(
+            "proctor_internal_errors",
+            "Unexpected errors caught and survived, by where they happened",
+            ["where"],
+            registry=r,
+        )
+        self.store_queue_depth = Gauge(
+            "proctor_store_queue_depth", "Writes waiting for the store's writer", registry=r
+        )
         self.llm_calls = Counter(
             "proctor_llm_calls", "LLM narrative calls", ["provider", "outcome"], registry=r
         )

@@ -6,12 +6,24 @@ the store), so both always agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from server.analysis.scoring import METRICS
 
 TREND_SLOPE_PER_MIN = 2.0  # points per minute before a trend is called improving/declining
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def _items(value: Any) -> list[tuple[Any, Any]]:
+    return list(value.items()) if isinstance(value, dict) else []
 
 
 @dataclass
@@ -47,9 +59,10 @@ class RunningStat:
         if self.n < 3:
             return None
         denom = self.n * self.stt - self.st * self.st
-        if denom <= 1e-9:
+        if not math.isfinite(denom) or denom <= 1e-9:
             return None
-        return (self.n * self.stv - self.st * self.sv) / denom
+        slope = (self.n * self.stv - self.st * self.sv) / denom
+        return slope if math.isfinite(slope) else None  # absurd timestamps overflow
 
     @property
     def trend(self) -> str:
@@ -90,11 +103,14 @@ class SessionAggregate:
     calls: dict[str, int] = field(default_factory=dict)
 
     def add(self, t: float, summary: dict[str, Any]) -> None:
+        """Values that are not finite numbers are skipped: a damaged stored row must not
+        turn every average into NaN."""
         self.frames += 1
-        t_min = (t - self.started_at) / 60.0
-        for name, value in (summary.get("metrics") or {}).items():
-            if value is not None and name in self.metrics:
-                self.metrics[name].add(float(value), t_min)
+        t_min = (t - self.started_at) / 60.0 if math.isfinite(t) else 0.0
+        for name, value in _items(summary.get("metrics")):
+            v = _finite(value)
+            if v is not None and name in self.metrics:
+                self.metrics[name].add(v, t_min)
         if summary.get("faces"):
             self.frames_with_face += 1
         if summary.get("insufficient"):
@@ -102,12 +118,16 @@ class SessionAggregate:
         if summary.get("degraded"):
             self.degraded += 1
         dom = summary.get("dominant_emotion")
-        if dom:
+        if isinstance(dom, str) and dom:
             self.dominant_counts[dom] = self.dominant_counts.get(dom, 0) + 1
-        for name, value in (summary.get("emotions") or {}).items():
-            self.emotion_sums[name] = self.emotion_sums.get(name, 0.0) + float(value)
-        for op, n in (summary.get("calls") or {}).items():
-            self.calls[op] = self.calls.get(op, 0) + int(n)
+        for name, value in _items(summary.get("emotions")):
+            v = _finite(value)
+            if v is not None and v >= 0:
+                self.emotion_sums[str(name)] = self.emotion_sums.get(str(name), 0.0) + v
+        for op, n in _items(summary.get("calls")):
+            calls = _finite(n)
+            if calls is not None and calls >= 0:
+                self.calls[str(op)] = self.calls.get(str(op), 0) + int(calls)
 
     def emotion_distribution(self) -> dict[str, float]:
         total = sum(self.emotion_sums.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: A transport's subscriber: receives (event name, payload) — the Socket.IO event names.
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
+#: Told about a listener that raised: (where, exception, event being published).
+ErrorHook = Callable[[str, BaseException, str], None]
 DROPPED: dict[str, Any] = {"status": "dropped", "reason": "superseded"}
 
 
@@ -90,6 +93,8 @@ class LiveSession:
     worker: asyncio.Task[None] | None = None
     analysing: bool = False
     budget_wait_s: float = 0.0  # the last analysis' wait for the analyser budget
+    on_error: ErrorHook | None = None  # set by the manager: counts and reports the error
+    internal_errors: deque[float] = field(default_factory=deque)  # monotonic times, recent
     aggregate: SessionAggregate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,12 +128,15 @@ class LiveSession:
         return unsubscribe
 
     async def publish(self, event: str, payload: dict[str, Any]) -> None:
-        # A failing subscriber (a closed socket, a full channel) must not stop analysis.
+        # A failing subscriber must neither stop analysis nor the other subscribers.
         for listener in list(self.listeners):
             try:
                 await listener(event, payload)
-            except Exception:
-                log.exception("listener failed on %s", event)
+            except Exception as exc:
+                if self.on_error is None:
+                    log.exception("listener failed on %s", event)
+                else:
+                    self.on_error("listener", exc, event)
 
     @property
     def accepting(self) -> bool:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from server.analysis.analyser import Analyser, PoseCalibration
@@ -24,13 +25,25 @@ from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine, rules_from_settings
 from server.analysis.scoring import Scorer
 from server.config import Settings
-from server.errors import Overloaded, ReportNotReady, SessionEnded, SessionNotFound
+from server.errors import (
+    BackendUnavailable,
+    Overloaded,
+    ReportNotReady,
+    SessionEnded,
+    SessionNotFound,
+)
 from server.media.frames import Frame
 from server.observability import Instruments, current_session
 from server.session.live_session import DROPPED, LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
-from server.session.report import attach_narrative, build_report
-from server.session.store import Store
+from server.session.report import (
+    TIMESTAMP_RANGE,
+    ReportBuilder,
+    attach_narrative,
+    fallback_report,
+    mark_partial,
+)
+from server.session.store import Store, StoreError, StoreTimeout
 from server.session.worker import SessionPipeline, frame_summary
 
 log = logging.getLogger(__name__)
@@ -76,9 +89,15 @@ class SessionManager:
         self._live: dict[str, LiveSession] = {}
         self._grace: dict[str, asyncio.Task[None]] = {}
         self._ending: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        # One report build per ended/interrupted session id, shared by concurrent requests.
+        self._reports: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.interrupted_at_start: list[str] = []
+        #: What builds reports (a subclass can be swapped in, e.g. by tests).
+        self.report_builder: type[ReportBuilder] = ReportBuilder
+        store.on_write_error = self._store_write_failed
+        instruments.store_queue_depth.set_function(lambda: store.queue_depth)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -88,29 +107,65 @@ class SessionManager:
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle-sweeper")
 
     async def stop(self) -> None:
+        """Ends every live session concurrently (each gets its report, without the LLM,
+        which could hold shutdown for its whole timeout) and closes everything, within
+        SHUTDOWN_TIMEOUT_S whatever hangs: a session whose end does not finish in time is
+        logged and left `interrupted`."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self.settings.shutdown_timeout_s
+        deadline = loop.time() + timeout_s
         if self._sweeper:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        # A graceful stop still gives every live session its report (without the LLM,
-        # which could hold shutdown for its whole timeout).
-        for sid in list(self._live):
-            try:
-                await self.end_session(sid, reason="server_shutdown", use_llm=False)
-            except Exception:
-                log.exception("could not end session %s at shutdown", sid)
+            await asyncio.wait({self._sweeper}, timeout=1.0)
         for task in list(self._grace.values()):
+            task.cancel()  # ending now: no reconnect to wait for
+        live = list(self._live)
+        for sid in live:
+            self._spawn(self._end_quietly(sid, "server_shutdown", use_llm=False), f"stop-{sid[:8]}")
+        await asyncio.sleep(0)  # let each end start, so it is in self._ending
+        # Closing the store and the analyser gets the last part of the time.
+        reserve = min(2.0, timeout_s / 4)
+        work = (
+            set(self._ending.values()) | set(self._reports.values()) | set(self._background)
+            | set(self._grace.values())
+        )
+        if work:
+            await asyncio.wait(work, timeout=max(0.0, deadline - reserve - loop.time()))
+        hung = [sid for sid, task in self._ending.items() if not task.done()]
+        hung += [sid for sid in self._live if sid not in hung]
+        leftovers = [
+            t
+            for t in (*self._ending.values(), *self._reports.values(), *self._background)
+            if not t.done()
+        ]
+        for task in leftovers:
             task.cancel()
-        for task in list(self._ending.values()) + list(self._background) + list(
-            self._grace.values()
-        ):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=max(0.0, min(0.5, deadline - loop.time())))
+        for sid in hung:
+            log.error(
+                "session %s did not end within SHUTDOWN_TIMEOUT_S (%.1f s): left interrupted",
+                sid,
+                timeout_s,
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self.store.mark_interrupted(sid, "shutdown_timeout")
         self.budget.close()
-        await self.analyser.close()
+        await self.store.close(timeout_s=max(0.1, deadline - loop.time()))
+        await self._close_within(self.analyser.close(), deadline, "analyser")
         if self.narrator is not None:
-            await self.narrator.close()
-        await self.store.close()
+            await self._close_within(self.narrator.close(), deadline, "narrator")
+
+    async def _close_within(self, aw: Any, deadline: float, what: str) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(max(0.1, remaining)):  # a moment to release threads
+                await aw
+        except TimeoutError:
+            log.error("%s did not close within the shutdown timeout", what)
+        except Exception as exc:
+            self.internal_error("shutdown", exc)
 
     @property
     def live_count(self) -> int:
@@ -168,6 +223,7 @@ class SessionManager:
             clock="capture" if capture_clock else "arrival",
             priority=priority,
         )
+        session.on_error = functools.partial(self._listener_failed, session)
         self._live[session.id] = session
         rules = {
             **engine.describe(),
@@ -180,6 +236,7 @@ class SessionManager:
         session.worker = asyncio.create_task(
             self.pipeline.run(session), name=f"session-{session.id[:8]}"
         )
+        session.worker.add_done_callback(functools.partial(self._worker_done, session))
         self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
         log.info("session %s started (%s, backend %s)", session.id, transport, session.backend,
@@ -195,7 +252,10 @@ class SessionManager:
             return session
         if session_id in self._ending or session is not None:
             raise SessionEnded(f"session {session_id} has ended")
-        record = await self.store.get_session(session_id)
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
         if record is None:
             raise SessionNotFound(f"no session with id {session_id}")
         raise SessionEnded(f"session {session_id} has {record['status']}")
@@ -244,12 +304,6 @@ class SessionManager:
         """How long a sampled stream with a stable scene waits between analyses now."""
         return self.pacing.interval()
 
-    def internal_error(
-        self, where: str, exc: BaseException, session: LiveSession | None = None
-    ) -> None:
-        """An unexpected error somewhere in a session's pipeline: logged and survived."""
-        log.error("internal error in %s", where, exc_info=exc)
-
     # --- transports coming and going ---------------------------------------------------
 
     def grace_for(self, transport: str) -> float | None:
@@ -287,12 +341,89 @@ class SessionManager:
         current_session.set(session_id)
         await asyncio.sleep(grace_s)
         self._grace.pop(session_id, None)
+        await self._end_quietly(session_id, "peer_lost", where="grace")
+
+    # --- internal errors ---------------------------------------------------------------
+
+    def internal_error(
+        self, where: str, exc: BaseException, session: LiveSession | None = None
+    ) -> None:
+        """An unexpected error that was caught and survived: logged with its traceback,
+        counted in `proctor_internal_errors_total{where}` and, for a session, announced to
+        its listeners as an `error` event. INTERNAL_ERRORS_MAX of them within
+        INTERNAL_ERRORS_WINDOW_S end the session (reason `internal_error`, with its
+        report). Never raises."""
+        self._record_error(where, exc, session)
+
+    def _record_error(self, where: str, exc: BaseException, session: LiveSession | None) -> None:
         try:
-            await self.end_session(session_id, reason="peer_lost")
+            sid = session.id if session is not None else current_session.get()
+            log.error("internal error in %s (session %s)", where, sid, exc_info=exc)
+            self.instruments.internal_errors.labels(where=where).inc()
+            if session is not None:
+                self._session_error(session, where)
+        except Exception:  # the error path itself must not fail its caller
+            log.exception("could not record an internal error")
+
+    def _session_error(self, session: LiveSession, where: str) -> None:
+        s = self.settings
+        now = time.monotonic()
+        recent = session.internal_errors
+        recent.append(now)
+        while recent and recent[0] <= now - s.internal_errors_window_s:
+            recent.popleft()
+        ending = session.status == "live" and len(recent) >= s.internal_errors_max
+        if session.status != "ended":
+            message = f"internal error ({where}); " + (
+                "too many in a row: the session is ending" if ending else "the session goes on"
+            )
+            payload = {
+                "session_id": session.id,
+                "code": "internal_error",
+                "message": message,
+                "where": where,
+            }
+            self._spawn(session.publish("error", payload), f"error-{session.id[:8]}")
+        if ending:
+            log.error(
+                "%d internal errors within %.0f s: ending session %s",
+                len(recent),
+                s.internal_errors_window_s,
+                session.id,
+            )
+            self._spawn(
+                self._end_quietly(session.id, "internal_error", where="end"),
+                f"end-errors-{session.id[:8]}",
+            )
+
+    def _listener_failed(
+        self, session: LiveSession, where: str, exc: BaseException, event: str
+    ) -> None:
+        # An `error` announcement that fails is counted, but neither announced again (that
+        # would loop) nor held against the session (the failure it announces already is).
+        self._record_error(where, exc, session if event != "error" else None)
+
+    def _store_write_failed(self, exc: BaseException, session_ids: set[str], lost: int) -> None:
+        self.internal_error("store", exc)  # one failure, counted once
+        for sid in session_ids:
+            session = self._live.get(sid)
+            if session is not None:
+                self._session_error(session, "store")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _end_quietly(
+        self, session_id: str, reason: str, use_llm: bool = True, where: str = "end"
+    ) -> None:
+        try:
+            await self.end_session(session_id, reason=reason, use_llm=use_llm)
         except (SessionEnded, SessionNotFound):
-            pass
+            pass  # someone else ended it first
         except Exception as exc:
-            self.internal_error("grace", exc, self._live.get(session_id))
+            self.internal_error(where, exc)
 
     # --- ending and reports -------------------------------------------------------------
 
@@ -314,91 +445,223 @@ class SessionManager:
                 self._ending.pop(session.id, None)
 
     async def _end(self, session: LiveSession, reason: str, use_llm: bool) -> dict[str, Any]:
+        """Whatever fails on the way, the session ends ended (in memory and in the store)
+        with a report, possibly partial; only a cancelled end (a shutdown that ran out of
+        time) leaves it to be marked interrupted."""
         current_session.set(session.id)
         self._cancel_grace(session.id)
+        ended_at = time.time()
+        try:
+            try:
+                await self._stop_worker(session)
+                ended_at = time.time()  # after the analysis in flight, if any
+                closing = session.engine.close_all(ended_at, max(0, session.counters.analysed - 1))
+                for ev in closing:
+                    await self.store.save_alert(session.id, ev)
+                if closing:
+                    await session.publish("alerts", {"session_id": session.id, "alerts": closing})
+            except Exception as exc:
+                self.internal_error("end", exc, session)
+            await self.store.end_session(session.id, ended_at, reason, session.counters.to_json())
+            self._release(session)
+            self.instruments.sessions_ended.labels(reason=reason).inc()
+            c = session.counters
+            log.info("session ended (%s): %d frames received, %d analysed", reason, c.received,
+                     c.analysed, extra={"session_id": session.id})
+            memory = self._memory_record(session, reason, ended_at)
+            try:
+                report = await self._make_report(session.id, use_llm, session, memory)
+            except Exception as exc:  # _make_report has its own fallbacks: a last resort
+                self.internal_error("report", exc, session)
+                report = fallback_report(memory, ["report_failed"])
+            session.status = "ended"
+            await session.publish("session_ended", {"session_id": session.id, "report": report})
+            return report
+        finally:
+            self._release(session)
+            session.status = "ended"
+            session.listeners.clear()
+            self._ending.pop(session.id, None)
+
+    def _worker_done(self, session: LiveSession, worker: asyncio.Task[None]) -> None:
+        if worker.cancelled():
+            return
+        if (exc := worker.exception()) is not None:
+            self.internal_error("worker", exc, session)
+        if session.status == "live":  # no worker, no analysis: end it, with its report
+            log.error("the worker of session %s stopped: ending the session", session.id)
+            self._spawn(
+                self._end_quietly(session.id, "internal_error"), f"end-worker-{session.id[:8]}"
+            )
+
+    def _release(self, session: LiveSession) -> None:
+        if self._live.pop(session.id, None) is not None:
+            self.instruments.live_sessions.set(len(self._live))
+
+    async def _stop_worker(self, session: LiveSession) -> None:
         leftover = session.slot.close()
         if leftover is not None:
             self._drop(session, leftover, "session_ended")
-        if session.worker is not None:
-            if not session.analysing:
-                # Idle or waiting for the budget: nothing to finish (acquire is
-                # cancellation-safe and consumes nothing).
-                session.worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await session.worker  # finishes the analysis in flight, if any
-        now = time.time()
-        closing = session.engine.close_all(now, max(0, session.counters.analysed - 1))
-        for ev in closing:
-            await self.store.save_alert(session.id, ev)
-        if closing:
-            await session.publish("alerts", {"session_id": session.id, "alerts": closing})
-        await self.store.end_session(session.id, now, reason, session.counters.to_json())
-        self._live.pop(session.id, None)
-        self.instruments.live_sessions.set(len(self._live))
-        self.instruments.sessions_ended.labels(reason=reason).inc()
-        c = session.counters
-        log.info("session ended (%s): %d frames received, %d analysed", reason, c.received,
-                 c.analysed, extra={"session_id": session.id})
-        report = await self._make_report(session.id, use_llm)
-        session.status = "ended"
-        await session.publish("session_ended", {"session_id": session.id, "report": report})
-        session.listeners.clear()
-        self._ending.pop(session.id, None)
-        return report
+        worker = session.worker
+        if worker is None or worker.done():
+            return
+        if not session.analysing:
+            # Idle or waiting for the budget: nothing to finish (acquire is
+            # cancellation-safe and consumes nothing).
+            worker.cancel()
+        # Otherwise it finishes the analysis in flight, which its own timeouts bound.
+        limit = self.settings.analyser_timeout_s + self.settings.store_flush_timeout_s
+        done, _ = await asyncio.wait({worker}, timeout=limit)
+        if not done:
+            log.error("session worker did not finish within %.1f s: cancelled", limit)
+            worker.cancel()
+            await asyncio.wait({worker}, timeout=1.0)
 
-    async def _make_report(self, session_id: str, use_llm: bool) -> dict[str, Any]:
-        await self.store.flush()
-        record = await self.store.get_session(session_id)
+    @staticmethod
+    def _memory_record(session: LiveSession, reason: str, ended_at: float) -> dict[str, Any]:
+        """The session's record as this process knows it, for when the store's is missing
+        or behind (its writes failed)."""
+        return {
+            "session_id": session.id,
+            "status": "ended",
+            "transport": session.transport,
+            "backend": session.backend,
+            "job_data": session.job_data,
+            "started_at": session.started_at,
+            "ended_at": ended_at,
+            "end_reason": reason,
+            "counters": session.counters.to_json(),
+        }
+
+    async def _make_report(
+        self,
+        session_id: str,
+        use_llm: bool,
+        live: LiveSession | None = None,
+        memory: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Never fails for what is (or is not) stored: at worst the report is partial."""
+        reasons: list[str] = []
+        try:
+            await self.store.flush(session_id)
+        except StoreTimeout as exc:
+            self.internal_error("store", exc, live)
+            reasons.append("store_write_failed")
+        except StoreError as exc:  # already counted when the write was lost
+            log.warning("report of %s: %s", session_id, exc)
+            reasons.append("store_write_failed")
+        record: dict[str, Any] | None = None
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            if memory is None:
+                raise _store_unavailable() from exc
+            self.internal_error("store", exc, live)
+            reasons.append("store_unreadable")
         if record is None:
-            raise SessionNotFound(f"no session with id {session_id}")
-        frames, alerts = await self.store.session_data(session_id)
-        report = await asyncio.to_thread(build_report, record, frames, alerts)
-        if use_llm and self.narrator is not None:
-            from server.session.narrative import facts_from_report
+            if memory is None:
+                raise SessionNotFound(f"no session with id {session_id}")
+            record = memory
+            reasons.append("store_missing_session")
+        elif memory is not None and record.get("status") == "live":
+            record = {**record, **memory}  # its end was not stored (yet)
 
-            narrative = await self.narrator.narrate(facts_from_report(report))
-            attach_narrative(report, narrative.to_json())
-        await self.store.save_report(session_id, report)
-        await self.store.flush()
-        llm = report.get("llm") or {}
-        by = f"LLM {llm.get('provider')}" if llm and not llm.get("error") else "rules"
-        log.info("report written: %d alerts, narrative by %s", len(report.get("alerts") or []),
-                 by, extra={"session_id": session_id})
+        builder = self.report_builder(record)
+        alert_rows: list[Any] = []
+        report: dict[str, Any] | None = None
+        try:
+            failure = await self.store.scan_frames(session_id, builder.feed, TIMESTAMP_RANGE)
+            alert_rows = await self.store.alert_rows(session_id)
+        except StoreError as exc:
+            self.internal_error("store", exc, live)
+            reasons.append("store_unreadable")
+            failure = None
+            if live is not None:  # the live aggregate holds the same facts
+                builder = self.report_builder(record, aggregate=live.aggregate)
+        if failure is None:
+            try:
+                report = await asyncio.to_thread(builder.finish, alert_rows)
+            except Exception as exc:
+                failure = exc
+        if failure is not None or report is None:
+            self.internal_error("report", failure or Exception("no report"), live)
+            report = fallback_report(record, ["report_failed"])
+        elif builder.unexpected is not None:
+            self.internal_error("report", builder.unexpected, live)
+        mark_partial(report, reasons)
+
+        if use_llm and self.narrator is not None:
+            try:
+                from server.session.narrative import facts_from_report
+
+                narrative = await self.narrator.narrate(facts_from_report(report))
+                attach_narrative(report, narrative.to_json())
+            except Exception as exc:  # the facts stand without the narrative
+                self.internal_error("narrative", exc, live)
+        mark = self.store.mark()
+        try:
+            await self.store.save_report(session_id, report)
+            await self.store.flush(session_id, since=mark)
+        except StoreTimeout as exc:
+            self.internal_error("store", exc, live)
+        except StoreError as exc:  # counted when lost; the caller still gets the report
+            log.error("report of %s was not stored: %s", session_id, exc)
+        else:
+            llm = report.get("llm") or {}
+            by = f"LLM {llm.get('provider')}" if llm and not llm.get("error") else "rules"
+            log.info("report written: %d alerts, narrative by %s",
+                     len(report.get("alerts") or []), by, extra={"session_id": session_id})
         return report
 
     async def report(self, session_id: str) -> dict[str, Any]:
         """The finished report of an ended session; an interrupted session's report is
-        produced on first request."""
+        produced on first request, once however many ask at the same time."""
         if session_id in self._live:
             raise ReportNotReady(f"session {session_id} is still live", code="session_live")
         if session_id in self._ending:
             return await asyncio.shield(self._ending[session_id])
-        stored = await self.store.get_report(session_id)
+        task = self._reports.get(session_id)
+        if task is None:
+            task = asyncio.create_task(
+                self._stored_or_new_report(session_id), name=f"report-{session_id[:8]}"
+            )
+            self._reports[session_id] = task
+            task.add_done_callback(functools.partial(self._report_done, session_id))
+        return await asyncio.shield(task)
+
+    def _report_done(self, session_id: str, task: asyncio.Task[dict[str, Any]]) -> None:
+        if self._reports.get(session_id) is task:
+            del self._reports[session_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter got it already
+
+    async def _stored_or_new_report(self, session_id: str) -> dict[str, Any]:
+        try:
+            stored = await self.store.get_report(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
         if stored is not None:
             return stored
-        record = await self.store.get_session(session_id)
-        if record is None:
-            raise SessionNotFound(f"no session with id {session_id}")
         return await self._make_report(session_id, use_llm=True)
 
     async def _sweep_idle(self) -> None:
         while True:
             await asyncio.sleep(self.settings.idle_sweep_interval_s)
-            deadline = time.monotonic() - self.settings.session_idle_timeout_s
-            for session in list(self._live.values()):
-                if (
-                    session.status == "live"
-                    and not session.analysing
-                    and session.last_activity < deadline
-                ):
-                    task = asyncio.create_task(self._end_idle(session.id))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+            try:
+                deadline = time.monotonic() - self.settings.session_idle_timeout_s
+                for session in list(self._live.values()):
+                    if (
+                        session.status == "live"
+                        and not session.analysing
+                        and session.last_activity < deadline
+                    ):
+                        self._spawn(
+                            self._end_quietly(session.id, "idle_timeout", where="idle_sweeper"),
+                            f"idle-end-{session.id[:8]}",
+                        )
+            except Exception as exc:  # the sweeper must keep sweeping
+                self.internal_error("idle_sweeper", exc)
 
-    async def _end_idle(self, session_id: str) -> None:
-        try:
-            await self.end_session(session_id, reason="idle_timeout")
-        except (SessionEnded, SessionNotFound):
-            pass
-        except Exception:
-            log.exception("idle end of %s failed", session_id)
+
+def _store_unavailable() -> BackendUnavailable:
+    return BackendUnavailable("the session store cannot be read", code="store_unavailable")

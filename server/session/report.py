@@ -1,5 +1,7 @@
 """The final session report, built from what the store holds (frames, alert episodes),
-so a live session's report and an interrupted one's come from one code path.
+so a live session's report and an interrupted one's come from one code path. Frame rows
+are streamed through the running aggregate, never held in memory all at once, and damaged
+rows make a `partial` report, never a failed one.
 
 The narrative parts are always written by rules; an LLM narrative, when configured, is
 added beside them (`ai_summary`) and never replaces the facts.
@@ -7,17 +9,43 @@ added beside them (`ai_summary`) and never replaces the facts.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from server.session.aggregate import SessionAggregate
+from server.session.store import FrameSpan, StoreError
+
+log = logging.getLogger(__name__)
 
 TIMELINE_MAX_POINTS = 120
 REPORT_VERSION = 1
+#: Frame and alert times outside this range (Unix seconds) are damaged data: 9999-12-31
+#: is the last instant a datetime can show.
+TIMESTAMP_RANGE = (0.0, 253402300799.0)
+
+
+def _timestamp(value: Any) -> float | None:
+    """A usable Unix time, or None for NaN, infinity, text or a year past 9999."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        return None
+    lo, hi = TIMESTAMP_RANGE
+    return t if math.isfinite(t) and lo <= t <= hi else None
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _band(value: float | None) -> str:
@@ -30,37 +58,59 @@ def _band(value: float | None) -> str:
     return "low"
 
 
-def emotion_timeline(
-    frames: list[tuple[int, float, dict[str, Any]]], started_at: float
-) -> list[dict[str, Any]]:
-    """Dominant apparent expression per time bucket, at most TIMELINE_MAX_POINTS buckets."""
-    with_emotion = [(t, s) for _i, t, s in frames if s.get("dominant_emotion")]
-    if not with_emotion:
-        return []
-    span = max(1e-6, with_emotion[-1][0] - started_at)
-    bucket_s = max(1.0, span / TIMELINE_MAX_POINTS)
-    buckets: dict[int, dict[str, float]] = {}
-    for t, s in with_emotion:
-        b = int((t - started_at) // bucket_s)
-        acc = buckets.setdefault(b, {})
-        for name, value in (s.get("emotions") or {}).items():
-            acc[name] = acc.get(name, 0.0) + float(value)
-        if not s.get("emotions"):
-            acc[s["dominant_emotion"]] = acc.get(s["dominant_emotion"], 0.0) + 100.0
-    out = []
-    for b in sorted(buckets):
-        acc = buckets[b]
-        total = sum(acc.values()) or 1.0
-        dom = max(acc.items(), key=lambda kv: kv[1])[0]
-        out.append(
-            {
-                "t_offset_s": round(b * bucket_s, 1),
-                "time": _iso(started_at + b * bucket_s),
-                "dominant_emotion": dom,
-                "share": round(acc[dom] / total, 3),
-            }
-        )
-    return out
+def _number(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+class EmotionTimeline:
+    """Dominant apparent expression per time bucket, at most about TIMELINE_MAX_POINTS
+    buckets, fed one frame at a time: the bucket size comes from the session's time span,
+    known before the frames are read."""
+
+    def __init__(self, started_at: float, t_min: float | None, t_max: float | None) -> None:
+        self.started_at = started_at
+        lo = min(started_at, t_min) if t_min is not None else started_at
+        span = max(1e-6, (t_max if t_max is not None else started_at) - lo)
+        self.bucket_s = max(1.0, span / TIMELINE_MAX_POINTS)
+        self.buckets: dict[int, dict[str, float]] = {}
+
+    def add(self, t: float, summary: dict[str, Any]) -> None:
+        dominant = summary.get("dominant_emotion")
+        if not isinstance(dominant, str) or not dominant:
+            return
+        emotions = summary.get("emotions")
+        scores = {
+            str(k): v
+            for k, raw in (emotions.items() if isinstance(emotions, dict) else ())
+            if (v := _number(raw)) is not None and v >= 0
+        }
+        acc = self.buckets.setdefault(int((t - self.started_at) // self.bucket_s), {})
+        for name, value in scores.items():
+            acc[name] = acc.get(name, 0.0) + value
+        if not scores:
+            acc[dominant] = acc.get(dominant, 0.0) + 100.0
+
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for b in sorted(self.buckets):
+            acc = self.buckets[b]
+            if not acc:
+                continue
+            total = sum(acc.values()) or 1.0
+            dom = max(acc.items(), key=lambda kv: kv[1])[0]
+            out.append(
+                {
+                    "t_offset_s": round(b * self.bucket_s, 1),
+                    "time": _iso(self.started_at + b * self.bucket_s),
+                    "dominant_emotion": dom,
+                    "share": round(acc[dom] / total, 3),
+                }
+            )
+        return out
 
 
 def body_language(agg: SessionAggregate) -> dict[str, Any]:
@@ -175,76 +225,288 @@ def rule_based_summary(
     )
 
 
-def build_report(
-    session: dict[str, Any],
-    frames: list[tuple[int, float, dict[str, Any]]],
-    alerts: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """`session` is the store's session record (with counters); pure and CPU-bound: run it
-    in a worker thread for long sessions."""
-    started = float(session["started_at"])
-    ended = session.get("ended_at") or (frames[-1][1] if frames else started)
-    agg = SessionAggregate(started_at=started)
-    for _i, t, summary in frames:
-        agg.add(t, summary)
-    counters = session.get("counters") or {}
-    duration = max(0.0, float(ended) - started)
-    # Episodes still open when the process died end where the evidence ends.
-    alerts = [
-        a
-        if a.get("ended_at") is not None
-        else {
-            **a,
-            "ended_at": ended,
-            "end_reason": "interrupted",
-            "duration_s": round(max(0.0, float(ended) - a["started_at"]), 3),
+class ReportBuilder:
+    """Builds one session's report from its stored rows, streamed one at a time.
+
+    Never fails for the data it is given: a damaged row is skipped or repaired and the
+    report is then marked `partial`, with a reason code per kind of damage. CPU-bound:
+    run it in a worker thread (the store's `scan_frames` does).
+    """
+
+    def __init__(self, session: dict[str, Any], aggregate: SessionAggregate | None = None):
+        self.session = session
+        self.reasons: dict[str, int] = {}  # damage kind → how many times
+        self.unexpected: BaseException | None = None  # first error that was not bad data
+        self.frame_rows = 0
+        self.unreadable_frames = 0
+        self._last_t: float | None = None
+        self._t_max: float | None = None
+        # Frames read from memory (the store could not be read): no timeline then.
+        self._aggregate = aggregate
+        self.started_at = _timestamp(session.get("started_at"))
+        if session.get("started_at") is not None and self.started_at is None:
+            self.note("bad_session_times")
+        if session.get("corrupt_fields"):
+            self.note("corrupt_session_row")
+        self.agg = aggregate or SessionAggregate(started_at=self.started_at or 0.0)
+        self.timeline: EmotionTimeline | None = None
+
+    def note(self, reason: str, n: int = 1) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + n
+
+    def _unexpected(self, reason: str, exc: Exception) -> None:
+        self.note(reason)
+        if self.unexpected is None:
+            self.unexpected = exc
+            log.warning("report of %s: %s", self.session.get("session_id"), reason, exc_info=exc)
+
+    # --- frames ---------------------------------------------------------------------
+
+    def consume(self, span: FrameSpan, rows: Iterator[tuple[Any, Any, Any]]) -> None:
+        """Feed every frame row; `span` (the time range of the usable rows) sizes the
+        timeline's buckets before the first row arrives."""
+        if self.started_at is None:  # repair a damaged start from the evidence
+            self.started_at = span.t_min
+            self.agg.started_at = span.t_min or 0.0
+        self._t_max = span.t_max
+        self.timeline = EmotionTimeline(self.started_at or 0.0, span.t_min, span.t_max)
+        for row in rows:
+            try:
+                self.add_row(*row)
+            except Exception as exc:  # a bug here must cost one row, not the report
+                self.unreadable_frames += 1
+                self._unexpected("frame_row_failed", exc)
+
+    def feed(self, span: FrameSpan, rows: Iterator[tuple[Any, Any, Any]]) -> BaseException | None:
+        """`consume`, for the store's reader thread: a failure of the builder is returned,
+        told apart from the store's own (StoreError propagates)."""
+        try:
+            self.consume(span, rows)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return exc
+        return None
+
+    def add_row(self, idx: Any, t: Any, summary_json: Any) -> None:
+        self.frame_rows += 1
+        summary = None
+        try:
+            summary = json.loads(summary_json)
+        except (TypeError, ValueError):
+            pass
+        if not isinstance(summary, dict):
+            self.unreadable_frames += 1
+            self.note("corrupt_frame_row")
+            return
+        ts = _timestamp(t)
+        if ts is None:
+            # The frame's facts still count; only its place in time is unknown.
+            self.note("bad_frame_timestamp")
+            ts = self._last_t if self._last_t is not None else (self.started_at or 0.0)
+        else:
+            self._last_t = ts
+            if self.timeline is not None:
+                self.timeline.add(ts, summary)
+        self.agg.add(ts, summary)
+
+    # --- alerts ---------------------------------------------------------------------
+
+    def _alert(self, raw: Any, ended: float) -> dict[str, Any] | None:
+        try:
+            a = json.loads(raw) if isinstance(raw, str | bytes) else raw
+        except ValueError:
+            a = None
+        if not isinstance(a, dict) or not isinstance(a.get("type"), str):
+            self.note("corrupt_alert_row")
+            return None
+        a = dict(a)
+        if not isinstance(a.get("severity"), str):
+            a["severity"] = "unknown"
+            self.note("corrupt_alert_row")
+        started = _timestamp(a.get("started_at"))
+        if started is None:
+            self.note("bad_alert_timestamp")
+        a["started_at"] = started
+        if a.get("ended_at") is None:
+            # Episodes still open when the process died end where the evidence ends.
+            a["ended_at"] = ended
+            a["end_reason"] = "interrupted"
+            a["duration_s"] = None if started is None else round(max(0.0, ended - started), 3)
+        else:
+            if _timestamp(a.get("ended_at")) is None:
+                a["ended_at"] = None
+                self.note("bad_alert_timestamp")
+            duration = _number(a.get("duration_s"))
+            a["duration_s"] = None if duration is None else max(0.0, duration)
+        return a
+
+    # --- the report -----------------------------------------------------------------
+
+    def finish(self, alert_rows: Iterable[Any]) -> dict[str, Any]:
+        session = self.session
+        agg = self.agg
+        now = time.time()
+        if self.started_at is None:  # no usable start anywhere: the report's own time
+            self.started_at = _timestamp(session.get("ended_at")) or now
+            agg.started_at = self.started_at
+        started = self.started_at
+        ended = _timestamp(session.get("ended_at"))
+        if ended is None:
+            if session.get("ended_at") is not None:
+                self.note("bad_session_times")
+            ended = self._t_max if self._t_max is not None else started
+        duration = max(0.0, ended - started)
+        alerts = [a for raw in alert_rows if (a := self._alert(raw, ended)) is not None]
+        raw_counters, raw_job = session.get("counters"), session.get("job_data")
+        counters: dict[str, Any] = raw_counters if isinstance(raw_counters, dict) else {}
+        job_data: dict[str, Any] = raw_job if isinstance(raw_job, dict) else {}
+
+        def count(name: str, default: int) -> int:
+            value = _number(counters.get(name))
+            return default if value is None else int(value)
+
+        report: dict[str, Any] = {
+            "report_version": REPORT_VERSION,
+            "session_id": session.get("session_id"),
+            "status": session.get("status"),
+            "job_data": job_data,
+            "summary": {
+                "started_at": _iso(started),
+                "ended_at": _iso(ended),
+                "duration_seconds": round(duration, 3),
+                "end_reason": session.get("end_reason"),
+                "transport": session.get("transport"),
+                "backend": session.get("backend"),
+                "frames_received": count("frames_received", agg.frames),
+                "frames_analysed": agg.frames,
+                "frames_dropped": count("frames_dropped", 0),
+                "frames_insufficient": agg.insufficient,
+                "frames_degraded": agg.degraded,
+                "frames_with_face": agg.frames_with_face,
+                "frames_unreadable": self.unreadable_frames,
+                "analyser_calls": dict(agg.calls),
+                "interrupted": session.get("status") == "interrupted",
+            },
+            "behavioural_scores": self._part("scores", agg.scores_json, {}),
+            "body_language": self._part(
+                "body_language",
+                lambda: body_language(agg),
+                {"source": "rules", "assessment": "Body language could not be assessed."},
+            ),
+            "cultural_fit": self._part(
+                "cultural_fit",
+                lambda: cultural_fit(agg, job_data),
+                {"source": "rules", "assessment": "Not assessed.", "signals": {}},
+            ),
+            "emotion_distribution": self._part("emotions", agg.emotion_distribution, {}),
+            "dominant_emotion_counts": dict(agg.dominant_counts),
+            "emotion_timeline": self._part(
+                "emotion_timeline",
+                lambda: [] if self.timeline is None else self.timeline.to_json(),
+                [],
+            ),
+            "emotion_note": "Emotions are apparent facial expressions, not inner states.",
+            "alerts": alerts,
+            "alert_summary": self._part("alert_summary", lambda: alert_summary(alerts), {}),
+            # The settings the alerts were judged with (None for sessions stored before).
+            "rules": session.get("rules") if isinstance(session.get("rules"), dict) else None,
+            "narrative": {
+                "source": "rules",
+                "summary": self._part(
+                    "narrative",
+                    lambda: rule_based_summary(agg, alerts, duration),
+                    "The session summary could not be written.",
+                ),
+            },
+            "ai_summary": None,
+            "llm": None,
+            "token_usage": {
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "total_tokens": 0,
+                "by_provider": {},
+            },
+            "generated_at": datetime.now(UTC).isoformat(),
         }
-        for a in alerts
-    ]
-    summary_text = rule_based_summary(agg, alerts, duration)
-    return {
-        "report_version": REPORT_VERSION,
-        "session_id": session["session_id"],
-        "status": session.get("status"),
-        "job_data": session.get("job_data") or {},
-        "summary": {
-            "started_at": _iso(started),
-            "ended_at": _iso(ended),
-            "duration_seconds": round(duration, 3),
-            "end_reason": session.get("end_reason"),
-            "transport": session.get("transport"),
-            "backend": session.get("backend"),
-            "frames_received": int(counters.get("frames_received", agg.frames)),
-            "frames_analysed": agg.frames,
-            "frames_dropped": int(counters.get("frames_dropped", 0)),
-            "frames_insufficient": agg.insufficient,
-            "frames_degraded": agg.degraded,
-            "frames_with_face": agg.frames_with_face,
-            "analyser_calls": dict(agg.calls),
-            "interrupted": session.get("status") == "interrupted",
-        },
-        "behavioural_scores": agg.scores_json(),
-        "body_language": body_language(agg),
-        "cultural_fit": cultural_fit(agg, session.get("job_data") or {}),
-        "emotion_distribution": agg.emotion_distribution(),
-        "dominant_emotion_counts": dict(agg.dominant_counts),
-        "emotion_timeline": emotion_timeline(frames, started),
-        "emotion_note": "Emotions are apparent facial expressions, not inner states.",
-        "alerts": alerts,
-        "alert_summary": alert_summary(alerts),
-        # The settings the alerts were judged with (None for sessions stored before).
-        "rules": session.get("rules"),
-        "narrative": {"source": "rules", "summary": summary_text},
-        "ai_summary": None,
-        "llm": None,
-        "token_usage": {
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "total_tokens": 0,
-            "by_provider": {},
-        },
-        "generated_at": datetime.now(UTC).isoformat(),
-    }
+        if self._aggregate is not None:
+            self.note("frames_from_memory")
+        replaced = _finite_only(report)
+        if replaced:
+            self.note("non_finite_values", replaced)
+        return mark_partial(report, self.reasons)
+
+    def _part(self, name: str, make: Any, fallback: Any) -> Any:
+        try:
+            return make()
+        except Exception as exc:
+            self._unexpected(f"{name}_failed", exc)
+            return fallback
+
+
+def mark_partial(report: dict[str, Any], reasons: Iterable[str]) -> dict[str, Any]:
+    """Add reasons why a report is incomplete (kept sorted and unique)."""
+    merged = sorted(set(report.get("partial_reasons") or []) | set(reasons))
+    report["partial"] = bool(merged)
+    report["partial_reasons"] = merged
+    return report
+
+
+def fallback_report(session: dict[str, Any], reasons: Iterable[str]) -> dict[str, Any]:
+    """The least a session gets when its report could not be built: its identity and
+    times, no facts, and why."""
+    try:
+        report = ReportBuilder(
+            {
+                k: session.get(k)
+                for k in (
+                    "session_id",
+                    "status",
+                    "transport",
+                    "backend",
+                    "started_at",
+                    "ended_at",
+                    "end_reason",
+                )
+            }
+        ).finish([])
+    except Exception:  # pragma: no cover - the empty report is plain data
+        log.exception("even the empty report failed")
+        report = {
+            "report_version": REPORT_VERSION,
+            "session_id": session.get("session_id"),
+            "status": session.get("status"),
+            "summary": {},
+            "behavioural_scores": {},
+            "body_language": {},
+            "cultural_fit": {},
+            "emotion_timeline": [],
+            "alerts": [],
+            "ai_summary": None,
+            "llm": None,
+            "token_usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "generated_at": datetime.now(UTC).isoformat(),
+        }
+    return mark_partial(report, reasons)
+
+
+def _finite_only(value: Any) -> int:
+    """Replace NaN and infinities in place by None (JSON has neither); returns how many."""
+    replaced = 0
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        return 0
+    for key, v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            value[key] = None
+            replaced += 1
+        else:
+            replaced += _finite_only(v)
+    return replaced
 
 
 def attach_narrative(report: dict[str, Any], narrative: dict[str, Any]) -> dict[str, Any]:

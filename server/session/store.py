@@ -2,8 +2,10 @@
 
 Writes go through one bounded queue to one writer thread that commits each batch as it
 comes, so the event loop never waits on the disk and a crash loses at most the batch in
-flight (well under a second). Reads use short-lived connections in worker threads; WAL
-lets them run beside the writer.
+flight (well under a second). A batch that fails is retried with backoff, then counted as
+lost; `flush()` raises for lost writes and never waits forever; `health()` says whether
+writes are failing. Reads use short-lived connections in worker threads; WAL lets them
+run beside the writer.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +63,43 @@ CREATE TABLE IF NOT EXISTS reports (
 _STOP = object()
 
 
+class StoreError(Exception):
+    """A write the caller depends on was lost, a read failed, or the store did not answer
+    in time."""
+
+
+class StoreTimeout(StoreError):
+    """The store did not answer within its flush timeout."""
+
+
+@dataclass(frozen=True)
+class _Write:
+    seq: int
+    session_id: str
+    sql: str
+    params: Sequence[Any]
+
+
+@dataclass(frozen=True)
+class _Flush:
+    future: asyncio.Future[None]
+    session_id: str | None
+    since: int
+
+
+@dataclass(frozen=True)
+class FrameSpan:
+    """Earliest and latest usable frame time of a session, and its frame row count."""
+
+    t_min: float | None
+    t_max: float | None
+    rows: int
+
+
+#: Receives (exception, ids of the sessions whose writes were lost, statements lost).
+WriteErrorHook = Callable[[BaseException, set[str], int], None]
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -72,14 +112,47 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
+def _loads_object(text: Any) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _loads_or_none(text: Any) -> dict[str, Any] | None:
+    return None if not text else _loads_object(text)
+
+
 class Store:
-    def __init__(self, path: Path, queue_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        queue_size: int = 10_000,
+        *,
+        write_attempts: int = 3,
+        retry_backoff_s: float = 0.1,
+        flush_timeout_s: float = 10.0,
+    ) -> None:
         self.path = Path(path)
+        self.write_attempts = max(1, write_attempts)
+        self.retry_backoff_s = retry_backoff_s
+        self.flush_timeout_s = flush_timeout_s
+        self.on_write_error: WriteErrorHook | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._conn: sqlite3.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._flushed: list[asyncio.Future[None]] = []
+        self._seq = 0  # writes queued so far; each write's number
+        # Health and lost-write bookkeeping (written by the writer task only).
+        self._failing = False  # the latest write attempt failed
+        self._last_lost_seq = 0
+        self._lost_by_session: dict[str, int] = {}  # session id → its latest lost write
+        self.failed_writes = 0  # statements lost after every attempt
+        self.failed_batches = 0
+        self.retried_batches = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -111,53 +184,197 @@ class Store:
             )
         return interrupted
 
-    async def close(self) -> None:
-        if self._writer is not None:
-            await self._queue.put(_STOP)
-            await self._writer
-            self._writer = None
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await asyncio.get_running_loop().run_in_executor(self._writer_thread, conn.close)
-        self._writer_thread.shutdown(wait=True)
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Commit what is queued and close; gives up after `timeout_s` (default: the flush
+        timeout) so a hung disk cannot hold the process."""
+        timeout_s = self.flush_timeout_s if timeout_s is None else timeout_s
+        clean = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._writer is not None:
+                    await self._queue.put(_STOP)
+                    await self._writer
+                if self._conn is not None:
+                    conn, self._conn = self._conn, None
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._writer_thread, conn.close
+                    )
+        except TimeoutError:
+            clean = False
+            log.error(
+                "store did not close within %.1f s; %d write(s) still queued are lost",
+                timeout_s,
+                self._queue.qsize(),
+            )
+            if self._writer is not None:
+                self._writer.cancel()
+        self._writer = None
+        # A writer thread stuck in SQLite must not block the event loop on its way out.
+        self._writer_thread.shutdown(wait=clean)
+
+    # --- health -----------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def health(self) -> dict[str, Any]:
+        """`degraded` while writes fail (until one succeeds again) or while the queue is
+        full (producers are waiting)."""
+        reasons = []
+        if self._failing:
+            reasons.append("writes_failing")
+        if self._queue.maxsize and self._queue.qsize() >= self._queue.maxsize:
+            reasons.append("queue_full")
+        return {
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
+            "failed_writes": self.failed_writes,
+            "failed_batches": self.failed_batches,
+            "retried_batches": self.retried_batches,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "queue_depth": self._queue.qsize(),
+            "queue_capacity": self._queue.maxsize,
+        }
 
     # --- writing ----------------------------------------------------------------------
 
-    async def _put(self, sql: str, params: Sequence[Any]) -> None:
+    async def _put(self, session_id: str, sql: str, params: Sequence[Any]) -> None:
         # Bounded: if the disk cannot keep up, producers wait here instead of growing memory.
-        await self._queue.put((sql, params))
+        self._seq += 1
+        await self._queue.put(_Write(self._seq, session_id, sql, params))
 
-    async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
+    def mark(self) -> int:
+        """The number of the latest write queued: `flush(since=mark)` asks only about the
+        writes queued after this call."""
+        return self._seq
+
+    async def flush(self, session_id: str | None = None, *, since: int = 0) -> None:
+        """Wait until every write queued so far is committed or lost. Raises StoreError if
+        a write queued after `since` (of `session_id`, when given) was lost, or if that
+        takes longer than the flush timeout."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(fut)
-        await fut
+        try:
+            async with asyncio.timeout(self.flush_timeout_s):
+                await self._queue.put(_Flush(fut, session_id, since))
+                await fut
+        except TimeoutError:
+            fut.cancel()
+            raise StoreTimeout(
+                f"the store did not commit within {self.flush_timeout_s} s "
+                f"({self._queue.qsize()} write(s) queued)"
+            ) from None
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = False
-        while not stop:
+        while True:
             item = await self._queue.get()
-            batch: list[tuple[str, Sequence[Any]]] = []
-            waiters: list[asyncio.Future[None]] = []
+            batch: list[_Write] = []
+            flush: _Flush | None = None
+            stop = False
+            # A batch ends at a flush, so the flush is answered right after exactly the
+            # writes queued before it.
             while True:
                 if item is _STOP:
                     stop = True
-                elif isinstance(item, asyncio.Future):
-                    waiters.append(item)
-                else:
-                    batch.append(item)
-                if stop or self._queue.empty() or len(batch) >= 500:
+                    break
+                if isinstance(item, _Flush):
+                    flush = item
+                    break
+                batch.append(item)
+                if len(batch) >= 500 or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
             if batch:
                 try:
-                    await loop.run_in_executor(self._writer_thread, self._commit, batch)
-                except sqlite3.Error:
-                    log.exception("store write failed; %d statement(s) lost", len(batch))
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+                    await self._write(batch)
+                except Exception as exc:  # the writer must outlive any bug of its own
+                    log.exception("store writer error")
+                    self._lose(batch, exc)
+            if flush is not None:
+                self._answer(flush)
+            if stop:
+                return
+
+    async def _write(self, batch: list[_Write]) -> None:
+        loop = asyncio.get_running_loop()
+        statements = [(w.sql, w.params) for w in batch]
+        for attempt in range(1, self.write_attempts + 1):
+            try:
+                await loop.run_in_executor(self._writer_thread, self._commit, statements)
+            except sqlite3.OperationalError as exc:  # busy, locked, I/O, full: may pass
+                self._note_error(exc)
+                if attempt < self.write_attempts:
+                    self.retried_batches += 1
+                    log.warning(
+                        "store write failed (%s); attempt %d of %d",
+                        exc,
+                        attempt,
+                        self.write_attempts,
+                    )
+                    await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+                    continue
+                self._lose(batch, exc)
+                return
+            except Exception as exc:  # a statement the database refuses: retrying cannot help
+                self._note_error(exc)
+                if len(batch) == 1:
+                    self._lose(batch, exc)
+                    return
+                # Keep the batch's other statements: one bad row loses only itself.
+                for w in batch:
+                    await self._write([w])
+                return
+            else:
+                self._failing = False
+                return
+
+    def _note_error(self, exc: BaseException) -> None:
+        self._failing = True
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error_at = time.time()
+
+    def _lose(self, batch: list[_Write], exc: BaseException) -> None:
+        self.failed_writes += len(batch)
+        self.failed_batches += 1
+        sessions = set()
+        for w in batch:
+            self._last_lost_seq = max(self._last_lost_seq, w.seq)
+            self._lost_by_session[w.session_id] = max(
+                self._lost_by_session.get(w.session_id, 0), w.seq
+            )
+            sessions.add(w.session_id)
+        log.error(
+            "store write failed (%s: %s); %d statement(s) lost",
+            type(exc).__name__,
+            exc,
+            len(batch),
+            exc_info=exc if self.on_write_error is None else None,  # else the hook logs it
+        )
+        if self.on_write_error is not None:
+            try:
+                self.on_write_error(exc, sessions, len(batch))
+            except Exception:
+                log.exception("store write-error hook failed")
+
+    def _answer(self, flush: _Flush) -> None:
+        if flush.future.done():  # the caller gave up waiting
+            return
+        lost = (
+            self._last_lost_seq
+            if flush.session_id is None
+            else self._lost_by_session.get(flush.session_id, 0)
+        )
+        if lost > flush.since:
+            flush.future.set_exception(
+                StoreError(
+                    "a write queued before this flush was lost"
+                    + (f" (session {flush.session_id})" if flush.session_id else "")
+                    + f": {self.last_error}"
+                )
+            )
+        else:
+            flush.future.set_result(None)
 
     def _commit(self, batch: list[tuple[str, Sequence[Any]]]) -> None:
         assert self._conn is not None
@@ -167,11 +384,14 @@ class Store:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
-            conn = _connect(self.path)
             try:
-                return fn(conn)
-            finally:
-                conn.close()
+                conn = _connect(self.path)
+                try:
+                    return fn(conn)
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed: {type(exc).__name__}: {exc}") from exc
 
         return await asyncio.to_thread(run)
 
@@ -187,6 +407,7 @@ class Store:
         rules: dict[str, Any] | None = None,
     ) -> None:
         await self._put(
+            session_id,
             "INSERT INTO sessions (id, status, transport, backend, job_data, started_at, "
             "last_activity, rules) VALUES (?, 'live', ?, ?, ?, ?, ?, ?)",
             (
@@ -204,6 +425,7 @@ class Store:
         self, session_id: str, counters: dict[str, Any], last_activity: float
     ) -> None:
         await self._put(
+            session_id,
             "UPDATE sessions SET counters=?, last_activity=? WHERE id=?",
             (_dumps(counters), last_activity, session_id),
         )
@@ -212,6 +434,7 @@ class Store:
         self, session_id: str, ended_at: float, reason: str, counters: dict[str, Any]
     ) -> None:
         await self._put(
+            session_id,
             "UPDATE sessions SET status='ended', ended_at=?, end_reason=?, counters=? WHERE id=?",
             (ended_at, reason, _dumps(counters), session_id),
         )
@@ -220,6 +443,7 @@ class Store:
         self, session_id: str, index: int, t: float, summary: dict[str, Any]
     ) -> None:
         await self._put(
+            session_id,
             "INSERT OR REPLACE INTO frames (session_id, idx, t, summary) VALUES (?, ?, ?, ?)",
             (session_id, index, t, _dumps(summary)),
         )
@@ -227,6 +451,7 @@ class Store:
     async def save_alert(self, session_id: str, episode: dict[str, Any]) -> None:
         """Insert at onset, replace at closure (same episode id)."""
         await self._put(
+            session_id,
             "INSERT OR REPLACE INTO alerts (id, session_id, started_at, episode) "
             "VALUES (?, ?, ?, ?)",
             (episode["episode_id"], session_id, episode["started_at"], _dumps(episode)),
@@ -234,27 +459,44 @@ class Store:
 
     async def save_report(self, session_id: str, report: dict[str, Any]) -> None:
         await self._put(
+            session_id,
             "INSERT OR REPLACE INTO reports (session_id, created_at, report) VALUES (?, ?, ?)",
             (session_id, time.time(), _dumps(report)),
+        )
+
+    async def mark_interrupted(self, session_id: str, reason: str) -> None:
+        """A live session this process gave up on (it keeps whatever was stored)."""
+        await self._put(
+            session_id,
+            "UPDATE sessions SET status='interrupted', end_reason=? WHERE id=? AND status='live'",
+            (reason, session_id),
         )
 
     # --- reading ----------------------------------------------------------------------
 
     @staticmethod
     def _session_row(row: sqlite3.Row) -> dict[str, Any]:
-        return {
+        job_data = _loads_object(row["job_data"])
+        counters = _loads_object(row["counters"] or "{}")
+        record = {
             "session_id": row["id"],
             "status": row["status"],
             "transport": row["transport"],
             "backend": row["backend"],
-            "job_data": json.loads(row["job_data"]),
+            "job_data": job_data or {},
             "started_at": row["started_at"],
             "ended_at": row["ended_at"],
             "end_reason": row["end_reason"],
             "last_activity": row["last_activity"],
-            "counters": json.loads(row["counters"] or "{}"),
-            "rules": json.loads(row["rules"]) if row["rules"] else None,
+            "counters": counters or {},
+            "rules": _loads_or_none(row["rules"]),
         }
+        corrupt = [
+            name for name, v in (("job_data", job_data), ("counters", counters)) if v is None
+        ]
+        if corrupt:  # readable anyway: a damaged field must not hide the session
+            record["corrupt_fields"] = corrupt
+        return record
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
         def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
@@ -278,29 +520,50 @@ class Store:
 
         return await self._read(q)
 
-    async def session_data(
-        self, session_id: str
-    ) -> tuple[list[tuple[int, float, dict[str, Any]]], list[dict[str, Any]]]:
-        """Every frame summary (index, time, summary) and alert episode of a session."""
+    async def scan_frames(
+        self,
+        session_id: str,
+        consume: Callable[[FrameSpan, Iterator[tuple[Any, Any, Any]]], T],
+        t_range: tuple[float, float],
+    ) -> T:
+        """Runs `consume(span, rows)` in a reader thread, streaming the session's frame
+        rows `(idx, t, summary JSON)` in index order from the cursor, so a long session is
+        never held in memory. `span` covers the rows whose `t` is a number in `t_range`;
+        rows are raw (possibly damaged): parsing them is the consumer's job."""
 
-        def q(
-            conn: sqlite3.Connection,
-        ) -> tuple[list[tuple[int, float, dict[str, Any]]], list[dict[str, Any]]]:
-            frames = [
-                (r["idx"], r["t"], json.loads(r["summary"]))
-                for r in conn.execute(
-                    "SELECT idx, t, summary FROM frames WHERE session_id=? ORDER BY idx",
-                    (session_id,),
-                )
-            ]
-            alerts = [
-                json.loads(r["episode"])
+        def q(conn: sqlite3.Connection) -> T:
+            t_min, t_max, rows = conn.execute(
+                "SELECT MIN(t), MAX(t), COUNT(*) FROM frames WHERE session_id=? "
+                "AND typeof(t) IN ('integer', 'real') AND t BETWEEN ? AND ?",
+                (session_id, *t_range),
+            ).fetchone()
+            cursor = conn.execute(
+                "SELECT idx, t, summary FROM frames WHERE session_id=? ORDER BY idx",
+                (session_id,),
+            )
+
+            def stream() -> Iterator[tuple[Any, Any, Any]]:
+                try:
+                    for r in cursor:
+                        yield r[0], r[1], r[2]
+                except sqlite3.Error as exc:  # tells the consumer's bugs from the store's
+                    raise StoreError(f"store read failed: {exc}") from exc
+
+            return consume(FrameSpan(t_min, t_max, rows), stream())
+
+        return await self._read(q)
+
+    async def alert_rows(self, session_id: str) -> list[Any]:
+        """The session's alert episodes as stored (JSON text, possibly damaged)."""
+
+        def q(conn: sqlite3.Connection) -> list[Any]:
+            return [
+                r[0]
                 for r in conn.execute(
                     "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at",
                     (session_id,),
                 )
             ]
-            return frames, alerts
 
         return await self._read(q)
 
@@ -309,7 +572,12 @@ class Store:
             row = conn.execute(
                 "SELECT report FROM reports WHERE session_id=?", (session_id,)
             ).fetchone()
-            return None if row is None else json.loads(row["report"])
+            if row is None:
+                return None
+            report = _loads_object(row["report"])
+            if report is None:  # damaged: the caller builds it again
+                log.error("stored report of %s is unreadable", session_id)
+            return report
 
         return await self._read(q)
 

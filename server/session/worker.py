@@ -28,6 +28,7 @@ from server.analysis.observation import Checks, Observation
 from server.analysis.rules import FrameFacts
 from server.analysis.scoring import FrameMetrics
 from server.config import Settings
+from server.errors import InternalError
 from server.media.frames import Frame, FrameError
 from server.media.latest_slot import SlotClosed
 from server.observability import Instruments, current_session
@@ -131,8 +132,12 @@ class SessionPipeline:
                     log.warning("frame refused by the analyser: %s", exc)
                 continue
             except Exception as exc:  # a bug must not kill the session's worker
-                pending.fail(exc)
                 self.on_error("worker", exc, session)
+                error = InternalError(
+                    "the frame could not be analysed (internal error); the session goes on"
+                )
+                error.__cause__ = exc
+                pending.fail(error)
                 continue
             finally:
                 if straggler is None:

@@ -50,9 +50,14 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
 
     @api.route("GET", "/health", summary="Health check", tag="operations", response=Health)
     async def health(request: web.Request) -> web.Response:
+        # 200 even when degraded: the process serves, and restarting it (what a failing
+        # liveness probe does) would interrupt every live session without mending a disk.
+        # Monitoring alerts on `status` and on proctor_internal_errors_total{where="store"}.
+        store = manager.store.health()
         return json_response(
             {
-                "status": "ok",
+                "status": store["status"],
+                "store": store,
                 "backend": manager.analyser.name,
                 "live_sessions": manager.live_count,
                 "uptime_s": round(time.monotonic() - started, 3),

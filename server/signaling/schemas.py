@@ -39,7 +39,9 @@ class FrameRequest(BaseModel):
         description="data:image/jpeg;base64,... URL (JPEG or PNG); bare base64 accepted"
     )
     timestamp: float | None = Field(
-        default=None, description="Capture time (Unix seconds); defaults to arrival time"
+        default=None,
+        allow_inf_nan=False,  # NaN cannot be stored, and no time is infinite
+        description="Capture time (Unix seconds); defaults to arrival time",
     )
 
 
@@ -76,6 +78,14 @@ class Report(BaseModel):
     alerts: list[dict[str, Any]]
     ai_summary: dict[str, Any] | None
     token_usage: dict[str, Any]
+    partial: bool = Field(
+        default=False, description="Some stored data was damaged or missing; see partial_reasons"
+    )
+    partial_reasons: list[str] = Field(
+        default_factory=list,
+        description="e.g. bad_frame_timestamp, corrupt_frame_row, corrupt_alert_row, "
+        "store_write_failed, store_unreadable, report_failed",
+    )
 
 
 class SessionRecord(BaseModel):
@@ -94,8 +104,23 @@ class SessionList(BaseModel):
     count: int
 
 
+class StoreHealth(BaseModel):
+    status: Literal["ok", "degraded"]
+    reasons: list[str] = Field(description="writes_failing, queue_full")
+    failed_writes: int = Field(description="Statements lost after every retry, since start")
+    failed_batches: int
+    retried_batches: int
+    last_error: str | None
+    last_error_at: float | None
+    queue_depth: int
+    queue_capacity: int
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded while store writes fail (still HTTP 200: the server serves)"
+    )
+    store: StoreHealth
     backend: str
     live_sessions: int
     uptime_s: float
