@@ -19,7 +19,7 @@ current_session: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 class SessionLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.session_id = current_session.get()
+        record.session_id = current_session.get()[:8]  # shortened: ids are capabilities
         return True
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -22,7 +23,13 @@ from server.analysis.observation import Observation
 from server.analysis.rules import AlertEngine, FrameFacts, rules_from_settings
 from server.analysis.scoring import FrameMetrics, Scorer
 from server.config import Settings
-from server.errors import Overloaded, ReportNotReady, SessionEnded, SessionNotFound
+from server.errors import (
+    Overloaded,
+    ProctorError,
+    ReportNotReady,
+    SessionEnded,
+    SessionNotFound,
+)
 from server.media.frames import Frame, FrameError
 from server.media.latest_slot import SlotClosed
 from server.observability import Instruments, current_session
@@ -99,7 +106,7 @@ class SessionManager:
             try:
                 await self.end_session(sid, reason="server_shutdown", use_llm=False)
             except Exception:
-                log.exception("could not end session %s at shutdown", sid)
+                log.exception("could not end session %s at shutdown", sid[:8])
         for task in list(self._ending.values()) + list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
@@ -119,6 +126,14 @@ class SessionManager:
     # --- sessions -----------------------------------------------------------------------
 
     async def start_session(self, job_data: dict[str, Any], transport: str) -> LiveSession:
+        size = len(json.dumps(job_data, separators=(",", ":"), default=str).encode())
+        if size > self.settings.job_data_max_bytes:
+            raise ProctorError(
+                f"job_data is {size} bytes as JSON; the limit is "
+                f"{self.settings.job_data_max_bytes}",
+                code="job_data_too_large",
+                status=413,
+            )
         if len(self._live) >= self.settings.max_live_sessions:
             raise Overloaded(
                 f"the server is at its limit of {self.settings.max_live_sessions} live sessions",
@@ -150,7 +165,9 @@ class SessionManager:
         session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
         self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
-        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend)
+        log.info(
+            "session %s started (%s, backend %s)", session.id[:8], transport, session.backend
+        )
         return session
 
     async def get_live(self, session_id: object) -> LiveSession:
@@ -376,7 +393,7 @@ class SessionManager:
         session.status = "ended"
         await session.publish("session_ended", {"session_id": session.id, "report": report})
         session.listeners.clear()
-        log.info("session %s ended (%s)", session.id, reason)
+        log.info("session %s ended (%s)", session.id[:8], reason)
         self._ending.pop(session.id, None)
         return report
 
@@ -431,4 +448,4 @@ class SessionManager:
         except (SessionEnded, SessionNotFound):
             pass
         except Exception:
-            log.exception("idle end of %s failed", session_id)
+            log.exception("idle end of %s failed", session_id[:8])

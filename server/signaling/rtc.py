@@ -594,7 +594,17 @@ class RtcGateway:
             errors=(400, 404, 409, 429, 503),
         )
         async def rtc_offer(request: web.Request) -> web.Response:
-            body = await parse_body(request, RtcOfferRequest)
+            from server.signaling.auth import authorize_request
+
+            body = await parse_body(
+                request, RtcOfferRequest, self.settings.offer_body_max_bytes
+            )
+            # A new session is the operator's to start; joining one takes its candidate
+            # token (or the operator's).
+            if body.session_id is None:
+                authorize_request(request, "start")
+            else:
+                authorize_request(request, "frame", body.session_id)
             try:
                 answer = await self.answer(body)
             except ProctorError as exc:

@@ -3,9 +3,29 @@ OpenAPI document is generated from them."""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.errors import BadRequest
+
+
+def frame_timestamp(value: object, max_skew_s: float) -> float | None:
+    """A frame's capture time from an untrusted client: a finite Unix time (seconds)
+    within `max_skew_s` of our clock, else 400 `invalid_field` (REST and Socket.IO)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest("timestamp must be a number (Unix seconds)", code="invalid_field")
+    stamp = float(value)
+    if not math.isfinite(stamp) or abs(stamp - time.time()) > max_skew_s:
+        raise BadRequest(
+            f"timestamp must be Unix seconds within {max_skew_s:g} s of the server's clock",
+            code="invalid_field",
+        )
+    return stamp
 
 
 class ErrorDetail(BaseModel):
@@ -31,6 +51,14 @@ class SessionStarted(BaseModel):
     transport: str
     job_data: dict[str, Any]
     status: str
+    candidate_token: str | None = Field(
+        default=None,
+        description="The candidate's token: may send this session's frames or media, read "
+        "its live metrics and end it",
+    )
+    join_url: str | None = Field(
+        default=None, description="The candidate page for this session (token in the fragment)"
+    )
 
 
 class FrameRequest(BaseModel):
@@ -39,11 +67,15 @@ class FrameRequest(BaseModel):
         description="data:image/jpeg;base64,... URL (JPEG or PNG); bare base64 accepted"
     )
     timestamp: float | None = Field(
-        default=None, description="Capture time (Unix seconds); defaults to arrival time"
+        default=None,
+        allow_inf_nan=False,
+        description="Capture time (Unix seconds, within a day of the server's clock); "
+        "defaults to arrival time",
     )
 
 
 class FrameResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
     session_id: str
     status: Literal["analysed", "dropped"]
     reason: str | None = Field(default=None, description="Why a frame was dropped")
@@ -76,6 +108,12 @@ class Report(BaseModel):
     alerts: list[dict[str, Any]]
     ai_summary: dict[str, Any] | None
     token_usage: dict[str, Any]
+
+
+class Ended(BaseModel):
+    """What a candidate gets for ending its session with CANDIDATE_VIEW=status."""
+
+    status: Literal["ended"]
 
 
 class SessionRecord(BaseModel):
