@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from server.session.narrative import SYSTEM_PROMPT, build_prompt
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.fakes.rekognition import FakeRekognition
 from tests.media import face_data_url
+from tests.test_socketio import Client
 
 OPERATOR = "operator-s3cret-token"
-EVENTS = ("session_started", "frame_analysis", "alerts", "live_metrics", "session_ended", "error")
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -274,28 +273,6 @@ async def test_brief_rest_flow_with_the_operator_token(
 
 
 # --- Socket.IO -------------------------------------------------------------------------------
-
-
-class Client:
-    def __init__(self) -> None:
-        self.sio = socketio.AsyncClient(reconnection=False)
-        self.received: dict[str, list[Any]] = defaultdict(list)
-        for name in EVENTS:
-            self.sio.on(name, self._recorder(name))
-
-    def _recorder(self, name: str) -> Any:
-        async def record(data: Any) -> None:
-            self.received[name].append(data)
-
-        return record
-
-    async def wait(self, name: str, count: int = 1, timeout: float = 5.0) -> list[Any]:
-        async def until() -> None:
-            while len(self.received[name]) < count:
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(until(), timeout)
-        return self.received[name]
 
 
 @pytest.fixture
