@@ -21,7 +21,7 @@ from server.signaling.auth import ACCESS, Access
 from server.signaling.http_api import error_middleware
 from server.signaling.rest import build_api
 from server.signaling.rtc import RtcGateway
-from server.signaling.socketio_events import ProctorNamespace
+from server.signaling.socketio_events import GuardedServer, ProctorNamespace
 from server.signaling.web_guard import cors_middleware, host_middleware, proxy_middleware
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def create_app(
     app[INSTRUMENTS] = instruments
     app[ACCESS] = access
 
-    sio = socketio.AsyncServer(
+    sio = GuardedServer(
         async_mode="aiohttp",
         # Off: cors_middleware guards the Socket.IO endpoint like every other route.
         cors_allowed_origins=[],

@@ -50,6 +50,19 @@ def candidate_room(session_id: str) -> str:
     return f"candidate:{session_id}"
 
 
+class GuardedServer(socketio.AsyncServer):
+    """python-socketio's server, with event packets shaped before dispatch: its own code
+    indexes `data[0]` (a crash on `42{}` or `42[]`) and dispatches a client-sent `connect`
+    or `disconnect` event to the connection handlers. Those become `REJECTED_EVENT`."""
+
+    async def _handle_event(self, eio_sid: str, namespace: str, id: Any, data: Any) -> None:
+        if not isinstance(data, list) or not data or not isinstance(data[0], str):
+            data = [REJECTED_EVENT, "an event must be a JSON array that starts with its name"]
+        elif data[0] in ("connect", "disconnect", REJECTED_EVENT):
+            data = [REJECTED_EVENT, f"{data[0]!r} is not an event a client may send"]
+        await super()._handle_event(eio_sid, namespace, id, data)
+
+
 class TokenBucket:
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
@@ -97,7 +110,7 @@ class ProctorNamespace(socketio.AsyncNamespace):
         data = args[1] if len(args) > 1 else None
         try:
             if event == REJECTED_EVENT:
-                raise BadRequest(f"message is not acceptable JSON: {data}", code="invalid_json")
+                raise BadRequest(f"message refused: {data}", code="invalid_json")
             if not isinstance(event, str) or not hasattr(self, f"on_{event}"):
                 raise BadRequest(f"unknown event {str(event)[:40]!r}", code="unknown_event")
             return await getattr(self, f"on_{event}")(sid, data)
