@@ -347,3 +347,52 @@ async def test_the_battery_is_large_enough() -> None:
     sid = "s"
     total = len(rest_cases(sid)) + len(socketio_cases(sid)) + len(raw_cases(sid))
     assert total >= 150, total
+
+
+async def test_a_socketio_flood_gets_rate_limited_errors_and_others_are_served(
+    tmp_path: Any, rekognition: Any, http: aiohttp.ClientSession
+) -> None:
+    from tests.conftest import make_settings, start_server
+
+    srv = await start_server(
+        make_settings(
+            tmp_path,
+            api_token=OPERATOR,
+            socketio_events_per_s=20,
+            socketio_event_burst=20,
+            socketio_errors_per_s=5,
+        )
+    )
+    try:
+        sid = await start(http, srv)
+        flood = await RawSocket.open(http, srv.url, OPERATOR)
+        honest = Client()
+        await honest.sio.connect(srv.url, transports=["websocket"], auth={"token": OPERATOR})
+        n = 400
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for ack_id in range(1, n + 1):
+            await flood.ws.send_str(f'42{ack_id}["get_live_metrics",{{"session_id":"{sid}"}}]')
+        acks = [(await flood.wait_ack(i))[0] for i in range(1, n + 1)]
+        elapsed = loop.time() - t0
+        served = [a for a in acks if a.get("status") == "ok"]
+        limited = [a for a in acks if a.get("error", {}).get("code") == "rate_limited"]
+        assert len(served) + len(limited) == n
+        assert len(served) <= 20 + 20 * elapsed + 1  # the burst, then the sustained rate
+        assert len(limited) >= n - len(served) > 0
+        # Error events are limited too: a flood cannot make the server flood back.
+        errors = [e for e in flood.errors() if e["code"] == "rate_limited"]
+        assert 0 < len(errors) <= 5 + 5 * elapsed + 1
+        assert not flood.ws.closed
+        # Another connection is not slowed into failure, and the session goes on.
+        ack = await honest.sio.call(
+            "analyze_frame", {"session_id": sid, "frame": face_data_url()}, timeout=10
+        )
+        assert ack["status"] == "analysed"
+        await asyncio.sleep(0.3)  # the bucket refills: the flooder is served again
+        await flood.ws.send_str(f'42{n + 1}["get_live_metrics",{{"session_id":"{sid}"}}]')
+        assert (await flood.wait_ack(n + 1))[0] == {"status": "ok"}
+        await honest.sio.disconnect()
+        await flood.close()
+    finally:
+        await srv.stop()
