@@ -3,10 +3,11 @@
 `json.loads` alone lets a crafted message hurt the server: a 100k-deep array raises
 `RecursionError` (not `ValueError`), a 5000-digit integer raises past Python's
 int-digits limit, `NaN`, `Infinity` and `1e400` become non-finite floats that later break
-arithmetic and JSON output, an escaped lone surrogate breaks UTF-8 encoders. `loads` refuses all of them with one exception type,
-`JsonRejected`, whose message says what was wrong; callers turn it into their
-transport's `invalid_json` error. Depth is checked after parsing by an iterative walk
-(the C parser's own recursion guard bounds the parse itself).
+arithmetic and JSON output, an escaped lone surrogate breaks UTF-8 encoders. `loads`
+refuses all of them with one exception type, `JsonRejected`, whose message says what was
+wrong; callers turn it into their transport's `invalid_json` error. Depth is checked
+after parsing by an iterative walk (the C parser's own recursion guard bounds the parse
+itself).
 """
 
 from __future__ import annotations
