@@ -141,6 +141,12 @@ async def test_rest_battery(server: RunningServer, http: aiohttp.ClientSession) 
             await still_analysing(http, server, sid)
     assert not failures, failures
     await still_analysing(http, server, sid)
+    # The session's data survived it all: it ends with a report, readable afterwards.
+    async with http.post(f"{server.url}/api/sessions/{sid}/end", headers=AUTH) as r:
+        assert r.status == 200
+        analysed = (await r.json())["summary"]["frames_analysed"]
+    async with http.get(f"{server.url}/api/sessions/{sid}/report", headers=AUTH) as r:
+        assert r.status == 200 and (await r.json())["summary"]["frames_analysed"] == analysed
     COUNTED["rest"] = len(cases)
 
 
