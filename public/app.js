@@ -40,6 +40,7 @@
   const state = {
     phase: "idle",
     config: loadConfig(),
+    join: readJoinLink(), // {sessionId, token} from a join_url, or null
     stream: null,
     track: null,
     sessionId: null,
@@ -84,6 +85,19 @@
       // The server decodes H.264 for about a third of VP8's CPU; "" keeps the browser's order.
       preferCodec: typeof cfg.preferCodec === "string" ? cfg.preferCodec : "H264",
     };
+  }
+
+  // A join_url (/#session=<id>&token=<candidate token>) makes this page join that session
+  // instead of starting one. The fragment never reaches the server or its logs.
+  function readJoinLink() {
+    const params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    const sessionId = params.get("session");
+    const token = params.get("token");
+    return sessionId ? { sessionId, token: token || null } : null;
+  }
+
+  function authHeaders() {
+    return state.join && state.join.token ? { Authorization: `Bearer ${state.join.token}` } : {};
   }
 
   function mark(name) {
@@ -259,7 +273,7 @@
   async function loadIceServers() {
     if (state.config.iceServers.length) return;
     try {
-      const res = await fetch(ICE_SERVERS_URL);
+      const res = await fetch(ICE_SERVERS_URL, { headers: authHeaders() });
       if (!res.ok) return;
       const data = await res.json();
       if (Array.isArray(data.ice_servers) && data.ice_servers.length) {
@@ -276,7 +290,7 @@
     try {
       res = await fetch(OFFER_URL, {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json", ...authHeaders() },
         body: JSON.stringify(body),
       });
     } catch (err) {
@@ -519,7 +533,8 @@
     for (let attempt = 0; ; attempt++) {
       try {
         setStatus("Connecting: gathering network candidates and sending the offer…");
-        await openPeer({ jobData });
+        // Joining the operator's session (join_url), or starting one (development mode).
+        await openPeer(state.join ? { sessionId: state.join.sessionId } : { jobData });
         break;
       } catch (err) {
         teardownPeer();
@@ -625,8 +640,12 @@
 
   async function restReport(method, url) {
     try {
-      const res = await fetch(url, { method });
+      const res = await fetch(url, { method, headers: authHeaders() });
       const data = await res.json().catch(() => null);
+      if (res.status === 403 && state.join) {
+        finish(null); // a candidate may not read reports: the session is over all the same
+        return;
+      }
       if (!res.ok) {
         const e = (data && data.error) || {};
         throw new Error(`HTTP ${res.status} ${e.code || ""}: ${e.message || res.statusText}`);
@@ -644,8 +663,8 @@
     teardownPeer();
     setPhase("ended");
     alertList.closeAll(report && report.alerts);
-    setStatus("Session ended. The report is below.");
-    reportView.render(report);
+    // The server may send the session's state only ({"status": "ended"}): show what came.
+    setStatus(reportView.render(report) ? "Session ended. The report is below." : "Session ended.");
   }
 
   // --- data channel messages ---------------------------------------------------------------------
@@ -666,10 +685,10 @@
         if (state.phase === "live") setStatus(`Live since ${fmtTime(msg.started_at)}: the server is analysing the camera.`);
         break;
       case "frame_analysis":
-        if (!msg.result) return;
         state.analyses++;
         ui.analysed.textContent = String(state.analyses);
         if (state.analyses === 1) mark("first_analysis");
+        if (!msg.result) return; // state only (CANDIDATE_VIEW=status)
         showResult(msg.result);
         for (const a of msg.result.alerts || []) alertList.show(a);
         break;
@@ -681,7 +700,7 @@
         break;
       case "session_ended":
         mark("report_received");
-        finish(msg.report);
+        finish(msg.report || null);
         break;
       case "adjust_video":
         applyVideoLimits(msg, true);
@@ -757,6 +776,11 @@
   }
 
   // --- wiring ----------------------------------------------------------------------------------
+  if (state.join) {
+    // The operator set the job data when creating the session.
+    ui.job.closest("label").hidden = true;
+    ui.connect.textContent = "Join session";
+  }
   ui.connect.addEventListener("click", connect);
   ui.end.addEventListener("click", endSession);
   window.addEventListener("pagehide", () => {

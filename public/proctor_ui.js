@@ -406,8 +406,10 @@
       this.section = section;
     }
 
+    // Returns false (and shows nothing) when given no report: a candidate whose server sends
+    // only the session's state (CANDIDATE_VIEW=status) gets {"status": "ended"}.
     render(report) {
-      report = report || {};
+      if (!isReport(report)) { this.hide(); return false; }
       const n = this.nodes;
       const narrative = report.narrative;
       n.headline.textContent = typeof narrative === "string" ? narrative
@@ -442,13 +444,19 @@
       n.raw.textContent = JSON.stringify(report, null, 2);
       this.section.hidden = false;
       this.section.scrollIntoView({ behavior: "smooth", block: "start" });
+      return true;
     }
 
     hide() { this.section.hidden = true; }
   }
 
+  // A full report, as opposed to a state-only answer ({"status": "ended"}).
+  function isReport(x) {
+    return !!x && typeof x === "object" && typeof x.summary === "object" && x.summary !== null;
+  }
+
   window.ProctorUI = Object.freeze({
-    METRICS, el, toDate, fmtTime, fmtNum, fmtDuration, human, errText, chips,
+    METRICS, el, toDate, fmtTime, fmtNum, fmtDuration, human, errText, chips, isReport,
     LiveView, AlertList, ReportView,
   });
 })();

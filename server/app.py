@@ -16,10 +16,13 @@ from server.observability import Instruments
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
-from server.signaling.http_api import cors_middleware, error_middleware
+from server.signaling import socketio_json
+from server.signaling.auth import ACCESS, Access
+from server.signaling.http_api import error_middleware
 from server.signaling.rest import build_api
 from server.signaling.rtc import RtcGateway
-from server.signaling.socketio_events import ProctorNamespace
+from server.signaling.socketio_events import GuardedServer, ProctorNamespace
+from server.signaling.web_guard import cors_middleware, host_middleware, proxy_middleware
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +71,34 @@ def create_app(
         narrator=make_narrator(settings, instruments),
         pose_calibration_factory=pose_calibration_factory(analyser, settings),
     )
+    access = Access(settings)
     app = web.Application(
+        # App-wide ceiling; each route reads its body with its own, smaller limit.
         client_max_size=_max_body(settings),
-        middlewares=[cors_middleware(settings.cors_origins), error_middleware],
+        middlewares=[
+            proxy_middleware(settings),
+            host_middleware(settings),
+            cors_middleware(settings),
+            error_middleware,
+        ],
     )
     app[MANAGER] = manager
     app[SETTINGS] = settings
     app[INSTRUMENTS] = instruments
+    app[ACCESS] = access
 
-    sio = socketio.AsyncServer(
+    sio = GuardedServer(
         async_mode="aiohttp",
-        cors_allowed_origins=settings.cors_origins if "*" not in settings.cors_origins else "*",
-        # Above the largest valid frame, so an oversized one gets our error event instead
-        # of engine.io closing the connection.
+        # Off: cors_middleware guards the Socket.IO endpoint like every other route.
+        cors_allowed_origins=[],
+        # The message size limit: a little above the largest valid frame, so an oversized
+        # frame gets our error event; beyond this engine.io closes the connection.
         max_http_buffer_size=_max_body(settings) * 2,
+        json=socketio_json,
         logger=False,
         engineio_logger=False,
     )
-    sio.register_namespace(ProctorNamespace(manager, settings))
+    sio.register_namespace(ProctorNamespace(manager, settings, access))
     sio.attach(app)
     app[SOCKETIO] = sio
 

@@ -44,9 +44,17 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_level)
     if not _is_loopback(settings.host) and not settings.api_token:
+        if not settings.allow_insecure:
+            log.error(
+                "refusing to listen on %s without API_TOKEN: anyone who could reach it could "
+                "start sessions and read every report. Set API_TOKEN, bind to 127.0.0.1, or "
+                "set ALLOW_INSECURE=true to accept that.",
+                settings.host,
+            )
+            return 2
         log.warning(
-            "!!! Binding to %s with no API_TOKEN: anyone who can reach this address can list "
-            "sessions and read every report. Set API_TOKEN or bind to 127.0.0.1. !!!",
+            "!!! Listening on %s with no API_TOKEN (ALLOW_INSECURE=true): anyone who can "
+            "reach this address can start sessions and read every report. !!!",
             settings.host,
         )
     from server.app import MANAGER, create_app

@@ -29,9 +29,17 @@ class Settings(BaseSettings):
     )
     api_token: str = Field(
         default="",
-        description="Server-wide operator token; guards listing, any report and /metrics.",
+        description="Operator token; when set the server runs in secured mode (roles).",
     )
-    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    # What a candidate token's holder receives back: the brief's payloads or state only.
+    # Empty: "status" in secured mode, "results" in development mode.
+    candidate_view: Literal["", "results", "status"] = ""
+    public_url: str = ""  # e.g. https://proctor.example.com: host of join URLs, allowed Host
+    allow_insecure: bool = False  # let `proctor serve` bind a non-loopback host with no token
+    cors_origins: list[str] = Field(default_factory=list)  # empty: same origin only
+    # Peers (IPs or CIDRs) whose X-Forwarded-For/-Host/-Proto headers are believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    candidate_tokens_max: int = 10_000  # remembered candidate tokens (oldest forgotten)
     log_level: str = "INFO"
     public_dir: Path = Path(__file__).resolve().parent.parent / "public"
     client_example: Path = Path(__file__).resolve().parent.parent / "client_example.html"
@@ -53,6 +61,15 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = 10.0  # a graceful stop gives up waiting for sessions after this
     max_frame_bytes: int = 5 * 1024 * 1024  # Rekognition's image limit
     max_frame_dimension: int = 1920  # larger frames are downscaled, never refused
+    max_frame_pixels: int = 40_000_000  # above it (from the header) refused, never decoded
+    job_data_max_bytes: int = 4096  # job_data as compact JSON
+    start_body_max_bytes: int = 8 * 1024  # POST /api/sessions/start
+    offer_body_max_bytes: int = 32 * 1024  # POST /api/rtc/offer (SDP + job_data)
+    timestamp_max_skew_s: float = 86_400.0  # a frame's timestamp within this of our clock
+    offload_bytes: int = 256 * 1024  # pushed frames larger than this are parsed in a thread
+    socketio_events_per_s: float = 30.0  # per connection, sustained
+    socketio_event_burst: int = 60  # per connection, burst
+    socketio_errors_per_s: float = 5.0  # rate-limit error events sent back per connection
     jpeg_quality: int = 85
 
     # --- analyser -----------------------------------------------------------------------
@@ -189,6 +206,16 @@ class Settings(BaseSettings):
     # shared by every session of every transport, live before recorded; cloud backends
     # only (the offline backend is bounded by its worker pool). 0 = off.
     analyser_calls_per_s: float = 25.0
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.api_token)
+
+    @property
+    def resolved_candidate_view(self) -> Literal["results", "status"]:
+        if self.candidate_view:
+            return self.candidate_view
+        return "status" if self.secured else "results"
 
     @property
     def has_aws_credentials(self) -> bool:

@@ -3,10 +3,11 @@
 `json.loads` alone lets a crafted message hurt the server: a 100k-deep array raises
 `RecursionError` (not `ValueError`), a 5000-digit integer raises past Python's
 int-digits limit, `NaN`, `Infinity` and `1e400` become non-finite floats that later break
-arithmetic and JSON output. `loads` refuses all of them with one exception type,
-`JsonRejected`, whose message says what was wrong; callers turn it into their
-transport's `invalid_json` error. Depth is checked after parsing by an iterative walk
-(the C parser's own recursion guard bounds the parse itself).
+arithmetic and JSON output, an escaped lone surrogate breaks UTF-8 encoders. `loads`
+refuses all of them with one exception type, `JsonRejected`, whose message says what was
+wrong; callers turn it into their transport's `invalid_json` error. Depth is checked
+after parsing by an iterative walk (the C parser's own recursion guard bounds the parse
+itself).
 """
 
 from __future__ import annotations
@@ -80,4 +81,33 @@ def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise JsonRejected(f"not valid JSON: {message}") from None
     if depth(value) > max_depth:
         raise JsonRejected(f"JSON is nested deeper than {max_depth} levels")
+    if _has_lone_surrogate(value):
+        raise JsonRejected("JSON string holds an unpaired surrogate (\\ud800-\\udfff)")
     return value
+
+
+def _bad_text(text: str) -> bool:
+    if text.isascii():  # the common case, and every frame: no copy
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """An escaped lone surrogate ("\\ud800") parses, then breaks any UTF-8 encoder
+    downstream (an SDK request, a log line)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _bad_text(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

@@ -35,3 +35,11 @@ def test_ordinary_json_passes() -> None:
     }
     nested = "[" * MAX_DEPTH + "]" * MAX_DEPTH
     assert depth(loads(nested)) == MAX_DEPTH
+
+
+def test_lone_surrogates_are_refused_paired_ones_kept() -> None:
+    with pytest.raises(JsonRejected):
+        loads('{"a": "\\ud800"}')
+    with pytest.raises(JsonRejected):
+        loads('{"\\udfff": 1}')
+    assert loads('{"a": "\\ud83d\\ude00 é"}') == {"a": "😀 é"}

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Refused from the header, never decoded: a small file can declare gigapixels.
+MAX_FRAME_PIXELS = 40_000_000
 
 
 class FrameError(ValueError):
@@ -149,16 +151,30 @@ class Frame:
 
     @classmethod
     def from_data_url(
-        cls, value: object, max_bytes: int, captured_at: float | None = None
+        cls,
+        value: object,
+        max_bytes: int,
+        captured_at: float | None = None,
+        max_pixels: int = MAX_FRAME_PIXELS,
     ) -> Frame:
         data, mime = parse_data_url(value, max_bytes)
-        return cls.from_encoded(data, mime, captured_at)
+        return cls.from_encoded(data, mime, captured_at, max_pixels)
 
     @classmethod
-    def from_encoded(cls, data: bytes, mime: str, captured_at: float | None = None) -> Frame:
+    def from_encoded(
+        cls,
+        data: bytes,
+        mime: str,
+        captured_at: float | None = None,
+        max_pixels: int = MAX_FRAME_PIXELS,
+    ) -> Frame:
         width, height = image_size(data)
         if width < 1 or height < 1:
             raise MalformedFrame("image has no pixels")
+        if width * height > max_pixels:
+            raise FrameTooLarge(
+                f"frame declares {width}×{height} pixels, above the maximum of {max_pixels}"
+            )
         return cls(
             captured_at=captured_at if captured_at is not None else time.time(),
             encoded=data,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import secrets
 import time
@@ -28,6 +29,7 @@ from server.config import Settings
 from server.errors import (
     BackendUnavailable,
     Overloaded,
+    ProctorError,
     ReportNotReady,
     SessionEnded,
     SessionNotFound,
@@ -186,6 +188,14 @@ class SessionManager:
     ) -> LiveSession:
         """`started_at`: the session's clock origin (a recorded video's own time base);
         `priority`: "background" for work that must not starve live candidates."""
+        size = len(json.dumps(job_data, separators=(",", ":"), default=str).encode())
+        if size > self.settings.job_data_max_bytes:
+            raise ProctorError(
+                f"job_data is {size} bytes as JSON; the limit is "
+                f"{self.settings.job_data_max_bytes}",
+                code="job_data_too_large",
+                status=413,
+            )
         if len(self._live) >= self.settings.max_live_sessions:
             raise Overloaded(
                 f"the server is at its limit of {self.settings.max_live_sessions} live sessions",

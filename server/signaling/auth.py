@@ -1,14 +1,44 @@
-"""Operator access: endpoints that see across sessions (listing, any report, /metrics)
-require the server-wide API token when one is configured. A session's own endpoints are
-guarded by its unguessable id instead."""
+"""Who may do what (SPEC "Access and roles"): one authorisation function for every
+transport — REST, Socket.IO and the WebRTC offer.
+
+Secured mode (an operator token, `API_TOKEN`, is configured): the operator token may do
+everything; a candidate token, issued when the operator starts a session, may only send
+that session's frames or media, read its live metrics and end it (403 `forbidden` for
+anything else); no token, or one we do not know, is 401 `unauthorized`.
+
+Development mode (no `API_TOKEN`): the brief's open behaviour — a request without a token
+acts as the operator. A valid candidate token still binds its holder to its session, so
+the candidate page and its views behave the same in both modes.
+
+Tokens are compared as SHA-256 digests: the operator's with `hmac.compare_digest`,
+candidates' by dictionary lookup of the digest (timing reveals nothing about a token
+whose hash is not known). Only a short fingerprint of a token ever reaches a log.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
 
 from aiohttp import web
 
+from server.config import Settings
 from server.errors import ProctorError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+#: What a request wants to do. "start": create a session; "frame": send a session's frames
+#: or media (the WebRTC offer for an existing session too); "live_metrics" and "end" on a
+#: session; "operator": anything else (listing, reports, /metrics, ...).
+Action = Literal["start", "frame", "live_metrics", "end", "operator"]
+CANDIDATE_ACTIONS: frozenset[str] = frozenset({"frame", "live_metrics", "end"})
+Role = Literal["operator", "candidate"]
 
 
 class Forbidden(ProctorError):
@@ -16,18 +46,121 @@ class Forbidden(ProctorError):
     status = 403
 
 
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def fingerprint(token: str | None) -> str:
+    """What a log may say about a token: 12 hex digits of its hash."""
+    return "-" if not token else _digest(token).hex()[:12]
+
+
+def short_id(session_id: object) -> str:
+    """A session id as logs show it (the full id is a capability of sorts)."""
+    return str(session_id)[:8] if session_id else "-"
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: Role
+    session_id: str | None = None  # the candidate's own session
+    fingerprint: str = "-"
+    anonymous: bool = False  # development mode, no token presented
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == "operator"
+
+    def view(self, settings: Settings) -> Literal["results", "status"]:
+        """What this principal receives back: operators always the full results."""
+        return "results" if self.is_operator else settings.resolved_candidate_view
+
+
+class Access:
+    """The operator token and the candidate tokens issued so far (hashed, bounded)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._operator = _digest(settings.api_token) if settings.api_token else None
+        self._candidates: OrderedDict[bytes, str] = OrderedDict()
+
+    @property
+    def secured(self) -> bool:
+        return self._operator is not None
+
+    def issue_candidate_token(self, session_id: str) -> str:
+        token = secrets.token_urlsafe(24)
+        self._candidates[_digest(token)] = session_id
+        while len(self._candidates) > self.settings.candidate_tokens_max:
+            self._candidates.popitem(last=False)
+        log.info(
+            "candidate token %s issued for session %s", fingerprint(token), short_id(session_id)
+        )
+        return token
+
+    def identify(self, token: str | None) -> Principal:
+        if token:
+            digest = _digest(token)
+            if self._operator is not None and hmac.compare_digest(digest, self._operator):
+                return Principal("operator", fingerprint=fingerprint(token))
+            session_id = self._candidates.get(digest)
+            if session_id is not None:
+                return Principal("candidate", session_id, fingerprint(token))
+            if self.secured:
+                log.info("refused unknown token %s", fingerprint(token))
+                raise Unauthorized("the token is not valid")
+        if self.secured:
+            raise Unauthorized(
+                "this server needs a token (Authorization: Bearer <token>, or Socket.IO "
+                "auth: {token})"
+            )
+        return Principal("operator", anonymous=True)
+
+    def authorize(self, token: str | None, action: Action, session_id: object = None) -> Principal:
+        """The principal behind `token` if it may do `action` (on `session_id`); raises
+        401 `unauthorized` or 403 `forbidden` otherwise."""
+        principal = self.identify(token)
+        if principal.is_operator:
+            return principal
+        if (
+            action in CANDIDATE_ACTIONS
+            and isinstance(session_id, str)
+            and principal.session_id is not None
+            and hmac.compare_digest(session_id.encode(), principal.session_id.encode())
+        ):
+            return principal
+        raise Forbidden(
+            "a candidate token may only send its own session's frames, read its live "
+            "metrics and end it"
+        )
+
+
+ACCESS = web.AppKey("access", Access)
+
+
 def presented_token(request: web.Request) -> str | None:
+    """The token of a REST request: `Authorization: Bearer` (or X-API-Token, kept for
+    clients written before roles)."""
     auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("X-API-Token")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.headers.get("X-API-Token") or None
 
 
-def require_operator(request: web.Request, api_token: str) -> None:
-    if not api_token:
-        return
-    token = presented_token(request)
-    if token is None:
-        raise Unauthorized("this endpoint needs the operator token (Authorization: Bearer ...)")
-    if not hmac.compare_digest(token.encode(), api_token.encode()):
-        raise Forbidden("the operator token is not valid")
+def authorize_request(request: web.Request, action: Action, session_id: object = None) -> Principal:
+    return request.app[ACCESS].authorize(presented_token(request), action, session_id)
+
+
+def join_url(base: str, session_id: str, token: str) -> str:
+    """The candidate page for a session. The token is in the fragment, which browsers
+    never send to a server, so it reaches no access log."""
+    return f"{base.rstrip('/')}/#session={quote(session_id)}&token={quote(token)}"
+
+
+def socket_token(auth: Any) -> str | None:
+    """The token of a Socket.IO connection: `auth: {token}` (or a bare string)."""
+    if isinstance(auth, dict):
+        token = auth.get("token")
+    else:
+        token = auth
+    return token if isinstance(token, str) and token else None

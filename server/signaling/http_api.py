@@ -1,9 +1,10 @@
 """A small route registry for aiohttp: each endpoint declares its request and response
 models, so handlers validate with pydantic and `/api/openapi.json` is generated from the
-same models. Also the JSON error and CORS middlewares."""
+same models. Also the JSON error middleware and bounded, safe body parsing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,8 +24,8 @@ M = TypeVar("M", bound=BaseModel)
 
 STATUS_TEXT = {
     400: "Malformed request",
-    401: "Operator token missing",
-    403: "Operator token invalid",
+    401: "Token missing or not valid",
+    403: "Not allowed with this token",
     404: "Unknown session",
     409: "Session already ended / not yet ended",
     413: "Frame or body too large",
@@ -58,16 +59,40 @@ def error_response(exc: ProctorError) -> web.Response:
     return json_response(exc.to_json(), status=exc.status, headers=headers)
 
 
-async def parse_body(request: web.Request, model: type[M]) -> M:
-    """Validate a JSON body; every failure is a 400 with a specific code."""
-    raw = await request.read()
-    if not raw:
-        data: Any = {}
-    else:
-        try:
-            data = safe_json.loads(raw)
-        except safe_json.JsonRejected as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+DEFAULT_BODY_MAX = 8 * 1024  # a JSON body's limit unless its route says otherwise
+OFFLOAD_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
+
+
+class BodyTooLarge(ProctorError):
+    code = "request_too_large"
+    status = 413
+
+
+async def read_body(request: web.Request, max_bytes: int, code: str = "request_too_large") -> bytes:
+    """The body, refused (413 `code`) as soon as it is known to exceed `max_bytes`: from
+    Content-Length before reading, else while reading (aiohttp's own limit is app-wide)."""
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise BodyTooLarge(f"request body exceeds {max_bytes} bytes", code=code)
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise BodyTooLarge(f"request body exceeds {max_bytes} bytes", code=code)
+    return bytes(buf)
+
+
+async def parse_json(raw: bytes) -> Any:
+    """Untrusted JSON through `safe_json` (in a thread when large); 400 `invalid_json`."""
+    try:
+        if len(raw) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(safe_json.loads, raw)
+        return safe_json.loads(raw)
+    except safe_json.JsonRejected as exc:
+        raise BadRequest(f"body is not acceptable JSON: {exc}", code="invalid_json") from None
+
+
+def validate(model: type[M], data: Any) -> M:
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object", code="invalid_json")
     try:
@@ -77,6 +102,18 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         where = ".".join(str(p) for p in first["loc"]) or "body"
         code = "missing_field" if first["type"] == "missing" else "invalid_field"
         raise BadRequest(f"{where}: {first['msg']}", code=code) from None
+
+
+async def parse_body(
+    request: web.Request,
+    model: type[M],
+    max_bytes: int = DEFAULT_BODY_MAX,
+    too_large_code: str = "request_too_large",
+) -> M:
+    """Read (bounded) and validate a JSON body; every failure is a specific 4xx."""
+    raw = await read_body(request, max_bytes, too_large_code)
+    data: Any = await parse_json(raw) if raw.strip() else {}
+    return validate(model, data)
 
 
 @web.middleware
@@ -102,34 +139,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
-def cors_middleware(origins: list[str]) -> Any:
-    allow_any = "*" in origins
-
-    @web.middleware
-    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        allowed = origin is not None and (allow_any or origin in origins)
-        if (
-            request.method == "OPTIONS"
-            and allowed
-            and "Access-Control-Request-Method" in request.headers
-        ):
-            response: web.StreamResponse = web.Response(status=204)
-        else:
-            response = await handler(request)
-        if allowed and not response.prepared:
-            response.headers["Access-Control-Allow-Origin"] = "*" if allow_any else origin or ""
-            response.headers["Access-Control-Allow-Headers"] = (
-                "Authorization, Content-Type, X-API-Token"
-            )
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-            if not allow_any:
-                response.headers["Vary"] = "Origin"
-        return response
-
-    return cors
-
-
 @dataclass
 class Endpoint:
     method: str
@@ -141,6 +150,7 @@ class Endpoint:
     response: type[BaseModel] | None
     errors: tuple[int, ...]
     operator: bool
+    public: bool = False
     response_content_type: str = "application/json"
 
 
@@ -161,8 +171,11 @@ class Api:
         response: type[BaseModel] | None = None,
         errors: tuple[int, ...] = (),
         operator: bool = False,
+        public: bool = False,
         response_content_type: str = "application/json",
     ) -> Callable[[Handler], Handler]:
+        """`operator`: operator token only; `public`: no token needed even in secured
+        mode; otherwise the operator's or, where the handler allows it, a candidate's."""
         def register(handler: Handler) -> Handler:
             self.endpoints.append(
                 Endpoint(
@@ -175,6 +188,7 @@ class Api:
                     response,
                     errors,
                     operator,
+                    public,
                     response_content_type,
                 )
             )
@@ -223,14 +237,14 @@ class Api:
             elif ep.response_content_type != "application/json":
                 ok["content"] = {ep.response_content_type: {"schema": {"type": "string"}}}
             op["responses"]["200"] = ok
-            codes = set(ep.errors) | ({401, 403} if ep.operator else set())
+            codes = set(ep.errors) | (set() if ep.public else {401, 403})
             for status in sorted(codes):
                 op["responses"][str(status)] = {
                     "description": STATUS_TEXT.get(status, "Error"),
                     "content": {"application/json": {"schema": error_ref}},
                 }
-            if ep.operator:
-                op["security"] = [{"operatorToken": []}]
+            if not ep.public:
+                op["security"] = [{"operatorToken": []}, {"candidateToken": []}]
             paths.setdefault(ep.path, {})[ep.method.lower()] = op
         return {
             "openapi": "3.1.0",
@@ -238,7 +252,15 @@ class Api:
             "paths": paths,
             "components": {
                 "schemas": schemas,
-                "securitySchemes": {"operatorToken": {"type": "http", "scheme": "bearer"}},
+                "securitySchemes": {
+                    "operatorToken": {"type": "http", "scheme": "bearer"},
+                    "candidateToken": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "A session's candidate token: its frames, live "
+                        "metrics and end only",
+                    },
+                },
             },
         }
 

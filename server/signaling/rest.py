@@ -11,11 +11,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.config import Settings
 from server.errors import BackendUnavailable, BadRequest
-from server.media.frames import Frame
 from server.observability import Instruments
 from server.session.live_session import LiveSession
 from server.session.manager import SessionManager
-from server.signaling.auth import require_operator
+from server.signaling.auth import ACCESS, authorize_request, join_url
+from server.signaling.frame_intake import frame_from_client
 from server.signaling.http_api import Api, json_response, parse_body
 from server.signaling.schemas import (
     FrameRequest,
@@ -27,6 +27,7 @@ from server.signaling.schemas import (
     SessionStarted,
     StartSessionRequest,
 )
+from server.signaling.views import candidate_payload, end_answer, frame_answer
 
 LIST_LIMIT_MAX = 1000
 #: Degradations meaning the backend itself is unreachable or refusing us (not throttling).
@@ -45,10 +46,15 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
     api = Api("Proctoring server", __version__)
     started = time.monotonic()
 
+    # Room for base64 (4/3) and the JSON around the largest allowed frame.
+    frame_body_max = settings.max_frame_bytes * 4 // 3 + 4096
+
     async def live(request: web.Request) -> LiveSession:
         return await manager.get_live(request.match_info["session_id"])
 
-    @api.route("GET", "/health", summary="Health check", tag="operations", response=Health)
+    @api.route(
+        "GET", "/health", summary="Health check", tag="operations", response=Health, public=True
+    )
     async def health(request: web.Request) -> web.Response:
         # 200 even when degraded: the process serves, and restarting it (what a failing
         # liveness probe does) would interrupt every live session without mending a disk.
@@ -71,12 +77,22 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         summary="Start a session",
         request=StartSessionRequest,
         response=SessionStarted,
-        errors=(400, 429),
+        errors=(400, 413, 429),
+        operator=True,
     )
     async def start_session(request: web.Request) -> web.Response:
-        body = await parse_body(request, StartSessionRequest)
+        authorize_request(request, "start")
+        body = await parse_body(request, StartSessionRequest, settings.start_body_max_bytes)
         session = await manager.start_session(body.job_data, transport="rest")
-        return json_response(manager.started_payload(session))
+        token = request.app[ACCESS].issue_candidate_token(session.id)
+        base = settings.public_url or f"{request.scheme}://{request.host}"
+        return json_response(
+            {
+                **manager.started_payload(session),
+                "candidate_token": token,
+                "join_url": join_url(base, session.id, token),
+            }
+        )
 
     @api.route(
         "POST",
@@ -87,19 +103,22 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         errors=(400, 404, 409, 413, 503),
     )
     async def analyse_frame(request: web.Request) -> web.Response:
+        who = authorize_request(request, "frame", request.match_info["session_id"])
         session = await live(request)
-        body = await parse_body(request, FrameRequest)
-        frame = Frame.from_data_url(body.frame, settings.max_frame_bytes, body.timestamp)
+        body = await parse_body(request, FrameRequest, frame_body_max, "frame_too_large")
+        frame = await frame_from_client(body.frame, body.timestamp, settings)
         result = await manager.submit(session, frame)
+        view = who.view(settings)
         if result.get("status") == "dropped":
-            return json_response({"session_id": session.id, **result})
+            return json_response(frame_answer({"session_id": session.id, **result}, view))
         if backend_down(result):
             raise BackendUnavailable(
                 "the analyser backend could not answer ("
                 + ", ".join(result["degraded"])
                 + "); the frame was counted as degraded and the session goes on"
             )
-        return json_response({"session_id": session.id, "status": "analysed", "result": result})
+        answer = {"session_id": session.id, "status": "analysed", "result": result}
+        return json_response(frame_answer(answer, view))
 
     @api.route(
         "GET",
@@ -109,7 +128,9 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         errors=(404, 409),
     )
     async def session_metrics(request: web.Request) -> web.Response:
-        return json_response((await live(request)).live_metrics())
+        who = authorize_request(request, "live_metrics", request.match_info["session_id"])
+        metrics = (await live(request)).live_metrics()
+        return json_response(candidate_payload("live_metrics", metrics, who.view(settings)))
 
     @api.route(
         "POST",
@@ -119,19 +140,21 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         errors=(404, 409),
     )
     async def end_session(request: web.Request) -> web.Response:
-        return json_response(await manager.end_session(request.match_info["session_id"]))
+        session_id = request.match_info["session_id"]
+        who = authorize_request(request, "end", session_id)
+        report = await manager.end_session(session_id)
+        return json_response(end_answer(report, who.view(settings)))
 
     @api.route(
         "GET",
         "/api/sessions/{session_id}/report",
-        summary="The report of an ended or interrupted session (its id is the capability)",
+        summary="The report of an ended or interrupted session",
         response=Report,
         errors=(404, 409),
+        operator=True,
     )
     async def session_report(request: web.Request) -> web.Response:
-        # Like the session's other endpoints, its unguessable id grants access: the page
-        # that ran a session can fetch its report after a reconnect. Operators find ids
-        # through the token-guarded listing.
+        authorize_request(request, "operator")
         return json_response(await manager.report(request.match_info["session_id"]))
 
     @api.route(
@@ -143,7 +166,7 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         operator=True,
     )
     async def list_sessions(request: web.Request) -> web.Response:
-        require_operator(request, settings.api_token)
+        authorize_request(request, "operator")
         status = request.query.get("status")
         if status not in (None, "live", "ended", "interrupted"):
             raise BadRequest("status must be live, ended or interrupted", code="invalid_field")
@@ -166,11 +189,17 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         response_content_type=CONTENT_TYPE_LATEST,
     )
     async def prometheus_metrics(request: web.Request) -> web.Response:
-        require_operator(request, settings.api_token)
+        authorize_request(request, "operator")
         body = generate_latest(instruments.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    @api.route("GET", "/api/openapi.json", summary="This API's OpenAPI document", tag="operations")
+    @api.route(
+        "GET",
+        "/api/openapi.json",
+        summary="This API's OpenAPI document",
+        tag="operations",
+        public=True,
+    )
     async def openapi(request: web.Request) -> web.Response:
         return json_response(api.openapi())
 

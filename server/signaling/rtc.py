@@ -38,7 +38,7 @@ from server.media.sampler import (
 )
 from server.observability import Instruments
 from server.session.manager import SessionManager
-from server.signaling.auth import require_operator
+from server.signaling.auth import ACCESS, authorize_request, presented_token, short_id
 from server.signaling.http_api import Api, json_response, parse_body
 from server.signaling.ice import (
     CandidatePolicy,
@@ -57,6 +57,7 @@ from server.signaling.sdp import (
     video_codec_preferences,
 )
 from server.signaling.turn import client_ice_servers
+from server.signaling.views import View
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,8 @@ class RtcGateway:
         async def rtc_ice_servers(request: web.Request) -> web.Response:
             # Credentials are handed to token holders only (the operator's or a
             # candidate's in secured mode; anyone in development mode).
-            require_operator(request, self.settings.api_token)
-            name = secrets.token_hex(6)
+            who = request.app[ACCESS].identify(presented_token(request))
+            name = short_id(who.session_id) if who.session_id else secrets.token_hex(4)
             return json_response({
                 "ice_servers": client_ice_servers(self.settings, name),
                 "ttl_s": self.settings.turn_ttl_s if self.settings.turn_secret else None,
@@ -168,9 +169,17 @@ class RtcGateway:
             errors=(400, 404, 409, 429, 503),
         )
         async def rtc_offer(request: web.Request) -> web.Response:
-            body = await parse_body(request, RtcOfferRequest)
+            body = await parse_body(
+                request, RtcOfferRequest, self.settings.offer_body_max_bytes
+            )
+            # A new session is the operator's to start; joining one takes its candidate
+            # token (or the operator's).
+            if body.session_id is None:
+                who = authorize_request(request, "start")
+            else:
+                who = authorize_request(request, "frame", body.session_id)
             try:
-                answer = await self.answer(body)
+                answer = await self.answer(body, who.view(self.settings))
             except ProctorError as exc:
                 self.offers.labels(outcome=exc.code).inc()
                 headers = None
@@ -195,7 +204,8 @@ class RtcGateway:
     def peers(self) -> list[RtcPeer]:
         return list(self._peers.values())
 
-    async def answer(self, body: RtcOfferRequest) -> dict[str, Any]:
+    async def answer(self, body: RtcOfferRequest, view: View = "results") -> dict[str, Any]:
+        """Negotiate `body`; `view` is what the page is shown (CANDIDATE_VIEW)."""
         if self._closed:
             raise ProctorError("the server is shutting down", code="shutting_down", status=503)
         reconnect = body.session_id is not None
@@ -245,7 +255,7 @@ class RtcGateway:
                 name = type(exc).__name__
                 raise MalformedSdp(f"the offer cannot be negotiated: {name}") from None
             local = pc.localDescription
-            peer = RtcPeer(self, pc, video.receiver.track)
+            peer = RtcPeer(self, pc, video.receiver.track, view)
             peer.codec = answer_video_codec(local.sdp)
             async with self._lock:
                 if self._closed:

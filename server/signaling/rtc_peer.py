@@ -33,6 +33,7 @@ from server.signaling.datachannel import (
     parse_inbound,
     sctp_settled,
 )
+from server.signaling.views import View, candidate_payload
 
 if TYPE_CHECKING:
     from server.signaling.rtc import RtcGateway
@@ -41,8 +42,12 @@ log = logging.getLogger(__name__)
 
 
 class RtcPeer:
-    def __init__(self, gateway: RtcGateway, pc: RTCPeerConnection, video_track: Any) -> None:
+    def __init__(
+        self, gateway: RtcGateway, pc: RTCPeerConnection, video_track: Any,
+        view: View = "results",
+    ) -> None:
         self.gateway = gateway
+        self.view: View = view  # what the page is shown: results, or state only
         self.pc = pc
         self.id = secrets.token_hex(6)
         self.video_track = video_track
@@ -72,7 +77,7 @@ class RtcPeer:
         manager = gw.manager
         self.session = session
         self._unsubscribe = session.subscribe(self._on_session_event)
-        self.sender.send({"type": "session_started", **manager.started_payload(session)})
+        self._send_event("session_started", manager.started_payload(session))
         self.drain = TrackDrain(self.video_track, on_frame=lambda: manager.frame_received(session))
         self.loop = SampleLoop(
             self.drain,
@@ -139,8 +144,15 @@ class RtcPeer:
     def send_live_metrics(self) -> None:
         if self.session is None:
             return
-        payload = {"type": "live_metrics", **self.session.live_metrics(), "rtc": self.stats()}
-        self.sender.send(payload)
+        self._send_event("live_metrics", {**self.session.live_metrics(), "rtc": self.stats()})
+
+    def _send_event(self, event: str, payload: dict[str, Any]) -> None:
+        """A session event as the page may see it (CANDIDATE_VIEW)."""
+        shown = candidate_payload(event, payload, self.view)
+        if shown is None:
+            return
+        message = {"type": event, **shown}
+        self.sender.send(fit_report(message) if event == "session_ended" else message)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -223,11 +235,9 @@ class RtcPeer:
             timings = (payload.get("result") or {}).get("timings") or {}
             started = timings.get("analysis_started_at")
             self.loop.analysed(started if isinstance(started, int | float) else None)
-        if event != "session_ended":
-            self.sender.send({"type": event, **payload})
-            return
-        self.sender.send(fit_report({"type": event, **payload}))
-        self.gateway.session_over(self)
+        self._send_event(event, payload)
+        if event == "session_ended":
+            self.gateway.session_over(self)
 
     # --- adjust / close ---------------------------------------------------------------
 

@@ -3,9 +3,29 @@ OpenAPI document is generated from them."""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.errors import BadRequest
+
+
+def frame_timestamp(value: object, max_skew_s: float) -> float | None:
+    """A frame's capture time from an untrusted client: a finite Unix time (seconds)
+    within `max_skew_s` of our clock, else 400 `invalid_field` (REST and Socket.IO)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest("timestamp must be a number (Unix seconds)", code="invalid_field")
+    stamp = float(value)
+    if not math.isfinite(stamp) or abs(stamp - time.time()) > max_skew_s:
+        raise BadRequest(
+            f"timestamp must be Unix seconds within {max_skew_s:g} s of the server's clock",
+            code="invalid_field",
+        )
+    return stamp
 
 
 class ErrorDetail(BaseModel):
@@ -31,6 +51,14 @@ class SessionStarted(BaseModel):
     transport: str
     job_data: dict[str, Any]
     status: str
+    candidate_token: str | None = Field(
+        default=None,
+        description="The candidate's token: may send this session's frames or media, read "
+        "its live metrics and end it",
+    )
+    join_url: str | None = Field(
+        default=None, description="The candidate page for this session (token in the fragment)"
+    )
 
 
 class FrameRequest(BaseModel):
@@ -40,12 +68,14 @@ class FrameRequest(BaseModel):
     )
     timestamp: float | None = Field(
         default=None,
-        allow_inf_nan=False,  # NaN cannot be stored, and no time is infinite
-        description="Capture time (Unix seconds); defaults to arrival time",
+        allow_inf_nan=False,
+        description="Capture time (Unix seconds, within a day of the server's clock); "
+        "defaults to arrival time",
     )
 
 
 class FrameResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
     session_id: str
     status: Literal["analysed", "dropped"]
     reason: str | None = Field(default=None, description="Why a frame was dropped")
@@ -86,6 +116,12 @@ class Report(BaseModel):
         description="e.g. bad_frame_timestamp, corrupt_frame_row, corrupt_alert_row, "
         "store_write_failed, store_unreadable, report_failed",
     )
+
+
+class Ended(BaseModel):
+    """What a candidate gets for ending its session with CANDIDATE_VIEW=status."""
+
+    status: Literal["ended"]
 
 
 class SessionRecord(BaseModel):
