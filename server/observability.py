@@ -18,7 +18,7 @@ current_session: contextvars.ContextVar[str] = contextvars.ContextVar(
 )
 
 #: Characters of a session id shown in log tags: enough to tell sessions apart, short
-#: enough to read; lines that start a session print the whole id once.
+#: enough to read. A session id is its capability: never logged in full.
 SHORT_ID_CHARS = 8
 
 #: Our own loggers. At INFO they tell the story of each session; every other logger

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ async def test_a_dark_camera_raises_video_unusable_not_a_behaviour_flag(
     dark = data_url((astronaut_bgr() * 0.2).astype(np.uint8))  # mean luma ≈ 18, textured
     rekognition.set_scene(faces=[], labels=[], text=[])  # the service sees no face in it
     async with SioSession(server.url) as s:
-        t0 = 1_700_000_000.0
+        t0 = time.time()  # within a day of the server clock, as pushed timestamps must be
         for i in range(10):  # 0 … 9 s of client capture time, one frame a second
             result = await s.frame(dark, t0 + i)
             assert result["insufficient"] and result["quality"]["reason"] == "too_dark"
@@ -148,7 +149,7 @@ async def test_a_covered_lens_is_no_face_detected_after_three_frames(
     covered = data_url(blank_bgr(value=2))  # flat black: judgeable, however dark
     rekognition.set_scene(faces=[], labels=[], text=[])
     async with SioSession(server.url) as s:
-        t0 = 1_700_000_000.0
+        t0 = time.time()  # within a day of the server clock, as pushed timestamps must be
         # A push client's pace: three frames 0.1 s apart are three frames.
         results = [await s.frame(covered, t0 + i / 10) for i in range(3)]
         assert not any(r["insufficient"] for r in results)
@@ -165,9 +166,9 @@ async def test_eye_direction_lowers_eye_contact_with_the_head_frontal(
 ) -> None:
     async with SioSession(server.url) as s:
         rekognition.set_scene(faces=[fake_face(gaze=(0.0, 0.0, 99.0))])
-        frontal = await s.frame(data_url(astronaut_bgr()), 1.0)
+        frontal = await s.frame(data_url(astronaut_bgr()), time.time())
         rekognition.set_scene(faces=[fake_face(gaze=(45.0, 0.0, 99.0))])  # a second screen
-        aside = await s.frame(data_url(astronaut_bgr()), 2.0)
+        aside = await s.frame(data_url(astronaut_bgr()), time.time() + 1)
     assert frontal["metrics"]["eye_contact"] == 100.0
     assert aside["metrics"]["eye_contact"] == 25.0  # 1.5 × the 30° threshold
     assert aside["pose"][0] == 0.0  # the head itself stayed frontal

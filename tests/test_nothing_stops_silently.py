@@ -516,8 +516,10 @@ async def test_damaged_rows_make_a_partial_report_not_a_500(
     rekognition.set_scene(faces=[fake_face()], labels=[fake_label("Book", 90)])
     for _ in range(4):
         assert (await post_frame(http, srv.url, sid))[0] == 200
-    # A client timestamp far past year 9999: stored as sent, unusable as a time.
-    assert (await post_frame(http, srv.url, sid, timestamp=1e300))[0] == 200
+    # A client timestamp far past year 9999 is refused at the door (within a day of the
+    # server's clock); the row is damaged directly in the database below instead.
+    assert (await post_frame(http, srv.url, sid, timestamp=1e300))[0] == 400
+    assert (await post_frame(http, srv.url, sid))[0] == 200
     for bad in ("NaN", "Infinity"):  # refused as input, never stored
         async with http.post(
             f"{srv.url}/api/sessions/{sid}/frame",
@@ -535,6 +537,7 @@ async def test_damaged_rows_make_a_partial_report_not_a_500(
     conn = sqlite3.connect(db)
     with conn:
         conn.execute("UPDATE frames SET t='NaN' WHERE session_id=? AND idx=0", (sid,))
+        conn.execute("UPDATE frames SET t=1e300 WHERE session_id=? AND idx=4", (sid,))
         conn.execute("UPDATE frames SET summary='{oops' WHERE session_id=? AND idx=1", (sid,))
         conn.execute(
             "UPDATE frames SET summary=? WHERE session_id=? AND idx=2",

@@ -35,7 +35,7 @@ from server.errors import (
     SessionNotFound,
 )
 from server.media.frames import Frame
-from server.observability import Instruments, current_session
+from server.observability import Instruments, current_session, short_id
 from server.session.live_session import DROPPED, LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.report import (
@@ -249,8 +249,8 @@ class SessionManager:
         session.worker.add_done_callback(functools.partial(self._worker_done, session))
         self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
-        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend,
-                 extra={"session_id": session.id})
+        log.info("session %s started (%s, backend %s)", short_id(session.id), transport,
+                 session.backend, extra={"session_id": session.id})
         return session
 
     async def get_live(self, session_id: object) -> LiveSession:

@@ -18,6 +18,12 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 
 
 def loads(data: str | bytes, **kwargs: Any) -> Any:
+    head = (data.lstrip()[:1] if isinstance(data, str) else data.lstrip()[:1].decode("latin-1"))
+    if head not in ("[", "{"):
+        # Not a Socket.IO payload (those are arrays or objects): engine.io also parses its
+        # plain-text packets ("probe") with this module and keeps the text on ValueError,
+        # which JsonRejected is.
+        return safe_json.loads(data)
     try:
         return safe_json.loads(data)
     except safe_json.JsonRejected as exc:
