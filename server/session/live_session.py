@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 #: A transport's subscriber: receives (event name, payload) — the Socket.IO event names.
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
 DROPPED: dict[str, Any] = {"status": "dropped", "reason": "superseded"}
+#: "live": a candidate is on camera; "background": a recorded video, served after live ones.
+Priority = Literal["live", "background"]
 
 
 @dataclass
@@ -62,6 +64,7 @@ class LiveSession:
     engine: AlertEngine
     cadence: CheckCadence
     pose_calibration: PoseCalibration | None = None
+    priority: Priority = "live"
     status: Literal["live", "ending", "ended"] = "live"
     counters: Counters = field(default_factory=Counters)
     last_activity: float = field(default_factory=time.monotonic)

@@ -26,7 +26,7 @@ from server.errors import Overloaded, ReportNotReady, SessionEnded, SessionNotFo
 from server.media.frames import Frame, FrameError
 from server.media.latest_slot import SlotClosed
 from server.observability import Instruments, current_session
-from server.session.live_session import DROPPED, LiveSession, PendingFrame
+from server.session.live_session import DROPPED, LiveSession, PendingFrame, Priority
 from server.session.report import attach_narrative, build_report
 from server.session.store import Store
 
@@ -118,19 +118,55 @@ class SessionManager:
 
     # --- sessions -----------------------------------------------------------------------
 
-    async def start_session(self, job_data: dict[str, Any], transport: str) -> LiveSession:
+    async def start_session(
+        self,
+        job_data: dict[str, Any],
+        transport: str,
+        *,
+        started_at: float | None = None,
+        priority: Priority = "live",
+    ) -> LiveSession:
+        """`started_at`: the session clock's origin (a recorded video's sessions start at
+        the epoch its video time is counted from); `priority`: "background" sessions
+        (recorded videos) yield the analyser budget to live ones."""
         if len(self._live) >= self.settings.max_live_sessions:
             raise Overloaded(
                 f"the server is at its limit of {self.settings.max_live_sessions} live sessions",
                 code="too_many_sessions",
             )
+        session = self._new_session(
+            secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+            transport,
+            dict(job_data),
+            time.time() if started_at is None else started_at,
+            priority,
+        )
+        self._live[session.id] = session
+        await self.store.create_session(
+            session.id, transport, session.backend, session.job_data, session.started_at
+        )
+        session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
+        self.instruments.sessions_started.labels(transport=transport).inc()
+        self.instruments.live_sessions.set(len(self._live))
+        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend)
+        return session
+
+    def _new_session(
+        self,
+        session_id: str,
+        transport: str,
+        job_data: dict[str, Any],
+        started_at: float,
+        priority: Priority,
+    ) -> LiveSession:
         s = self.settings
-        session = LiveSession(
-            id=secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+        return LiveSession(
+            id=session_id,
             transport=transport,
             backend=self.analyser.name,
-            job_data=dict(job_data),
-            started_at=time.time(),
+            job_data=job_data,
+            started_at=started_at,
+            priority=priority,
             scorer=Scorer(
                 yaw_limit=s.looking_away_yaw_deg,
                 pitch_limit=s.looking_away_pitch_deg,
@@ -143,14 +179,80 @@ class SessionManager:
             if self.pose_calibration_factory
             else None,
         )
-        self._live[session.id] = session
-        await self.store.create_session(
-            session.id, transport, session.backend, session.job_data, session.started_at
-        )
-        session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
-        self.instruments.sessions_started.labels(transport=transport).inc()
+
+    async def suspend_session(self, session_id: str, reason: str = "server_shutdown") -> None:
+        """Stop a session without ending it: it becomes `interrupted`, as if the process
+        had died, so `reopen_session` can continue it (recorded videos at shutdown)."""
+        session = self._live.get(session_id)
+        if session is None or session.status != "live":
+            return
+        session.status = "ending"
+        leftover = session.slot.close()
+        if leftover is not None:
+            self._drop(session, leftover, "session_suspended")
+        if session.worker is not None:
+            if not session.analysing:
+                session.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.worker
+        await self.store.update_counters(session.id, session.counters.to_json(), time.time())
+        await self.store.set_session_status(session.id, "interrupted", reason)
+        self._live.pop(session.id, None)
+        session.status = "ended"
         self.instruments.live_sessions.set(len(self._live))
-        log.info("session %s started (%s, backend %s)", session.id, transport, session.backend)
+        log.info("session %s suspended (%s)", session.id, reason)
+
+    async def reopen_session(
+        self, session_id: str, *, priority: Priority = "background"
+    ) -> LiveSession:
+        """Continue an `interrupted` session after its last stored frame: same id, clock
+        and counters, aggregate rebuilt from the stored frames. Alert episodes left open
+        end at the last stored frame (`interrupted`), and rule streaks start afresh."""
+        if session_id in self._live:
+            raise SessionEnded(f"session {session_id} is already live", code="session_live")
+        if len(self._live) >= self.settings.max_live_sessions:
+            raise Overloaded(
+                f"the server is at its limit of {self.settings.max_live_sessions} live sessions",
+                code="too_many_sessions",
+            )
+        await self.store.flush()
+        record = await self.store.get_session(session_id)
+        if record is None:
+            raise SessionNotFound(f"no session with id {session_id}")
+        if record["status"] != "interrupted":
+            raise SessionEnded(f"session {session_id} has {record['status']}")
+        frames, alerts = await self.store.session_data(session_id)
+        session = self._new_session(
+            session_id, record["transport"], record["job_data"], record["started_at"], priority
+        )
+        c = record["counters"]
+        session.counters.received = int(c.get("frames_received", len(frames)))
+        session.counters.dropped = int(c.get("frames_dropped", 0))
+        session.counters.insufficient = int(c.get("frames_insufficient", 0))
+        session.counters.degraded = int(c.get("frames_degraded", 0))
+        session.counters.analysed = frames[-1][0] + 1 if frames else 0
+        for _i, t, summary in frames:
+            session.aggregate.add(t, summary)
+        last_t = frames[-1][1] if frames else record["started_at"]
+        last_i = frames[-1][0] if frames else 0
+        for a in alerts:
+            if a.get("ended_at") is None:
+                await self.store.save_alert(
+                    session_id,
+                    {
+                        **a,
+                        "status": "ended",
+                        "ended_at": last_t,
+                        "end_frame": last_i,
+                        "end_reason": "interrupted",
+                        "duration_s": round(max(0.0, last_t - a["started_at"]), 3),
+                    },
+                )
+        self._live[session.id] = session
+        await self.store.set_session_status(session.id, "live", None)
+        session.worker = asyncio.create_task(self._work(session), name=f"session-{session.id[:8]}")
+        self.instruments.live_sessions.set(len(self._live))
+        log.info("session %s reopened after frame %d", session.id, last_i)
         return session
 
     async def get_live(self, session_id: object) -> LiveSession:
@@ -248,7 +350,9 @@ class SessionManager:
     async def _observe(
         self, frame: Frame, session: LiveSession, scene_changed: bool
     ) -> Observation:
-        checks = session.cadence.next(time.monotonic(), scene_changed)
+        # A recorded video runs faster than real time: its cadence counts video time.
+        clock = frame.captured_at if session.transport == "video" else time.monotonic()
+        checks = session.cadence.next(clock, scene_changed)
         try:
             return await asyncio.wait_for(
                 self.analyser.analyse(frame, checks), self.settings.analyser_timeout_s
@@ -334,12 +438,19 @@ class SessionManager:
     # --- ending and reports -------------------------------------------------------------
 
     async def end_session(
-        self, session_id: object, reason: str = "client", use_llm: bool = True
+        self,
+        session_id: object,
+        reason: str = "client",
+        use_llm: bool = True,
+        *,
+        ended_at: float | None = None,
     ) -> dict[str, Any]:
+        """`ended_at`: the end on the session's own clock (a recorded video ends at its
+        start + duration, not when the analysis finished); default now."""
         session = await self.get_live(session_id)
         session.status = "ending"
         task = asyncio.create_task(
-            self._end(session, reason, use_llm), name=f"end-{session.id[:8]}"
+            self._end(session, reason, use_llm, ended_at), name=f"end-{session.id[:8]}"
         )
         self._ending[session.id] = task
         try:
@@ -350,7 +461,9 @@ class SessionManager:
             if task.done():
                 self._ending.pop(session.id, None)
 
-    async def _end(self, session: LiveSession, reason: str, use_llm: bool) -> dict[str, Any]:
+    async def _end(
+        self, session: LiveSession, reason: str, use_llm: bool, ended_at: float | None = None
+    ) -> dict[str, Any]:
         current_session.set(session.id)
         leftover = session.slot.close()
         if leftover is not None:
@@ -362,7 +475,7 @@ class SessionManager:
                 session.worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await session.worker  # finishes the analysis in flight, if any
-        now = time.time()
+        now = time.time() if ended_at is None else ended_at
         closing = session.engine.close_all(now, max(0, session.counters.analysed - 1))
         for ev in closing:
             await self.store.save_alert(session.id, ev)
