@@ -192,14 +192,10 @@ async def fetch_to_file(
     removed on any failure."""
     progress = progress or FetchProgress()
     try:
-        await asyncio.wait_for(
-            _fetch(url, dest, guard, limits, progress), timeout=limits.timeout_s
-        )
+        await asyncio.wait_for(_fetch(url, dest, guard, limits, progress), timeout=limits.timeout_s)
     except TimeoutError:
         await asyncio.to_thread(dest.unlink, missing_ok=True)
-        raise VideoUnreachable(
-            f"download did not finish within {limits.timeout_s:.0f} s"
-        ) from None
+        raise VideoUnreachable(f"download did not finish within {limits.timeout_s:.0f} s") from None
     except BaseException:
         await asyncio.to_thread(dest.unlink, missing_ok=True)
         raise

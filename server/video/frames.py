@@ -93,16 +93,7 @@ def probe(path: Path) -> VideoInfo:
         if first is None or first.time is None:
             raise UnreadableVideo("the video stream has no decodable frame")
         first_s = float(first.time)
-        if stream.duration is not None and stream.time_base is not None:
-            end_s = float((stream.start_time or 0) * stream.time_base) + float(
-                stream.duration * stream.time_base
-            )
-        elif container.duration is not None:
-            end_s = float((container.start_time or 0) / av.time_base) + container.duration / (
-                av.time_base
-            )
-        else:
-            raise UnreadableVideo("the video has no known duration")
+        end_s = _end_time(container, stream, first_s)
         rotation = _rotation(first)
         w, h = int(first.width), int(first.height)
         if rotation in (90, 270):
@@ -118,6 +109,34 @@ def probe(path: Path) -> VideoInfo:
         )
     finally:
         container.close()
+
+
+def _end_time(container: Any, stream: Any, first_s: float) -> float:
+    """When the last frame stops showing. Container durations disagree (Matroska counts
+    from 0, MP4 from the first timestamp, some files have none), so the packets near the
+    end are read: a seek to the last keyframe, then demuxing only (no decoding)."""
+    import av
+
+    tb = stream.time_base
+    if tb is None:
+        raise UnreadableVideo("the video stream has no time base")
+    estimate = first_s
+    if stream.duration is not None:
+        estimate = float((stream.start_time or 0) * tb) + float(stream.duration * tb)
+    elif container.duration is not None:
+        estimate = float(container.duration / av.time_base) + first_s
+    end = first_s
+    try:
+        container.seek(int(max(estimate, first_s) / tb) + 1, stream=stream, backward=True)
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            end = max(end, float((packet.pts + (packet.duration or 0)) * tb))
+    except av.FFmpegError:
+        end = max(end, estimate)
+    if end <= first_s:
+        raise UnreadableVideo("the video has no known duration")
+    return end
 
 
 @dataclass(frozen=True)

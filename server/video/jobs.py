@@ -39,9 +39,7 @@ from server.video.report import video_report
 
 log = logging.getLogger(__name__)
 
-State = Literal[
-    "queued", "downloading", "analysing", "done", "failed", "cancelled", "interrupted"
-]
+State = Literal["queued", "downloading", "analysing", "done", "failed", "cancelled", "interrupted"]
 RUNNING: frozenset[str] = frozenset({"downloading", "analysing"})
 FINISHED: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 ProgressCallback = Callable[["Job"], Awaitable[None] | None]
@@ -293,9 +291,7 @@ class VideoJobs:
                 code="report_not_ready",
             )
         if not record.get("session_id"):
-            raise JobStateConflict(
-                f"video job {job_id} analysed no frame", code="report_not_ready"
-            )
+            raise JobStateConflict(f"video job {job_id} analysed no frame", code="report_not_ready")
         report = await self.manager.report(record["session_id"])
         session = await self.manager.store.get_session(record["session_id"])
         started = float(session["started_at"]) if session else float(record["started_at"] or 0)
