@@ -246,14 +246,19 @@ async def _stream_body(
     fh = await asyncio.to_thread(dest.open, "wb")
     try:
         buffer = bytearray()
-        async for chunk in resp.content.iter_chunked(256 * 1024):
-            progress.bytes_done += len(chunk)
-            if progress.bytes_done > limits.max_bytes:
-                raise VideoTooLarge(f"the video exceeds the limit of {limits.max_bytes} bytes")
-            buffer += chunk
-            if len(buffer) >= CHUNK_BYTES:
-                await _write(fh, bytes(buffer))
-                buffer.clear()
+        try:
+            async for chunk in resp.content.iter_chunked(256 * 1024):
+                progress.bytes_done += len(chunk)
+                if progress.bytes_done > limits.max_bytes:
+                    raise VideoTooLarge(f"the video exceeds the limit of {limits.max_bytes} bytes")
+                buffer += chunk
+                if len(buffer) >= CHUNK_BYTES:
+                    await _write(fh, bytes(buffer))
+                    buffer.clear()
+        except aiohttp.ClientPayloadError as exc:
+            raise UnreadableVideo(
+                f"the download was truncated after {progress.bytes_done} bytes: {exc}"
+            ) from None
         if buffer:
             await _write(fh, bytes(buffer))
     finally:

@@ -22,10 +22,10 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from server.config import Settings
 from server.errors import Overloaded, ProctorError
@@ -38,6 +38,7 @@ from server.video.frames import FrameSampler, VideoInfo, probe, sample_count
 from server.video.report import video_report
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 State = Literal["queued", "downloading", "analysing", "done", "failed", "cancelled", "interrupted"]
 RUNNING: frozenset[str] = frozenset({"downloading", "analysing"})
@@ -451,8 +452,12 @@ class VideoJobs:
         frames, _alerts = await self.manager.store.session_data(job.session_id)
         if not frames:
             return session, 0
+        # Sample k shows the frame on screen at k·interval, so its time lies in
+        # ((k-1)·interval, k·interval]. The saved progress (written after its frames, on
+        # the same ordered store queue) covers a frame shown at several sample times.
         last_video_t = frames[-1][1] - session.started_at
-        return session, math.floor(last_video_t / job.interval_seconds + 0.5) + 1
+        last_k = math.ceil(last_video_t / job.interval_seconds - 1e-6)
+        return session, max(last_k + 1, job.progress.frames_done)
 
     async def _analyse(
         self, job: Job, session: LiveSession, path: Path, info: VideoInfo, start_index: int
@@ -469,11 +474,11 @@ class VideoJobs:
             start_index=start_index,
             seek_min_gap_s=self.settings.video_seek_min_gap_s,
         )
-        samples = iter(sampler)
+        samples = ThreadIterator(iter(sampler))
         last_save = time.monotonic()
         try:
             while True:
-                sample = await asyncio.to_thread(next, samples, None)
+                sample = await samples.next()
                 if sample is None:
                     break
                 frame = Frame.from_bgr(
@@ -488,8 +493,7 @@ class VideoJobs:
                     last_save = time.monotonic()
                     await self._save(job)
         finally:
-            # The sampler holds the file open; close it in a thread (a generator close).
-            await asyncio.to_thread(_close_iterator, samples)
+            await samples.close()
         job.progress.frames_total = max(job.progress.frames_done, 1)
         job.progress.video_seconds_done = job.progress.video_seconds_total
         job.progress.eta_s = 0.0
@@ -542,7 +546,24 @@ class VideoJobs:
                 await result
 
 
-def _close_iterator(it: Any) -> None:
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
+class ThreadIterator(Generic[T]):
+    """A blocking iterator stepped in worker threads. A cancelled `next()` leaves its
+    step running in the thread; `close()` waits for it before closing the generator
+    (the sampler holds the file and the decoder)."""
+
+    def __init__(self, iterator: Iterator[T]) -> None:
+        self._it = iterator
+        self._step: asyncio.Future[T | None] | None = None
+
+    async def next(self) -> T | None:
+        loop = asyncio.get_running_loop()
+        self._step = loop.run_in_executor(None, next, self._it, None)
+        return await asyncio.shield(self._step)
+
+    async def close(self) -> None:
+        step = self._step
+        if step is not None and not step.done():
+            await asyncio.wait([step])
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
