@@ -1,4 +1,4 @@
-"""`proctor` command: `proctor serve [--host H] [--port P]`."""
+"""`proctor` command: `proctor serve [--host H] [--port P]`, `proctor analyze VIDEO`."""
 
 from __future__ import annotations
 
@@ -34,19 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--backend", choices=["auto", "rekognition", "local"], help="analyser backend"
     )
+    from server.video import analyze_command
+
+    analyze_command.add_parser(sub)
     args = parser.parse_args(argv)
 
     # boto3 and the LLM SDKs read their own variables (AWS_ENDPOINT_URL_REKOGNITION,
     # OPENAI_BASE_URL, ...) from the process environment only: export `.env` for them.
     load_dotenv(override=False)
     overrides: dict[str, object] = {}
-    if args.host:
+    if getattr(args, "host", None):
         overrides["host"] = args.host
-    if args.port:
+    if getattr(args, "port", None):
         overrides["port"] = args.port
     if args.backend:
         overrides["analyser_backend"] = args.backend
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    if args.command == "analyze":
+        configure_logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
+        return analyze_command.run(args, settings)
     configure_logging(settings.log_level)
     if not _is_loopback(settings.host) and not settings.api_token:
         log.warning(

@@ -69,7 +69,7 @@ class Progress:
 @dataclass
 class Job:
     id: str
-    source: Literal["url", "upload"]
+    source: Literal["url", "upload", "file"]  # "file": a local path (CLI), never deleted
     interval_seconds: float
     job_data: dict[str, Any]
     created_at: float = field(default_factory=time.time)
@@ -258,6 +258,25 @@ class VideoJobs:
             await asyncio.to_thread(path.unlink, missing_ok=True)
             raise
         job = Job(job_id, "upload", interval, job_data, filename=filename, file=str(path))
+        self._set_video(job, info)
+        return await self._enqueue(job)
+
+    async def submit_local(
+        self, path: Path, interval: float | None, job_data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A video already on this machine (`proctor analyze FILE`): read in place."""
+        interval = self.check_interval(interval)
+        self._admit()
+        info = await asyncio.to_thread(probe, path)
+        self._check_duration(info)
+        job = Job(
+            secrets.token_urlsafe(12),
+            "file",
+            interval,
+            job_data,
+            filename=path.name,
+            file=str(path),
+        )
         self._set_video(job, info)
         return await self._enqueue(job)
 
@@ -528,6 +547,8 @@ class VideoJobs:
         log.info("video job %s failed: %s (%s)", job.id, code, message)
 
     async def _discard_file(self, job: Job) -> None:
+        if job.source == "file":
+            return  # the user's own file
         if job.file:
             await asyncio.to_thread(Path(job.file).unlink, missing_ok=True)
             job.file = None
