@@ -227,7 +227,7 @@ async def test_cancel_a_running_job_and_erase_it(
     tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
 ) -> None:
     rekognition.latency_s = 0.1
-    running = await start_server(video_settings(tmp_path))
+    running = await start_server(video_settings(tmp_path, video_jobs=1))
     try:
         path = make_video(tmp_path / "v.mp4", [(30, "face")], fps=5)
         status, job = await post_upload(http, running.url, path.read_bytes(), interval="0.5")
@@ -243,6 +243,9 @@ async def test_cancel_a_running_job_and_erase_it(
         session = await running.manager.store.get_session(final["session_id"])
         assert session is not None and session["status"] == "ended"
         assert session["end_reason"] == "video_cancelled"
+        # The worker that ran it goes on with the next job.
+        _s, second = await post_upload(http, running.url, path.read_bytes(), interval="10")
+        assert (await wait_state(http, running.url, second["id"], TERMINAL))["state"] == "done"
         # A second DELETE erases the finished job and its session.
         async with http.delete(f"{running.url}/api/videos/{job['id']}") as r:
             assert (await r.json())["state"] == "erased"

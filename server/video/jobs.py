@@ -366,6 +366,9 @@ class VideoJobs:
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is None or not me.cancelling():
+                    continue  # the job was cancelled (DELETE), not this worker
                 # The worker is being stopped (shutdown): the job stops too.
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
