@@ -12,12 +12,14 @@
    loopback by a separate process, deleted afterwards) with the product's fetcher.
 
     .venv/bin/python bench/recorded.py [--minutes 10] [--interval 2] [--live 10] [--fetch-mb 1024]
+        [--video /tmp/bench-10min.mp4]   # keep the generated video for the next run
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import socket
@@ -139,7 +141,7 @@ async def run_job(
         t0 = time.perf_counter()
         record = await jobs.submit_local(video, interval, {"jobTitle": "bench"})
         if wall_limit_s:
-            with __import__("contextlib").suppress(TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), wall_limit_s)
         else:
             await done.wait()
@@ -237,7 +239,8 @@ async def main() -> None:
     parser.add_argument("--live", type=int, default=10, help="live sessions at 1 frame/s for step 2")
     parser.add_argument("--live-seconds", type=float, default=20.0)
     parser.add_argument("--fetch-mb", type=int, default=1024)
-    parser.add_argument("--video", type=Path, help="reuse this generated video")
+    parser.add_argument("--long-interval", type=float, default=10.0, help="a second, sparser run")
+    parser.add_argument("--video", type=Path, help="the generated video: made there if missing, kept")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-recorded-") as name:
@@ -249,10 +252,10 @@ async def main() -> None:
             f"{mem['baseline_mb']:.0f} MB, peak {mem['peak_mb']:.0f} MB "
             f"(+{mem['peak_mb'] - mem['baseline_mb']:.1f} MB)"
         )
-        video = args.video
-        if video is None:
+        video = args.video or tmp / "long.mp4"
+        if not video.exists():
             t0 = time.perf_counter()
-            video = make_long_video(tmp / "long.mp4", args.minutes)
+            make_long_video(video, args.minutes)
             print(f"generated {args.minutes:g} min 1280×720 H.264 in {time.perf_counter() - t0:.0f} s "
                   f"({video.stat().st_size / 1e6:.0f} MB)")
         seek = await run_job(settings_for(tmp, "seek"), video, args.interval)
@@ -261,6 +264,10 @@ async def main() -> None:
         print(f"  keyframe seeks : {seek['rate']:7.1f} video-s per wall-s ({seek['frames']} frames in {seek['wall_s']:.1f} s)")
         print(f"  decode every frame: {full['rate']:7.1f} video-s per wall-s ({full['frames']} frames in {full['wall_s']:.1f} s)")
         print(f"  ratio          : {seek['rate'] / full['rate']:.2f}×")
+        seek = await run_job(settings_for(tmp, "seek2"), video, args.long_interval)
+        full = await run_job(settings_for(tmp, "full2", video_seek_min_gap_s=math.inf), video, args.long_interval)
+        print(f"interval {args.long_interval:g} s: keyframe seeks {seek['rate']:.1f}, decode every frame "
+              f"{full['rate']:.1f} video-s per wall-s ({seek['rate'] / full['rate']:.2f}×)")
         budget = Settings(_env_file=None).analyser_calls_per_s  # type: ignore[call-arg]
         shared = await run_job(
             settings_for(tmp, "shared", analyser_calls_per_s=budget),

@@ -319,7 +319,10 @@ async def test_restart_resumes_queued_and_interrupted_jobs(
         assert report["summary"]["frames_analysed"] == 24
         assert report["summary"]["end_reason"] == "video_complete"
         no_face = [a for a in report["alerts"] if a["type"] == "no_face_detected"]
-        assert no_face and no_face[-1]["video_time_start"] in ("00:06", "00:07")
+        # Nobody from 6 s on; rule streaks restart after a resume, so the last episode
+        # begins at 6 s or a little later.
+        assert no_face and 6.0 <= no_face[-1]["video_time_start_s"] < 10.0
+        assert no_face[-1]["video_time_end"] == "00:12"
         assert list(settings.video_work_dir.iterdir()) == []
     finally:
         await second.stop()

@@ -217,6 +217,10 @@ class VideoJobs:
             )
         return float(interval)
 
+    def admit(self) -> None:
+        """Raise 429 `too_many_jobs` when the queue is full."""
+        self._admit()
+
     def _admit(self) -> None:
         active = sum(1 for j in self._jobs.values() if j.state == "queued" or j.state in RUNNING)
         if active >= self.settings.video_queue_max or self._queue.full():
