@@ -18,6 +18,7 @@ from tests.video_media import make_video
 from tests.video_server import VideoHost
 
 TERMINAL = {"done", "failed", "cancelled", "interrupted"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -347,3 +348,77 @@ async def test_secured_mode_needs_the_operator_token(
             assert r.status == 200 and (await r.json())["jobs"] == []
     finally:
         await running.stop()
+
+
+async def test_server_killed_mid_job_resumes_from_the_last_stored_frame(
+    tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
+) -> None:
+    """SIGKILL, not a graceful stop: the job row still says `analysing` and the session
+    `live`; the next process makes both `interrupted`, and resume completes the job."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    rekognition.latency_s = 0.05
+    settings = video_settings(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        **rekognition.env(),
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_PATH": str(settings.database_path),
+        "VIDEO_WORK_DIR": str(settings.video_work_dir),
+        "ANALYSER_BACKEND": "rekognition",
+        "ANALYSER_CALLS_PER_S": "0",
+        "VIDEO_PROGRESS_SAVE_S": "0.05",
+        "OPENAI_API_KEY": "",
+        "ANTHROPIC_API_KEY": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    data = make_video(tmp_path / "v.mp4", [(10, "face")], fps=4).read_bytes()
+    try:
+        for _ in range(200):
+            try:
+                async with http.get(f"{url}/health") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+        _s, job = await post_upload(http, url, data, interval="0.5")
+        seen = await wait_state(http, url, job["id"], {"analysing"})
+        while seen["progress"]["frames_done"] < 5:
+            seen = await wait_state(http, url, job["id"], {"analysing"})
+        await asyncio.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    srv = await start_server(settings)
+    try:
+        job_now = await wait_state(http, srv.url, job["id"], TERMINAL)
+        assert job_now["state"] == "interrupted"
+        record = await srv.manager.store.get_session(job_now["session_id"])
+        assert record is not None and record["status"] == "interrupted"
+        async with http.post(f"{srv.url}/api/videos/{job['id']}/resume") as r:
+            assert r.status == 202
+        done = await wait_state(http, srv.url, job["id"], {"done", "failed"})
+        assert done["state"] == "done", done
+        frames, _alerts = await srv.manager.store.session_data(done["session_id"])
+        assert [i for i, _t, _s in frames] == list(range(20))
+        async with http.get(f"{srv.url}/api/videos/{job['id']}/report") as r:
+            report = await r.json()
+        assert report["summary"]["frames_analysed"] == 20 and report["alerts"] == []
+        assert list(settings.video_work_dir.iterdir()) == []
+    finally:
+        await srv.stop()
