@@ -99,8 +99,11 @@ async def analyse(
         pose_calibration_factory=pose_calibration_factory(analyser),
     )
     finished = asyncio.Event()
+    mine: list[str] = []  # the id of this run's job (a reused --db may hold others)
 
     def on_progress(job: Job) -> None:
+        if mine and job.id != mine[0]:
+            return
         bar.update(job, force=job.state in FINISHED)
         if job.state in FINISHED or job.state == "interrupted":
             finished.set()
@@ -113,7 +116,10 @@ async def analyse(
             record = await jobs.submit_local(video, interval, job_data)
         else:
             record = await jobs.submit_url(video, interval, job_data)
-        await finished.wait()
+        mine.append(record["id"])
+        finished.clear()  # another job's end may have set it before the id was known
+        if (await jobs.get(record["id"]))["state"] not in FINISHED:
+            await finished.wait()
         record = await jobs.get(record["id"])
         report = await jobs.report(record["id"]) if record["state"] == "done" else None
         return record, report
