@@ -167,6 +167,7 @@ async def test_post_errors(
         assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
     status, body = await post_upload(http, base, b"this is not a video at all" * 100)
     assert (status, body["error"]["code"]) == (422, "unreadable_video")
+    assert str(video_server.settings.video_work_dir) not in body["error"]["message"]
     status, body = await post_upload(http, base, b"x", job_data="[1, 2")
     assert (status, body["error"]["code"]) == (400, "invalid_json")
     form = aiohttp.FormData()

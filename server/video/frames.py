@@ -51,13 +51,18 @@ def sample_count(duration_s: float, interval_s: float) -> int:
     return max(1, math.ceil(duration_s / interval_s - 1e-9))
 
 
+def _why(exc: BaseException) -> str:
+    """FFmpeg's reason without the file name (a server path must not reach clients)."""
+    return str(getattr(exc, "strerror", None) or type(exc).__name__)
+
+
 def _open(path: Path) -> Any:
     import av
 
     try:
         container = av.open(str(path), mode="r", metadata_errors="ignore")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise UnreadableVideo(f"not a readable video file: {exc}") from None
+        raise UnreadableVideo(f"not a readable video file: {_why(exc)}") from None
     if not container.streams.video:
         container.close()
         raise UnreadableVideo("the file has no video stream")
@@ -89,7 +94,7 @@ def probe(path: Path) -> VideoInfo:
                 first = frame
                 break
         except (av.FFmpegError, ValueError) as exc:
-            raise UnreadableVideo(f"the video stream cannot be decoded: {exc}") from None
+            raise UnreadableVideo(f"the video stream cannot be decoded: {_why(exc)}") from None
         if first is None or first.time is None:
             raise UnreadableVideo("the video stream has no decodable frame")
         first_s = float(first.time)
@@ -203,7 +208,7 @@ class FrameSampler:
                         break
                     except (av.FFmpegError, ValueError) as exc:
                         raise UnreadableVideo(
-                            f"decoding failed near {target:.1f} s: {exc}"
+                            f"decoding failed near {target:.1f} s: {_why(exc)}"
                         ) from None
                     if self._time(frame, first) <= target + EPSILON_S:
                         prev = frame
