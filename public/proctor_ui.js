@@ -362,8 +362,9 @@
       tr.dataset.type = a.type || "";
       cell(tr, human(a.type || "") + (a.object ? ` (${a.object})` : ""));
       cell(tr, a.severity);
-      cell(tr, fmtTime(a.started_at));
-      cell(tr, a.ended_at ? fmtTime(a.ended_at) : "—");
+      // A recorded video's alerts are placed in video time (mm:ss), the rest by the clock.
+      cell(tr, a.video_time_start || fmtTime(a.started_at));
+      cell(tr, a.video_time_end || (a.ended_at ? fmtTime(a.ended_at) : "—"));
       cell(tr, a.duration_s === null || a.duration_s === undefined ? "—" : fmtDuration(a.duration_s));
       cell(tr, a.message || "");
       table.append(tr);
@@ -384,6 +385,7 @@
         aiProvider: named("span", "report-ai-provider", "fine"),
         ai: named("p", "report-ai-summary"),
         alerts: named("table", "report-alerts"),
+        charts: named("div", "report-charts"),
         tokens: named("p", "report-tokens"),
         raw: named("pre", "report-raw"),
       });
@@ -402,7 +404,8 @@
       const details = el("details");
       details.append(el("summary", "Raw report JSON"), n.raw);
       section.replaceChildren(el("h2", "Final report"), n.text, grid, n.aiBlock,
-                              el("h3", "Alert history"), n.alerts, el("h3", "Token usage"), n.tokens, details);
+                              n.charts, el("h3", "Alert history"), n.alerts, el("h3", "Token usage"), n.tokens,
+                              details);
       this.section = section;
     }
 
@@ -431,6 +434,9 @@
       n.ai.textContent = aiText || "";
       n.aiProvider.textContent = ai && ai.provider ? `(${ai.provider}${ai.model ? `, ${ai.model}` : ""})` : "";
       renderAlertHistory(n.alerts, report.alerts);
+      // Charts come from report_view.js (uPlot) when the page loads it.
+      n.charts.hidden = !window.ReportCharts;
+      if (window.ReportCharts) window.ReportCharts.render(n.charts, report);
       const tokens = report.token_usage || {};
       n.tokens.textContent = tokens.total_tokens
         ? `${tokens.prompt_tokens} prompt + ${tokens.completion_tokens} completion = ${tokens.total_tokens} tokens`

@@ -22,7 +22,9 @@ from server.signaling.http_api import error_middleware
 from server.signaling.rest import build_api
 from server.signaling.rtc import RtcGateway
 from server.signaling.socketio_events import GuardedServer, ProctorNamespace
+from server.signaling.videos import register_video_routes
 from server.signaling.web_guard import cors_middleware, host_middleware, proxy_middleware
+from server.video.jobs import VideoJobs
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ SETTINGS = web.AppKey("settings", Settings)
 INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
+VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
 
 
 # Room for base64 (4/3) and the JSON around the largest allowed frame.
@@ -105,8 +108,11 @@ def create_app(
     api = build_api(manager, settings, instruments)
     rtc = RtcGateway(manager, settings, instruments)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
+    video_jobs = VideoJobs(manager, settings)
+    register_video_routes(api, video_jobs, settings)
     api.attach(app)
     app[RTC] = rtc
+    app[VIDEO_JOBS] = video_jobs
 
     async def index(request: web.Request) -> web.StreamResponse:
         return _file(settings.public_dir / "index.html")
@@ -125,9 +131,12 @@ def create_app(
 
     async def on_startup(app: web.Application) -> None:
         await manager.start()
+        await video_jobs.start()
         log.info("analyser backend: %s", analyser.name)
 
     async def on_shutdown(app: web.Application) -> None:
+        # Jobs first: a running video becomes `interrupted` (resumable), not ended.
+        await video_jobs.stop()
         await manager.stop()
 
     app.on_startup.append(on_startup)

@@ -1,4 +1,5 @@
-"""`proctor` command: `proctor serve`, `proctor doctor`, `proctor sample-frame`.
+"""`proctor` command: `proctor serve`, `proctor analyze`, `proctor doctor`,
+`proctor sample-frame`.
 
 Each command other than `serve` lives in its own module with a `register(sub)` that adds
 its parser and sets `run`; this file only lists them.
@@ -17,6 +18,7 @@ from dotenv import load_dotenv
 from server import doctor, sample_frame
 from server.config import Settings
 from server.observability import configure_logging
+from server.video import analyze_command
 
 log = logging.getLogger("proctor")
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default from PORT, else 5001)")
     p.add_argument("--backend", choices=["auto", "rekognition", "local"], help="analyser backend")
     p.set_defaults(run=serve)
+    analyze_command.register(sub)
     doctor.register(sub)
     sample_frame.register(sub)
     return parser

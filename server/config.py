@@ -217,6 +217,24 @@ class Settings(BaseSettings):
             return self.candidate_view
         return "status" if self.secured else "results"
 
+    # --- recorded videos --------------------------------------------------------------------
+    video_jobs: int = 2  # recorded videos analysed at once; more wait in the queue
+    video_queue_max: int = 20  # queued + running jobs; beyond it POST /api/videos gets 429
+    video_max_bytes: int = 2 * 1024**3  # size cap for a download or an upload
+    video_max_duration_s: float = 4 * 3600.0  # longer videos are refused as too large
+    video_fetch_timeout_s: float = 900.0  # a whole download must finish within this
+    video_url_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts, addresses or CIDR networks a video URL may use although the SSRF "
+        'rules refuse them (loopback, private, link-local, metadata), e.g. ["10.1.2.0/24"].',
+    )
+    video_work_dir: Path = Path("data/videos")  # downloads and uploads while their job runs
+    video_interval_default_s: float = 2.0
+    video_interval_min_s: float = 0.1
+    video_interval_max_s: float = 600.0
+    video_seek_min_gap_s: float = 4.0  # seek to the keyframe before a sample this far ahead
+    video_progress_save_s: float = 1.0  # a running job's progress is persisted this often
+
     @property
     def has_aws_credentials(self) -> bool:
         return bool(self.aws_access_key_id and self.aws_secret_access_key) or bool(self.aws_profile)

@@ -93,6 +93,8 @@ class LiveSession:
     worker: asyncio.Task[None] | None = None
     analysing: bool = False
     budget_wait_s: float = 0.0  # the last analysis' wait for the analyser budget
+    #: Capture time of the last stored frame when a session is reopened (resumed video).
+    last_frame_at: float | None = None
     on_error: ErrorHook | None = None  # set by the manager: counts and reports the error
     internal_errors: deque[float] = field(default_factory=deque)  # monotonic times, recent
     aggregate: SessionAggregate = field(init=False)

@@ -58,6 +58,15 @@ CAPTURE_CLOCK_TRANSPORTS = frozenset({"webrtc", "video"})
 __all__ = ["SessionManager", "frame_summary"]
 
 
+def _parse_summary(text: Any) -> dict[str, Any] | None:
+    """A stored JSON object (frame summary, alert episode), or None when damaged."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class SessionManager:
     def __init__(
         self,
@@ -196,11 +205,43 @@ class SessionManager:
                 code="job_data_too_large",
                 status=413,
             )
+        self._check_capacity()
+        session = self._new_session(
+            secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+            transport,
+            dict(job_data),
+            time.time() if started_at is None else started_at,
+            priority,
+        )
+        self._live[session.id] = session
+        await self.store.create_session(
+            session.id, transport, session.backend, session.job_data, session.started_at,
+            rules={
+                **session.engine.describe(),
+                "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
+            },
+        )
+        self._start_worker(session)
+        self.instruments.sessions_started.labels(transport=transport).inc()
+        log.info("session %s started (%s, backend %s)", short_id(session.id), transport,
+                 session.backend, extra={"session_id": session.id})
+        return session
+
+    def _check_capacity(self) -> None:
         if len(self._live) >= self.settings.max_live_sessions:
             raise Overloaded(
                 f"the server is at its limit of {self.settings.max_live_sessions} live sessions",
                 code="too_many_sessions",
             )
+
+    def _new_session(
+        self,
+        session_id: str,
+        transport: str,
+        job_data: dict[str, Any],
+        started_at: float,
+        priority: Priority,
+    ) -> LiveSession:
         s = self.settings
         # WebRTC and recorded video: the server picks the frames, so rules and cadences
         # count capture time; push clients pick their own pace and keep the per-frame
@@ -208,13 +249,12 @@ class SessionManager:
         capture_clock = transport in CAPTURE_CLOCK_TRANSPORTS
         sampled = transport == "webrtc"  # the sampler forces slow checks on scene changes
         dwell = s.rule_frame_interval_s if capture_clock else None
-        engine = AlertEngine(rules_from_settings(s), dwell_interval_s=dwell)
         session = LiveSession(
-            id=secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+            id=session_id,
             transport=transport,
             backend=self.analyser.name,
-            job_data=dict(job_data),
-            started_at=time.time() if started_at is None else started_at,
+            job_data=job_data,
+            started_at=started_at,
             scorer=Scorer(
                 yaw_limit=s.looking_away_yaw_deg,
                 pitch_limit=s.looking_away_pitch_deg,
@@ -222,7 +262,7 @@ class SessionManager:
                 positive_emotions=tuple(s.positive_emotions),
                 gaze_min_confidence=s.eye_direction_min_confidence,
             ),
-            engine=engine,
+            engine=AlertEngine(rules_from_settings(s), dwell_interval_s=dwell),
             cadence=CheckCadence(
                 s.sampler_labels_interval_s if sampled else s.labels_interval_s,
                 s.sampler_text_interval_s if sampled else s.text_interval_s,
@@ -234,23 +274,86 @@ class SessionManager:
             priority=priority,
         )
         session.on_error = functools.partial(self._listener_failed, session)
-        self._live[session.id] = session
-        rules = {
-            **engine.describe(),
-            "eye_direction_min_confidence": s.eye_direction_min_confidence,
-        }
-        await self.store.create_session(
-            session.id, transport, session.backend, session.job_data, session.started_at,
-            rules=rules,
-        )
+        return session
+
+    def _start_worker(self, session: LiveSession) -> None:
         session.worker = asyncio.create_task(
             self.pipeline.run(session), name=f"session-{session.id[:8]}"
         )
         session.worker.add_done_callback(functools.partial(self._worker_done, session))
-        self.instruments.sessions_started.labels(transport=transport).inc()
         self.instruments.live_sessions.set(len(self._live))
-        log.info("session %s started (%s, backend %s)", short_id(session.id), transport,
-                 session.backend, extra={"session_id": session.id})
+
+    async def suspend_session(self, session_id: str, reason: str = "server_shutdown") -> None:
+        """Stop a session without ending it: it becomes `interrupted`, as if the process
+        had died, so `reopen_session` can continue it (recorded videos at shutdown)."""
+        session = self._live.get(session_id)
+        if session is None or session.status != "live":
+            return
+        session.status = "ending"
+        await self._stop_worker(session)
+        await self.store.update_counters(session.id, session.counters.to_json(), time.time())
+        await self.store.set_session_status(session.id, "interrupted", reason)
+        self._release(session)
+        session.status = "ended"
+        session.listeners.clear()
+        log.info("session suspended (%s)", reason, extra={"session_id": session.id})
+
+    async def reopen_session(
+        self, session_id: str, *, priority: Priority = "background"
+    ) -> LiveSession:
+        """Continue an `interrupted` session after its last stored frame: same id, clock
+        and counters, aggregate rebuilt from the stored frames (streamed). Alert episodes
+        left open end at the last stored frame (`interrupted`), rule streaks start afresh."""
+        if session_id in self._live:
+            raise SessionEnded(f"session {session_id} is already live", code="session_live")
+        self._check_capacity()
+        await self.store.flush()
+        record = await self.store.get_session(session_id)
+        if record is None:
+            raise SessionNotFound(f"no session with id {session_id}")
+        if record["status"] != "interrupted":
+            raise SessionEnded(f"session {session_id} has {record['status']}")
+        session = self._new_session(
+            session_id, record["transport"], record["job_data"], record["started_at"], priority
+        )
+
+        def rebuild(span: Any, rows: Any) -> tuple[int, float | None]:
+            last_i, last_t = -1, None
+            for idx, t, summary in rows:
+                parsed = _parse_summary(summary)
+                if parsed is None or not isinstance(t, int | float):
+                    continue
+                session.aggregate.add(float(t), parsed)
+                last_i, last_t = int(idx), float(t)
+            return last_i, last_t
+
+        last_i, last_t = await self.store.scan_frames(session_id, rebuild, TIMESTAMP_RANGE)
+        c = record["counters"]
+        session.counters.received = int(c.get("frames_received", last_i + 1))
+        session.counters.dropped = int(c.get("frames_dropped", 0))
+        session.counters.insufficient = int(c.get("frames_insufficient", 0))
+        session.counters.degraded = int(c.get("frames_degraded", 0))
+        session.counters.analysed = last_i + 1
+        session.last_frame_at = last_t
+        end_t = record["started_at"] if last_t is None else last_t
+        for raw in await self.store.alert_rows(session_id):
+            episode = _parse_summary(raw)
+            if episode is None or episode.get("ended_at") is not None:
+                continue
+            started = episode.get("started_at")
+            await self.store.save_alert(session_id, {
+                **episode,
+                "status": "ended",
+                "ended_at": end_t,
+                "end_frame": max(0, last_i),
+                "end_reason": "interrupted",
+                "duration_s": round(max(0.0, end_t - started), 3)
+                if isinstance(started, int | float) else None,
+            })
+        self._live[session.id] = session
+        await self.store.set_session_status(session.id, "live", None)
+        self._start_worker(session)
+        log.info("session reopened after frame %d", last_i, extra={"session_id": session.id})
         return session
 
     async def get_live(self, session_id: object) -> LiveSession:
@@ -438,12 +541,19 @@ class SessionManager:
     # --- ending and reports -------------------------------------------------------------
 
     async def end_session(
-        self, session_id: object, reason: str = "client", use_llm: bool = True
+        self,
+        session_id: object,
+        reason: str = "client",
+        use_llm: bool = True,
+        *,
+        ended_at: float | None = None,
     ) -> dict[str, Any]:
+        """`ended_at`: the end on the session's own clock (a recorded video ends at its
+        start + duration, not when the analysis finished); default now."""
         session = await self.get_live(session_id)
         session.status = "ending"
         task = asyncio.create_task(
-            self._end(session, reason, use_llm), name=f"end-{session.id[:8]}"
+            self._end(session, reason, use_llm, ended_at), name=f"end-{session.id[:8]}"
         )
         self._ending[session.id] = task
         try:
@@ -454,17 +564,22 @@ class SessionManager:
             if task.done():
                 self._ending.pop(session.id, None)
 
-    async def _end(self, session: LiveSession, reason: str, use_llm: bool) -> dict[str, Any]:
+    async def _end(
+        self, session: LiveSession, reason: str, use_llm: bool, ended_at: float | None = None
+    ) -> dict[str, Any]:
         """Whatever fails on the way, the session ends ended (in memory and in the store)
         with a report, possibly partial; only a cancelled end (a shutdown that ran out of
-        time) leaves it to be marked interrupted."""
+        time) leaves it to be marked interrupted. `ended_at`: the end on the session's own
+        clock (a recorded video's start + duration); default now."""
         current_session.set(session.id)
         self._cancel_grace(session.id)
-        ended_at = time.time()
+        own_clock = ended_at
+        ended_at = time.time() if own_clock is None else own_clock
         try:
             try:
                 await self._stop_worker(session)
-                ended_at = time.time()  # after the analysis in flight, if any
+                if own_clock is None:
+                    ended_at = time.time()  # after the analysis in flight, if any
                 closing = session.engine.close_all(ended_at, max(0, session.counters.analysed - 1))
                 for ev in closing:
                     await self.store.save_alert(session.id, ev)

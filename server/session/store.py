@@ -58,6 +58,14 @@ CREATE TABLE IF NOT EXISTS reports (
     created_at REAL NOT NULL,
     report TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS video_jobs (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    state TEXT NOT NULL,               -- queued | downloading | analysing | done | failed | ...
+    session_id TEXT,
+    job TEXT NOT NULL                  -- the job's JSON record (server/video/jobs.py)
+);
+CREATE INDEX IF NOT EXISTS video_jobs_by_time ON video_jobs (created_at);
 """
 
 _STOP = object()
@@ -471,6 +479,61 @@ class Store:
             "UPDATE sessions SET status='interrupted', end_reason=? WHERE id=? AND status='live'",
             (reason, session_id),
         )
+
+    async def set_session_status(
+        self, session_id: str, status: str, end_reason: str | None
+    ) -> None:
+        """Mark a session `interrupted` (a recorded video stopped by a shutdown) or back
+        to `live` (the same video resumed)."""
+        await self._put(
+            session_id,
+            "UPDATE sessions SET status=?, end_reason=?, ended_at=NULL WHERE id=?",
+            (status, end_reason, session_id),
+        )
+
+    async def erase_session(self, session_id: str) -> None:
+        for table, column in (
+            ("frames", "session_id"),
+            ("alerts", "session_id"),
+            ("reports", "session_id"),
+            ("sessions", "id"),
+        ):
+            await self._put(session_id, f"DELETE FROM {table} WHERE {column}=?", (session_id,))
+
+    # --- recorded-video jobs ------------------------------------------------------------
+
+    async def save_video_job(self, job: dict[str, Any]) -> None:
+        await self._put(
+            job.get("session_id") or "",
+            "INSERT OR REPLACE INTO video_jobs (id, created_at, state, session_id, job) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (job["id"], job["created_at"], job["state"], job.get("session_id"), _dumps(job)),
+        )
+
+    async def delete_video_job(self, job_id: str) -> None:
+        await self._put("", "DELETE FROM video_jobs WHERE id=?", (job_id,))
+
+    async def get_video_job(self, job_id: str) -> dict[str, Any] | None:
+        def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute("SELECT job FROM video_jobs WHERE id=?", (job_id,)).fetchone()
+            return None if row is None else json.loads(row["job"])
+
+        return await self._read(q)
+
+    async def list_video_jobs(
+        self, limit: int = 100, offset: int = 0, states: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = "SELECT job FROM video_jobs"
+            params: list[Any] = []
+            if states:
+                sql += f" WHERE state IN ({','.join('?' * len(states))})"
+                params += list(states)
+            sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
+            params += [limit, offset]
+            return [json.loads(r["job"]) for r in conn.execute(sql, params)]
+
+        return await self._read(q)
 
     # --- reading ----------------------------------------------------------------------
 

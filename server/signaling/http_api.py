@@ -29,6 +29,7 @@ STATUS_TEXT = {
     404: "Unknown session",
     409: "Session already ended / not yet ended",
     413: "Frame or body too large",
+    422: "Unreadable video",
     429: "Overloaded",
     503: "Backend unavailable",
 }

@@ -1,0 +1,596 @@
+"""The recorded-video job runner: a bounded queue, `VIDEO_JOBS` workers, every job
+persisted in the store so a restart resumes queued jobs and marks running ones
+`interrupted`.
+
+A job is fetch (URL jobs) → probe → a `video` session whose clock is the video's: frame
+k's capture time is `session.started_at + its video time`, so rules, report and evidence
+count video time. Frames are submitted one at a time and each result awaited before the
+next, so none is dropped; the session has `background` priority, so live candidates get
+the analyser budget first.
+
+Resumption: an interrupted job keeps its session (`interrupted` in the store) and its
+file. `resume` reopens that same session in the manager (`reopen_session`: same id, clock
+and counters, aggregate rebuilt from the stored frames) and the sampler continues at the
+first sample after the last stored frame, so the job still has one session and one report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+from server.config import Settings
+from server.errors import Overloaded, ProctorError
+from server.media.frames import Frame, FrameError
+from server.session.live_session import LiveSession
+from server.session.manager import SessionManager
+from server.video.errors import JobNotFound, JobStateConflict, UnreadableVideo, VideoTooLarge
+from server.video.fetch import FetchLimits, FetchProgress, UrlGuard, fetch_to_file
+from server.video.frames import FrameSampler, VideoInfo, probe, sample_count
+from server.video.report import video_report
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+State = Literal["queued", "downloading", "analysing", "done", "failed", "cancelled", "interrupted"]
+RUNNING: frozenset[str] = frozenset({"downloading", "analysing"})
+FINISHED: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+ProgressCallback = Callable[["Job"], Awaitable[None] | None]
+
+
+@dataclass
+class Progress:
+    frames_done: int = 0
+    frames_total: int = 0
+    video_seconds_done: float = 0.0
+    video_seconds_total: float = 0.0
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    eta_s: float | None = None
+
+    @property
+    def percent(self) -> float:
+        if self.frames_total:
+            return round(100.0 * self.frames_done / self.frames_total, 1)
+        return 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "percent": self.percent}
+
+
+@dataclass
+class Job:
+    id: str
+    source: Literal["url", "upload", "file"]  # "file": a local path (CLI), never deleted
+    interval_seconds: float
+    job_data: dict[str, Any]
+    created_at: float = field(default_factory=time.time)
+    state: State = "queued"
+    url: str | None = None
+    filename: str | None = None
+    file: str | None = None  # the downloaded or uploaded file while the job needs it
+    video: dict[str, Any] | None = None
+    session_id: str | None = None
+    progress: Progress = field(default_factory=Progress)
+    error: dict[str, str] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float = field(default_factory=time.time)
+    # Not persisted: this process's bookkeeping.
+    cancel_requested: bool = field(default=False, repr=False)
+    run_started: float = field(default=0.0, repr=False)
+    run_first_frame: int = field(default=0, repr=False)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source": self.source,
+            "interval_seconds": self.interval_seconds,
+            "job_data": self.job_data,
+            "created_at": self.created_at,
+            "state": self.state,
+            "url": self.url,
+            "filename": self.filename,
+            "file": self.file,
+            "video": self.video,
+            "session_id": self.session_id,
+            "progress": self.progress.to_json(),
+            "error": self.error,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Job:
+        p = dict(r.get("progress") or {})
+        p.pop("percent", None)
+        return cls(
+            id=r["id"],
+            source=r["source"],
+            interval_seconds=float(r["interval_seconds"]),
+            job_data=r.get("job_data") or {},
+            created_at=float(r["created_at"]),
+            state=r["state"],
+            url=r.get("url"),
+            filename=r.get("filename"),
+            file=r.get("file"),
+            video=r.get("video"),
+            session_id=r.get("session_id"),
+            progress=Progress(**p),
+            error=r.get("error"),
+            started_at=r.get("started_at"),
+            finished_at=r.get("finished_at"),
+            updated_at=float(r.get("updated_at") or r["created_at"]),
+        )
+
+
+def public_job(record: dict[str, Any], base: str = "/api/videos") -> dict[str, Any]:
+    """A job as the API shows it (no server paths)."""
+    out = {k: v for k, v in record.items() if k != "file"}
+    jid = record["id"]
+    out["links"] = {
+        "self": f"{base}/{jid}",
+        "report": f"{base}/{jid}/report",
+        "resume": f"{base}/{jid}/resume",
+        "session_report": f"/api/sessions/{record['session_id']}/report"
+        if record.get("session_id")
+        else None,
+    }
+    return out
+
+
+class VideoJobs:
+    def __init__(
+        self,
+        manager: SessionManager,
+        settings: Settings,
+        guard: UrlGuard | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.guard = guard or UrlGuard(settings.video_url_allow)
+        self.on_progress = on_progress
+        self.work_dir = Path(settings.video_work_dir)
+        self._jobs: dict[str, Job] = {}  # every job not finished, plus those that ran here
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=max(1, settings.video_queue_max))
+        self._workers: list[asyncio.Task[None]] = []
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """After the manager started: queued jobs go back in the queue, jobs that were
+        running when the last process stopped become `interrupted`."""
+        await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
+        store = self.manager.store
+        pending = await store.list_video_jobs(
+            limit=100_000, states=("queued", "downloading", "analysing")
+        )
+        for record in reversed(pending):  # oldest first
+            job = Job.from_record(record)
+            self._jobs[job.id] = job
+            if job.state in RUNNING:
+                job.state = "interrupted"
+                job.progress.eta_s = None
+                await self._save(job)
+                log.warning("video job %s was running at the last stop: interrupted", job.id)
+            elif not self._queue.full():
+                self._queue.put_nowait(job.id)
+        for record in await store.list_video_jobs(limit=100_000, states=("interrupted",)):
+            self._jobs.setdefault(record["id"], Job.from_record(record))
+        for i in range(max(1, self.settings.video_jobs)):
+            self._workers.append(asyncio.create_task(self._worker(), name=f"video-worker-{i}"))
+
+    async def stop(self) -> None:
+        """Before the manager stops: running jobs become `interrupted` (their sessions
+        too), resumable after the restart."""
+        self._stopping = True
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers.clear()
+
+    # --- submitting -----------------------------------------------------------------
+
+    def check_interval(self, value: float | None) -> float:
+        s = self.settings
+        interval = s.video_interval_default_s if value is None else value
+        if not isinstance(interval, int | float) or not math.isfinite(interval):
+            raise ProctorError("interval_seconds must be a number", code="invalid_field")
+        if not s.video_interval_min_s <= interval <= s.video_interval_max_s:
+            raise ProctorError(
+                f"interval_seconds must be {s.video_interval_min_s}..{s.video_interval_max_s}",
+                code="invalid_field",
+            )
+        return float(interval)
+
+    def admit(self) -> None:
+        """Raise 429 `too_many_jobs` when the queue is full."""
+        self._admit()
+
+    def _admit(self) -> None:
+        active = sum(1 for j in self._jobs.values() if j.state == "queued" or j.state in RUNNING)
+        if active >= self.settings.video_queue_max or self._queue.full():
+            raise Overloaded(
+                f"{active} video jobs are queued or running; the limit is "
+                f"{self.settings.video_queue_max}",
+                code="too_many_jobs",
+            )
+
+    async def submit_url(
+        self, url: str, interval: float | None, job_data: dict[str, Any]
+    ) -> dict[str, Any]:
+        interval = self.check_interval(interval)
+        self._admit()
+        checked = await self.guard.check(url)  # 400 invalid_url before anything is queued
+        job = Job(secrets.token_urlsafe(12), "url", interval, job_data, url=checked.url)
+        return await self._enqueue(job)
+
+    def upload_path(self) -> tuple[str, Path]:
+        job_id = secrets.token_urlsafe(12)
+        return job_id, self.work_dir / f"{job_id}.video"
+
+    async def submit_upload(
+        self,
+        job_id: str,
+        path: Path,
+        filename: str | None,
+        interval: float | None,
+        job_data: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The upload is already on disk under the size cap; it is probed here so an
+        unreadable file is refused (422) before the answer."""
+        try:
+            interval = self.check_interval(interval)
+            self._admit()
+            info = await asyncio.to_thread(probe, path)
+            self._check_duration(info)
+        except BaseException:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            raise
+        job = Job(job_id, "upload", interval, job_data, filename=filename, file=str(path))
+        self._set_video(job, info)
+        return await self._enqueue(job)
+
+    async def submit_local(
+        self, path: Path, interval: float | None, job_data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A video already on this machine (`proctor analyze FILE`): read in place."""
+        interval = self.check_interval(interval)
+        self._admit()
+        info = await asyncio.to_thread(probe, path)
+        self._check_duration(info)
+        job = Job(
+            secrets.token_urlsafe(12),
+            "file",
+            interval,
+            job_data,
+            filename=path.name,
+            file=str(path),
+        )
+        self._set_video(job, info)
+        return await self._enqueue(job)
+
+    async def _enqueue(self, job: Job) -> dict[str, Any]:
+        self._jobs[job.id] = job
+        await self._save(job)
+        self._queue.put_nowait(job.id)  # _admit made room
+        return job.to_record()
+
+    # --- queries and control --------------------------------------------------------------
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job.to_record()
+        record = await self.manager.store.get_video_job(job_id)
+        if record is None:
+            raise JobNotFound(f"no video job with id {job_id}")
+        return record
+
+    async def list_jobs(self, limit: int, offset: int) -> list[dict[str, Any]]:
+        await self.manager.store.flush()
+        records = await self.manager.store.list_video_jobs(limit=limit, offset=offset)
+        # The in-memory state of a running job is newer than its last saved progress.
+        return [self._jobs[r["id"]].to_record() if r["id"] in self._jobs else r for r in records]
+
+    async def report(self, job_id: str) -> dict[str, Any]:
+        record = await self.get(job_id)
+        if record["state"] != "done" and record["state"] not in ("cancelled", "interrupted"):
+            raise JobStateConflict(
+                f"video job {job_id} is {record['state']}; its report is not ready",
+                code="report_not_ready",
+            )
+        if not record.get("session_id"):
+            raise JobStateConflict(f"video job {job_id} analysed no frame", code="report_not_ready")
+        report = await self.manager.report(record["session_id"])
+        session = await self.manager.store.get_session(record["session_id"])
+        started = float(session["started_at"]) if session else float(record["started_at"] or 0)
+        return video_report(report, record, started)
+
+    async def cancel_or_erase(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job; erase a finished or interrupted one (its
+        session, frames, alerts and report too)."""
+        record = await self.get(job_id)
+        job = self._jobs.get(job_id) or Job.from_record(record)
+        if job.state == "queued":
+            self._finish(job, "cancelled")
+            await self._discard_file(job)
+            await self._save(job)
+            return job.to_record()
+        if job.state in RUNNING:
+            job.cancel_requested = True
+            task = self._running.get(job.id)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+            return job.to_record()
+        await self._discard_file(job)
+        if job.session_id:
+            await self.manager.store.erase_session(job.session_id)
+        await self.manager.store.delete_video_job(job.id)
+        self._jobs.pop(job.id, None)
+        return {**job.to_record(), "state": "erased"}
+
+    async def resume(self, job_id: str) -> dict[str, Any]:
+        record = await self.get(job_id)
+        if record["state"] != "interrupted":
+            raise JobStateConflict(
+                f"video job {job_id} is {record['state']}; only an interrupted job resumes"
+            )
+        self._admit()
+        job = self._jobs.get(job_id) or Job.from_record(record)
+        job.state, job.error = "queued", None
+        return await self._enqueue(job)
+
+    # --- running --------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            job = self._jobs.get(job_id)
+            if job is None or job.state != "queued":
+                continue
+            task = asyncio.create_task(self._run(job), name=f"video-{job.id[:8]}")
+            self._running[job.id] = task
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is None or not me.cancelling():
+                    continue  # the job was cancelled (DELETE), not this worker
+                # The worker is being stopped (shutdown): the job stops too.
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise
+            finally:
+                self._running.pop(job.id, None)
+
+    async def _run(self, job: Job) -> None:
+        session: LiveSession | None = None
+        try:
+            path = await self._ensure_file(job)
+            info = await asyncio.to_thread(probe, path)
+            self._check_duration(info)
+            self._set_video(job, info)
+            session, start_index = await self._open_session(job, info)
+            await self._analyse(job, session, path, info, start_index)
+            await self.manager.end_session(
+                session.id, reason="video_complete", ended_at=session.started_at + info.duration_s
+            )
+            self._finish(job, "done")
+            await self._discard_file(job)
+        except asyncio.CancelledError:
+            if job.cancel_requested or not self._stopping:
+                self._finish(job, "cancelled")
+                if session is not None:
+                    await self._end_quietly(session, "video_cancelled", job)
+                await self._discard_file(job)
+            else:
+                job.state = "interrupted"
+                job.progress.eta_s = None
+                if session is not None:
+                    await self.manager.suspend_session(session.id)
+            await self._save(job)
+            raise
+        except ProctorError as exc:
+            self._fail(job, exc.code, exc.message)
+            if session is not None:
+                await self._end_quietly(session, "video_failed", job)
+            await self._discard_file(job)
+        except Exception as exc:  # a bug in one job must not touch another
+            log.exception("video job %s failed", job.id)
+            self._fail(job, "internal_error", f"internal error: {type(exc).__name__}")
+            if session is not None:
+                await self._end_quietly(session, "video_failed", job)
+            await self._discard_file(job)
+        await self._save(job)
+
+    async def _ensure_file(self, job: Job) -> Path:
+        if job.file is not None:
+            kept = Path(job.file)
+            if await asyncio.to_thread(kept.is_file):
+                return kept
+        if job.source != "url" or not job.url:
+            raise UnreadableVideo("the uploaded file is no longer available")
+        job.state = "downloading"
+        job.started_at = job.started_at or time.time()
+        await self._save(job)
+        dest = self.work_dir / f"{job.id}.video"
+        fetched = FetchProgress()
+
+        async def report_bytes() -> None:
+            while True:
+                await asyncio.sleep(self.settings.video_progress_save_s)
+                job.progress.bytes_done = fetched.bytes_done
+                job.progress.bytes_total = fetched.bytes_total
+                await self._notify(job)
+
+        reporter = asyncio.create_task(report_bytes())
+        try:
+            limits = FetchLimits(self.settings.video_max_bytes, self.settings.video_fetch_timeout_s)
+            await fetch_to_file(job.url, dest, self.guard, limits, fetched)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+        job.progress.bytes_done = fetched.bytes_done
+        job.progress.bytes_total = fetched.bytes_total or fetched.bytes_done
+        job.file = str(dest)
+        await self._save(job)
+        return dest
+
+    def _check_duration(self, info: VideoInfo) -> None:
+        if info.duration_s > self.settings.video_max_duration_s:
+            raise VideoTooLarge(
+                f"the video lasts {info.duration_s:.0f} s; the limit is "
+                f"{self.settings.video_max_duration_s:.0f} s"
+            )
+
+    def _set_video(self, job: Job, info: VideoInfo) -> None:
+        job.video = info.to_json()
+        job.progress.frames_total = sample_count(info.duration_s, job.interval_seconds)
+        job.progress.video_seconds_total = round(info.duration_s, 3)
+
+    async def _open_session(self, job: Job, info: VideoInfo) -> tuple[LiveSession, int]:
+        if job.session_id is None:
+            session = await self.manager.start_session(
+                job.job_data, transport="video", started_at=time.time(), priority="background"
+            )
+            job.session_id = session.id
+            return session, 0
+        session = await self.manager.reopen_session(job.session_id, priority="background")
+        if session.last_frame_at is None:
+            return session, 0
+        # Sample k shows the frame on screen at k·interval, so its time lies in
+        # ((k-1)·interval, k·interval]. The saved progress (written after its frames, on
+        # the same ordered store queue) covers a frame shown at several sample times.
+        last_video_t = session.last_frame_at - session.started_at
+        last_k = math.ceil(last_video_t / job.interval_seconds - 1e-6)
+        return session, max(last_k + 1, job.progress.frames_done)
+
+    async def _analyse(
+        self, job: Job, session: LiveSession, path: Path, info: VideoInfo, start_index: int
+    ) -> None:
+        job.state = "analysing"
+        job.started_at = job.started_at or time.time()
+        job.run_started, job.run_first_frame = time.monotonic(), start_index
+        job.progress.frames_done = start_index
+        await self._save(job)
+        sampler = FrameSampler(
+            path,
+            info,
+            job.interval_seconds,
+            start_index=start_index,
+            seek_min_gap_s=self.settings.video_seek_min_gap_s,
+        )
+        samples = ThreadIterator(iter(sampler))
+        last_save = time.monotonic()
+        try:
+            while True:
+                sample = await samples.next()
+                if sample is None:
+                    break
+                frame = Frame.from_bgr(
+                    sample.image, captured_at=session.started_at + sample.video_time_s
+                )
+                try:
+                    await self.manager.submit(session, frame)
+                except FrameError as exc:  # one bad frame does not fail the video
+                    log.warning("video job %s: frame %d refused: %s", job.id, sample.index, exc)
+                self._advance(job, sample.index + 1, sample.video_time_s)
+                if time.monotonic() - last_save >= self.settings.video_progress_save_s:
+                    last_save = time.monotonic()
+                    await self._save(job)
+        finally:
+            await samples.close()
+        job.progress.frames_total = max(job.progress.frames_done, 1)
+        job.progress.video_seconds_done = job.progress.video_seconds_total
+        job.progress.eta_s = 0.0
+
+    def _advance(self, job: Job, frames_done: int, video_t: float) -> None:
+        p = job.progress
+        p.frames_done = frames_done
+        p.frames_total = max(p.frames_total, frames_done)
+        p.video_seconds_done = round(min(video_t + job.interval_seconds, p.video_seconds_total), 3)
+        done_here = frames_done - job.run_first_frame
+        elapsed = time.monotonic() - job.run_started
+        remaining = p.frames_total - frames_done
+        p.eta_s = round(elapsed / done_here * remaining, 1) if done_here else None
+
+    async def _end_quietly(self, session: LiveSession, reason: str, job: Job) -> None:
+        """End a cancelled or failed job's session: what was analysed keeps a report."""
+        try:
+            await self.manager.end_session(session.id, reason=reason, use_llm=False)
+        except ProctorError:
+            pass
+        except Exception:
+            log.exception("video job %s: ending its session failed", job.id)
+
+    def _finish(self, job: Job, state: State) -> None:
+        job.state = state
+        job.finished_at = time.time()
+        job.progress.eta_s = None if state != "done" else 0.0
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        self._finish(job, "failed")
+        job.error = {"code": code, "message": message}
+        log.info("video job %s failed: %s (%s)", job.id, code, message)
+
+    async def _discard_file(self, job: Job) -> None:
+        if job.source == "file":
+            return  # the user's own file
+        if job.file:
+            await asyncio.to_thread(Path(job.file).unlink, missing_ok=True)
+            job.file = None
+        if job.source == "url":  # a partial download
+            await asyncio.to_thread((self.work_dir / f"{job.id}.video").unlink, missing_ok=True)
+
+    async def _save(self, job: Job) -> None:
+        job.updated_at = time.time()
+        await self.manager.store.save_video_job(job.to_record())
+        await self._notify(job)
+
+    async def _notify(self, job: Job) -> None:
+        if self.on_progress is not None:
+            result = self.on_progress(job)
+            if result is not None:
+                await result
+
+
+class ThreadIterator(Generic[T]):
+    """A blocking iterator stepped in worker threads. A cancelled `next()` leaves its
+    step running in the thread; `close()` waits for it before closing the generator
+    (the sampler holds the file and the decoder)."""
+
+    def __init__(self, iterator: Iterator[T]) -> None:
+        self._it = iterator
+        self._step: asyncio.Future[T | None] | None = None
+
+    async def next(self) -> T | None:
+        loop = asyncio.get_running_loop()
+        self._step = loop.run_in_executor(None, next, self._it, None)
+        return await asyncio.shield(self._step)
+
+    async def close(self) -> None:
+        step = self._step
+        if step is not None and not step.done():
+            await asyncio.wait([step])
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
