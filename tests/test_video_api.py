@@ -4,6 +4,7 @@ video time, failures with clear reasons, cancel, restart with resumption."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,19 @@ from tests.video_server import VideoHost
 
 TERMINAL = {"done", "failed", "cancelled", "interrupted"}
 ROOT = Path(__file__).resolve().parent.parent
+
+
+async def stored_frames(store: Any, session_id: str) -> list[tuple[int, float, Any]]:
+    """The session's stored frame rows (index, time, summary), in order."""
+    from server.session.report import TIMESTAMP_RANGE
+
+    def collect(span: Any, rows: Any) -> list[tuple[int, float, Any]]:
+        return [(int(i), float(t), json.loads(summary)) for i, t, summary in rows]
+
+    result: list[tuple[int, float, Any]] = await store.scan_frames(
+        session_id, collect, TIMESTAMP_RANGE
+    )
+    return result
 
 
 @pytest.fixture
@@ -311,7 +325,7 @@ async def test_restart_resumes_queued_and_interrupted_jobs(
         job = await wait_state(http, second.url, running_job["id"], {"done", "failed"})
         assert job["state"] == "done", job
         assert job["session_id"] == interrupted_session  # one session across the restart
-        frames, _alerts = await second.manager.store.session_data(job["session_id"])
+        frames = await stored_frames(second.manager.store, job["session_id"])
         # Every sample analysed exactly once, in order, across the two processes.
         assert [i for i, _t, _s in frames] == list(range(24))
         started = (await second.manager.store.get_session(job["session_id"]))["started_at"]
@@ -342,7 +356,16 @@ async def test_secured_mode_needs_the_operator_token(
             json={"url": "http://example.com/v.mp4"},
             headers={"Authorization": "Bearer wrong"},
         ) as r:
-            assert r.status == 403
+            assert r.status == 401  # an unknown token is no token
+        async with http.post(
+            f"{running.url}/api/sessions/start", json={},
+            headers={"Authorization": "Bearer op-token"},
+        ) as r:
+            candidate = (await r.json())["candidate_token"]
+        async with http.get(
+            f"{running.url}/api/videos", headers={"Authorization": f"Bearer {candidate}"}
+        ) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (403, "forbidden")
         async with http.get(
             f"{running.url}/api/videos", headers={"Authorization": "Bearer op-token"}
         ) as r:
@@ -415,7 +438,7 @@ async def test_server_killed_mid_job_resumes_from_the_last_stored_frame(
             assert r.status == 202
         done = await wait_state(http, srv.url, job["id"], {"done", "failed"})
         assert done["state"] == "done", done
-        frames, _alerts = await srv.manager.store.session_data(done["session_id"])
+        frames = await stored_frames(srv.manager.store, done["session_id"])
         assert [i for i, _t, _s in frames] == list(range(20))
         async with http.get(f"{srv.url}/api/videos/{job['id']}/report") as r:
             report = await r.json()
