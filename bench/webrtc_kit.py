@@ -227,9 +227,34 @@ def show_scene(fake: FakeRekognition, scene: str) -> None:
     fake.set_scene(**SCENE_ANSWERS[scene])
 
 
-def new_fake(latency_s: float = 0.05) -> FakeRekognition:
+def new_fake(latency_s: float = 0.05, per_image: bool = False) -> FakeRekognition:
+    """`per_image`: the fake tells the scenes apart by the image itself (nearest of the
+    scenes' 32×24 grey thumbnails), so senders showing different scenes at once are each
+    answered for their own (a global `show_scene` would leak one's scene into the others)."""
     fake = FakeRekognition(latency_s=latency_s, faces_from_image=True)
+    if per_image:
+        for name, answers in SCENE_ANSWERS.items():
+            fake.define_scene(name, **answers)
+        fake.scene_of_image = scene_classifier()
     return fake
+
+
+def _grey_thumb(image: np.ndarray) -> np.ndarray:
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    return cv2.resize(grey, (32, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def scene_classifier(w: int = W, h: int = H) -> Any:
+    refs = {name: _grey_thumb(img) for name, img in scene_images(w, h).items()}
+
+    def scene_of(jpeg: bytes) -> str | None:
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            return None
+        thumb = _grey_thumb(image)
+        return min(refs, key=lambda name: float(np.mean((refs[name] - thumb) ** 2)))
+
+    return scene_of
 
 
 # --- sessions and trials ------------------------------------------------------------------

@@ -35,7 +35,6 @@ from webrtc_kit import (
     pct,
     require_netns,
     self_cpu_s,
-    show_scene,
 )
 
 #: (scene, alert, dwell): the instant rule (second face) and one with a dwell
@@ -47,7 +46,7 @@ async def run_policy(
     name: str, settings: dict[str, object], clips: dict[str, list[bytes]],
     sessions: int, trials: int, latency: float, seed: int,
 ) -> dict[str, dict[str, list[float] | int]]:
-    fake = new_fake(latency)
+    fake = new_fake(latency, per_image=True)
     await fake.start()
     server = ServerProcess(fake, **settings)
     await server.start()
@@ -56,7 +55,6 @@ async def run_policy(
         alert: {"onsets": [], "ends": [], "missed": 0} for _, alert, _ in TRIALS
     }
     rng = random.Random(seed)
-    lock = asyncio.Lock()  # one fake for all peers: one scene change at a time
     try:
         peers = [await Peer.connect(server.url, clips) for _ in range(sessions)]
 
@@ -64,22 +62,16 @@ async def run_policy(
             for _ in range(trials):
                 for scene, alert, _dwell in TRIALS:
                     await asyncio.sleep(rng.uniform(2.0, 4.0))  # a random phase vs the sampler
-                    async with lock:
-                        mark = peer.show(scene)
-                        await peer.switched(scene)
-                        show_scene(fake, scene)  # answers for the new scene from its first frame
-                        onset = await peer.await_alert(mark, scene, alert, "onset", 15)
-                        if onset is None:
-                            out[alert]["missed"] += 1
-                        else:
-                            out[alert]["onsets"].append(onset)
-                        await asyncio.sleep(rng.uniform(0.5, 1.5))
-                        mark = peer.show("face")
-                        await peer.switched("face")
-                        show_scene(fake, "face")
-                        end = await peer.await_alert(mark, "face", alert, "ended", 15)
-                        if end is not None:
-                            out[alert]["ends"].append(end)
+                    # The fake answers each image for the scene it shows.
+                    onset = await peer.switch_and_wait(scene, alert, "onset", 15)
+                    if onset is None:
+                        out[alert]["missed"] += 1
+                    else:
+                        out[alert]["onsets"].append(onset)
+                    await asyncio.sleep(rng.uniform(0.5, 1.5))
+                    end = await peer.switch_and_wait("face", alert, "ended", 15)
+                    if end is not None:
+                        out[alert]["ends"].append(end)
 
         await asyncio.gather(*(trials_of(p) for p in peers))
         calls = fake.count()

@@ -8,7 +8,6 @@ its parser and sets `run`; this file only lists them.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 
@@ -17,19 +16,11 @@ from dotenv import load_dotenv
 
 from server import doctor, sample_frame
 from server.config import Settings
+from server.doctor import is_loopback
 from server.observability import configure_logging
 from server.video import analyze_command
 
 log = logging.getLogger("proctor")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -45,7 +36,7 @@ def serve(args: argparse.Namespace) -> int:
         overrides["analyser_backend"] = args.backend
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_level)
-    if not _is_loopback(settings.host) and not settings.api_token:
+    if not is_loopback(settings.host) and not settings.api_token:
         if not settings.allow_insecure:
             log.error(
                 "refusing to listen on %s without API_TOKEN: anyone who could reach it could "
@@ -64,7 +55,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
 
     async def announce_ready(app: web.Application) -> None:  # after the models are loaded
-        host = "localhost" if _is_loopback(settings.host) else settings.host
+        host = "localhost" if is_loopback(settings.host) else settings.host
         log.info("ready: open http://%s:%d/ (backend %s)", host, settings.port,
                  settings.resolved_backend)
 

@@ -48,7 +48,7 @@ class Check:
     fix: str | None = None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -218,7 +218,7 @@ def _running_proctor(host: str, port: int) -> dict[str, Any] | None:
 
 
 def check_listen(s: Settings) -> Check:
-    url = f"http://{'localhost' if _is_loopback(s.host) else s.host}:{s.port}/"
+    url = f"http://{'localhost' if is_loopback(s.host) else s.host}:{s.port}/"
     error = _bind_error(s.host, s.port)
     if error is not None:
         busy = error.errno == errno.EADDRINUSE
@@ -234,7 +234,7 @@ def check_listen(s: Settings) -> Check:
                          "(or proctor serve --port 5002)")
         return Check("listen", "problem", f"{s.host}:{s.port}: {error}",
                      fix="set HOST to an address of this machine (127.0.0.1, or 0.0.0.0 for all)")
-    if _is_loopback(s.host):
+    if is_loopback(s.host):
         return Check(
             "listen", "ok", f"{url}: this machine only (HOST={s.host})",
             fix="to serve other machines: set API_TOKEN, then HOST=0.0.0.0",

@@ -10,13 +10,13 @@ import asyncio
 from typing import Any
 
 from aiohttp import BodyPartReader, web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.config import Settings
 from server.errors import BadRequest
 from server.safe_json import JsonRejected, loads
 from server.signaling.auth import authorize_request
-from server.signaling.http_api import Api, json_response
+from server.signaling.http_api import Api, json_response, validate
 from server.video.errors import VideoTooLarge
 from server.video.fetch import save_stream
 from server.video.jobs import VideoJobs, public_job
@@ -50,18 +50,6 @@ class VideoJobView(BaseModel):
 class VideoJobList(BaseModel):
     jobs: list[VideoJobView]
     count: int
-
-
-def _validate(data: Any) -> VideoRequest:
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object", code="invalid_json")
-    try:
-        return VideoRequest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        code = "missing_field" if first["type"] == "missing" else "invalid_field"
-        raise BadRequest(f"{where}: {first['msg']}", code=code) from None
 
 
 async def _read_text(part: BodyPartReader) -> str:
@@ -153,7 +141,7 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
                 data = loads(raw) if raw else {}
             except JsonRejected as exc:
                 raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
-            body = _validate(data)
+            body = validate(VideoRequest, data)
             record = await jobs.submit_url(body.url, body.interval_seconds, body.job_data)
         return json_response(public_job(record), status=202)
 

@@ -29,7 +29,7 @@ import io
 import json
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,6 +243,10 @@ class FakeRekognition:
     def __init__(self, latency_s: float = 0.0, faces_from_image: bool = False) -> None:
         self.latency_s = latency_s
         self.faces_from_image = faces_from_image
+        #: Optional: names the scene an image shows (see `define_scene`), so each image is
+        #: answered for what it shows even when many clients show different scenes.
+        self.scene_of_image: Callable[[bytes], str | None] | None = None
+        self._named: dict[str, tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]] = {}
         self.texture_threshold = 8.0  # grey std-dev above which an image "has a face"
         self.calls: list[Call] = []
         self.in_flight = 0
@@ -321,6 +325,19 @@ class FakeRekognition:
             self._labels = out
         if text is not None:
             self._text = fake_text(text)
+
+    def define_scene(
+        self,
+        name: str,
+        faces: Iterable[FaceSpec],
+        labels: Iterable[dict[str, Any] | str | tuple[str, float] | tuple[str, float, int]] = (),
+        text: Iterable[str | tuple[str, float]] = (),
+    ) -> None:
+        """The answers for images `scene_of_image` names `name`."""
+        saved = (self._faces, self._labels, self._text)
+        self.set_scene(faces=faces, labels=labels, text=text)
+        self._named[name] = (self._faces, self._labels, self._text)
+        self._faces, self._labels, self._text = saved
 
     def push(self, operation: str, answer: Scripted) -> None:
         """Queue one scripted answer (a response dict or `error(...)`) for the next call of
@@ -408,11 +425,15 @@ class FakeRekognition:
     async def _scene_answer(
         self, operation: str, raw: bytes, params: dict[str, Any]
     ) -> dict[str, Any]:
+        faces, labels_, text_ = self._faces, self._labels, self._text
+        if self.scene_of_image is not None:
+            name = await asyncio.to_thread(self.scene_of_image, raw)
+            if name in self._named:
+                faces, labels_, text_ = self._named[name]
         if operation == "DetectFaces":
-            faces = self._faces
             if self.faces_from_image:
                 textured = await asyncio.to_thread(_has_texture, raw, self.texture_threshold)
-                faces = (self._faces or [fake_face()]) if textured else []
+                faces = (faces or [fake_face()]) if textured else []
             if params.get("Attributes") not in (["ALL"], ["DEFAULT", "ALL"]):
                 # Without ALL, Rekognition returns only the default attributes.
                 keep = ("BoundingBox", "Confidence", "Landmarks", "Pose", "Quality")
@@ -420,8 +441,8 @@ class FakeRekognition:
             return {"FaceDetails": faces}
         if operation == "DetectLabels":
             min_conf = float(params.get("MinConfidence", 55.0))
-            labels = [lb for lb in self._labels if lb["Confidence"] >= min_conf]
+            labels = [lb for lb in labels_ if lb["Confidence"] >= min_conf]
             if "MaxLabels" in params:
                 labels = labels[: int(params["MaxLabels"])]
             return {"Labels": labels, "LabelModelVersion": "3.0"}
-        return {"TextDetections": self._text, "TextModelVersion": "3.0"}
+        return {"TextDetections": text_, "TextModelVersion": "3.0"}
