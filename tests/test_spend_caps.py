@@ -55,7 +55,9 @@ def assert_rate_limited(status: int, body: Any, headers: Any) -> None:
     assert 1 <= int(headers["Retry-After"]) <= 60
 
 
-async def socketio_start(url: str) -> tuple[list[Any], list[Any]]:
+async def socketio_start(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[list[Any], list[Any]]:
     """start_session over Socket.IO: (session_started events, error events)."""
     sio = socketio.AsyncClient(reconnection=False)
     started: list[Any] = []
@@ -63,7 +65,7 @@ async def socketio_start(url: str) -> tuple[list[Any], list[Any]]:
     got = asyncio.Event()
     sio.on("session_started", lambda d: (started.append(d), got.set()))
     sio.on("error", lambda d: (errors.append(d), got.set()))
-    await sio.connect(url, transports=["websocket"])
+    await sio.connect(url, transports=["websocket"], headers=headers or {})
     try:
         await sio.emit("start_session", {"job_data": {"jobTitle": "Analyst"}})
         await asyncio.wait_for(got.wait(), 5)
@@ -126,6 +128,11 @@ async def test_the_limit_is_per_client_address_behind_a_trusted_proxy(
         assert (await rest_start(http, server.url, **one)).status == 200
         assert (await rest_start(http, server.url, **one)).status == 429
         assert (await rest_start(http, server.url, **two)).status == 200  # its own allowance
+        # Socket.IO takes the same forwarded address from its connect request.
+        started, errors = await socketio_start(server.url, {"X-Forwarded-For": "203.0.113.9"})
+        assert started and not errors
+        started, errors = await socketio_start(server.url, one)
+        assert errors and errors[0]["code"] == "rate_limited"
     finally:
         await server.stop()
 

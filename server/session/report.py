@@ -480,6 +480,7 @@ def fallback_report(session: dict[str, Any], reasons: Iterable[str]) -> dict[str
                     "started_at",
                     "ended_at",
                     "end_reason",
+                    "backend_switches",
                 )
             }
         ).finish([])
