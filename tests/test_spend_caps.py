@@ -286,3 +286,31 @@ async def test_a_report_past_the_llm_cap_gets_the_rule_based_narrative(
     finally:
         await server.stop()
         await fake.stop()
+
+
+async def test_an_accepted_video_job_counts_as_a_start_and_a_refused_one_does_not(
+    tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
+) -> None:
+    from tests.video_media import make_video
+
+    video = make_video(tmp_path / "clip.mp4", [(1, "face")]).read_bytes()
+    server = await start_server(
+        make_settings(tmp_path, session_starts_per_minute=2, video_work_dir=tmp_path / "videos")
+    )
+
+    async def upload(with_file: bool) -> int:
+        form = aiohttp.FormData()
+        form.add_field("interval_seconds", "1.0")
+        if with_file:
+            form.add_field("file", video, filename="clip.mp4", content_type="video/mp4")
+        async with http.post(f"{server.url}/api/videos", data=form) as r:
+            await r.read()
+            return r.status
+
+    try:
+        assert await upload(with_file=False) == 400  # refused: not counted
+        assert await upload(with_file=True) == 202  # start 1
+        assert (await rest_start(http, server.url)).status == 200  # start 2
+        assert (await rest_start(http, server.url)).status == 429
+    finally:
+        await server.stop()
