@@ -207,6 +207,7 @@ async def main() -> None:
             "OPENAI_API_KEY": "",
             "ANTHROPIC_API_KEY": "",
             "MAX_LIVE_SESSIONS": "1000",
+            "SESSION_STARTS_PER_MINUTE": "0",  # every bench client starts from 127.0.0.1
             # The server-wide budget would cap throughput at the Rekognition quota; this
             # measures what the server itself costs.
             "ANALYSER_CALLS_PER_S": "0",

@@ -89,6 +89,8 @@ class ServerProcess:
             "ANTHROPIC_API_KEY": "",
             "LOG_LEVEL": "WARNING",
             "REKOGNITION_MAX_ATTEMPTS": "1",
+            # Every bench client starts from 127.0.0.1.
+            "SESSION_STARTS_PER_MINUTE": "0",
         }
         values.update({k.upper(): v for k, v in self.settings.items()})
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RTC_", "SAMPLER_"))}

@@ -62,7 +62,10 @@ def create_app(
     *,
     analyser: Analyser | None = None,
     store: Store | None = None,
+    offline_analyser: Analyser | None = None,
 ) -> web.Application:
+    """`offline_analyser`: a started offline backend for sessions past the Rekognition
+    cap (owned by the caller); default: one is made when first needed."""
     settings = settings or Settings()
     instruments = Instruments()
     analyser = analyser or make_analyser(settings, instruments)
@@ -73,6 +76,7 @@ def create_app(
         instruments,
         narrator=make_narrator(settings, instruments),
         pose_calibration_factory=pose_calibration_factory(analyser, settings),
+        offline_analyser=offline_analyser,
     )
     access = Access(settings)
     app = web.Application(

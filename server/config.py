@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     socketio_errors_per_s: float = 5.0  # rate-limit error events sent back per connection
     jpeg_quality: int = 85
 
+    # --- spend caps (counted in the store: a restart does not reset them) ---------------------
+    # New sessions per client address (behind TRUSTED_PROXIES: the forwarded one) in any
+    # 60 s, over every way a session starts; beyond it 429 `rate_limited`. 0 = off.
+    session_starts_per_minute: int = 30
+    # Billed Rekognition calls per UTC day, server-wide; once reached, live sessions go on
+    # with the offline backend and new ones start on it. 0 = no cap.
+    rekognition_daily_calls: int = 0
+    # LLM tokens (prompt + completion) per UTC day; once reached, reports get the
+    # rule-based narrative (llm.error "daily_token_cap"). 0 = no cap.
+    llm_daily_tokens: int = 0
+
     # --- analyser -----------------------------------------------------------------------
     analyser_backend: BackendName = "auto"
     analyser_max_concurrency: int = 16  # analyser calls in flight server-wide

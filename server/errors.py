@@ -10,6 +10,8 @@ from __future__ import annotations
 class ProctorError(Exception):
     code = "error"
     status = 400
+    #: Seconds for `Retry-After` on a 429 / 503 (None: the transport's default).
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
         super().__init__(message)
@@ -51,6 +53,17 @@ class ReportNotReady(ProctorError):
 class Overloaded(ProctorError):
     code = "overloaded"
     status = 429
+
+
+class RateLimited(ProctorError):
+    """A spend cap refused the request; `retry_after_s` says when it would pass."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
 
 
 class BackendUnavailable(ProctorError):

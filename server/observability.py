@@ -107,3 +107,20 @@ class Instruments:
         self.llm_calls = Counter(
             "proctor_llm_calls", "LLM narrative calls", ["provider", "outcome"], registry=r
         )
+        self.spend_cap_hits = Counter(
+            "proctor_spend_cap_hits",
+            "Spend caps reached: session starts refused (session_starts), sessions moved to "
+            "or started on the offline backend (rekognition_daily_calls), reports narrated "
+            "by rules (llm_daily_tokens)",
+            ["cap"],
+            registry=r,
+        )
+        self.usage_today = Gauge(
+            "proctor_usage_today",
+            "Spend counted today (UTC): rekognition_calls, llm_tokens",
+            ["kind"],
+            registry=r,
+        )
+        self.usage_cap = Gauge(
+            "proctor_usage_cap", "Daily cap per kind of spend (0 = none)", ["kind"], registry=r
+        )

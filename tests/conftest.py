@@ -43,6 +43,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "rekognition_max_attempts": 1,
         "openai_api_key": "",
         "anthropic_api_key": "",
+        # Test clients all start from 127.0.0.1: the per-address start limit is tested in
+        # test_spend_caps.py, off elsewhere.
+        "session_starts_per_minute": 0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

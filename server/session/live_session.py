@@ -97,6 +97,9 @@ class LiveSession:
     last_frame_at: float | None = None
     on_error: ErrorHook | None = None  # set by the manager: counts and reports the error
     internal_errors: deque[float] = field(default_factory=deque)  # monotonic times, recent
+    #: Moves to another backend (a spend cap): [{"at", "from", "to", "reason"}]; once
+    #: moved, the session stays on the offline backend.
+    backend_switches: list[dict[str, Any]] = field(default_factory=list)
     aggregate: SessionAggregate = field(init=False)
 
     def __post_init__(self) -> None:

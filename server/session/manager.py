@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from server.analysis.analyser import Analyser, PoseCalibration
+from server.analysis.backends import pose_calibration_factory as backend_pose_factory
 from server.analysis.budget import CallBudget, Priority
 from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine, rules_from_settings
@@ -36,6 +37,7 @@ from server.errors import (
 )
 from server.media.frames import Frame
 from server.observability import Instruments, current_session, short_id
+from server.session.analyser_router import AnalyserRouter
 from server.session.live_session import DROPPED, LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.report import (
@@ -45,6 +47,7 @@ from server.session.report import (
     fallback_report,
     mark_partial,
 )
+from server.session.spend import LLM_CAP, SpendCaps
 from server.session.store import Store, StoreError, StoreTimeout
 from server.session.worker import SessionPipeline, frame_summary
 
@@ -76,7 +79,11 @@ class SessionManager:
         instruments: Instruments,
         narrator: Any | None = None,
         pose_calibration_factory: Callable[[], PoseCalibration] | None = None,
+        *,
+        offline_analyser: Analyser | None = None,
     ) -> None:
+        """`offline_analyser`: an offline backend already started, for sessions moved off
+        a capped Rekognition (the caller owns it); default: one made when first needed."""
         self.settings = settings
         self.analyser = analyser
         self.store = store
@@ -93,8 +100,14 @@ class SessionManager:
             local_idle_s=settings.sampler_local_idle_interval_s,
             workers=int(getattr(analyser, "workers", 1) or 1),
         )
+        self.spend = SpendCaps(settings, store, instruments)
+        self.router = AnalyserRouter(
+            settings, analyser, self.spend, store, instruments,
+            offline=offline_analyser,
+            pose_calibration_factory=lambda a: backend_pose_factory(a, settings),
+        )
         self.pipeline = SessionPipeline(
-            settings, analyser, store, instruments, self.budget, self.pacing,
+            settings, self.router, store, instruments, self.budget, self.pacing,
             self.internal_error,
         )
         self._live: dict[str, LiveSession] = {}
@@ -114,6 +127,7 @@ class SessionManager:
 
     async def start(self) -> None:
         self.interrupted_at_start = await self.store.open()
+        await self.spend.start()
         await self.analyser.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle-sweeper")
 
@@ -163,8 +177,10 @@ class SessionManager:
                 async with asyncio.timeout_at(deadline):
                     await self.store.mark_interrupted(sid, "shutdown_timeout")
         self.budget.close()
+        await self._close_within(self.spend.stop(), deadline, "spend counters")
         await self.store.close(timeout_s=max(0.1, deadline - loop.time()))
         await self._close_within(self.analyser.close(), deadline, "analyser")
+        await self._close_within(self.router.close(), deadline, "offline analyser")
         if self.narrator is not None:
             await self._close_within(self.narrator.close(), deadline, "narrator")
 
@@ -194,9 +210,11 @@ class SessionManager:
         *,
         started_at: float | None = None,
         priority: Priority = "live",
+        client_address: str | None = None,
     ) -> LiveSession:
         """`started_at`: the session's clock origin (a recorded video's own time base);
-        `priority`: "background" for work that must not starve live candidates."""
+        `priority`: "background" for work that must not starve live candidates;
+        `client_address`: who asks (SESSION_STARTS_PER_MINUTE; None: not limited)."""
         size = len(json.dumps(job_data, separators=(",", ":"), default=str).encode())
         if size > self.settings.job_data_max_bytes:
             raise ProctorError(
@@ -206,6 +224,7 @@ class SessionManager:
                 status=413,
             )
         self._check_capacity()
+        self.spend.check_start(client_address)
         session = self._new_session(
             secrets.token_urlsafe(16),  # 128 random bits: the session's capability
             transport,
@@ -213,13 +232,16 @@ class SessionManager:
             time.time() if started_at is None else started_at,
             priority,
         )
+        self.router.starting(session)  # past the Rekognition cap: on the offline backend
         self._live[session.id] = session
+        await self.spend.record_start(client_address)
         await self.store.create_session(
             session.id, transport, session.backend, session.job_data, session.started_at,
             rules={
                 **session.engine.describe(),
                 "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
             },
+            backend_switches=session.backend_switches,
         )
         self._start_worker(session)
         self.instruments.sessions_started.labels(transport=transport).inc()
@@ -316,6 +338,11 @@ class SessionManager:
         session = self._new_session(
             session_id, record["transport"], record["job_data"], record["started_at"], priority
         )
+        session.backend_switches = list(record.get("backend_switches") or [])
+        moved = bool(session.backend_switches)
+        self.router.starting(session)
+        if session.backend_switches and not moved:
+            await self.store.set_backend(session.id, session.backend, session.backend_switches)
 
         def rebuild(span: Any, rows: Any) -> tuple[int, float | None]:
             last_i, last_t = -1, None
@@ -656,6 +683,7 @@ class SessionManager:
             "ended_at": ended_at,
             "end_reason": reason,
             "counters": session.counters.to_json(),
+            "backend_switches": list(session.backend_switches),
         }
 
     async def _make_report(
@@ -716,13 +744,7 @@ class SessionManager:
         mark_partial(report, reasons)
 
         if use_llm and self.narrator is not None:
-            try:
-                from server.session.narrative import facts_from_report
-
-                narrative = await self.narrator.narrate(facts_from_report(report))
-                attach_narrative(report, narrative.to_json())
-            except Exception as exc:  # the facts stand without the narrative
-                self.internal_error("narrative", exc, live)
+            await self._narrate(report, live)
         mark = self.store.mark()
         try:
             await self.store.save_report(session_id, report)
@@ -737,6 +759,32 @@ class SessionManager:
             log.info("report written: %d alerts, narrative by %s",
                      len(report.get("alerts") or []), by, extra={"session_id": session_id})
         return report
+
+    async def _narrate(self, report: dict[str, Any], live: LiveSession | None) -> None:
+        """The LLM's narrative, while today's tokens are under LLM_DAILY_TOKENS; past it
+        the rule-based narrative stays, and `llm.error` says why."""
+        from server.session.narrative import Narrative, facts_from_report
+
+        assert self.narrator is not None
+        if self.spend.reached("llm_tokens"):
+            self.spend.hit("llm_daily_tokens")
+            log.warning("daily LLM token cap reached: rule-based narrative",
+                        extra={"session_id": report.get("session_id")})
+            capped = Narrative(
+                provider=getattr(self.narrator, "provider", "unknown"),
+                model=getattr(self.narrator, "model", ""),
+                summary=None,
+                cultural_fit=None,
+                error=LLM_CAP,
+            )
+            attach_narrative(report, capped.to_json())
+            return
+        try:
+            narrative = await self.narrator.narrate(facts_from_report(report))
+            self.spend.add("llm_tokens", int(narrative.usage.total_tokens))
+            attach_narrative(report, narrative.to_json())
+        except Exception as exc:  # the facts stand without the narrative
+            self.internal_error("narrative", exc, live)
 
     async def report(self, session_id: str) -> dict[str, Any]:
         """The finished report of an ended session; an interrupted session's report is

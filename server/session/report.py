@@ -386,6 +386,8 @@ class ReportBuilder:
                 "frames_with_face": agg.frames_with_face,
                 "frames_unreadable": self.unreadable_frames,
                 "analyser_calls": dict(agg.calls),
+                # Moves to the offline backend when the daily Rekognition cap was reached.
+                "backend_switches": _switches(session.get("backend_switches")),
                 "interrupted": session.get("status") == "interrupted",
             },
             "behavioural_scores": self._part("scores", agg.scores_json, {}),
@@ -444,6 +446,17 @@ class ReportBuilder:
             return fallback
 
 
+def _switches(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return []
+    out = []
+    for sw in value:
+        if isinstance(sw, dict):
+            at = _timestamp(sw.get("at"))
+            out.append({**sw, "at": _iso(at) if at is not None else None})
+    return out
+
+
 def mark_partial(report: dict[str, Any], reasons: Iterable[str]) -> dict[str, Any]:
     """Add reasons why a report is incomplete (kept sorted and unique)."""
     merged = sorted(set(report.get("partial_reasons") or []) | set(reasons))
@@ -467,6 +480,7 @@ def fallback_report(session: dict[str, Any], reasons: Iterable[str]) -> dict[str
                     "started_at",
                     "ended_at",
                     "end_reason",
+                    "backend_switches",
                 )
             }
         ).finish([])

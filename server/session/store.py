@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     end_reason TEXT,
     last_activity REAL NOT NULL,
     counters TEXT NOT NULL DEFAULT '{}',
-    rules TEXT                         -- the alert settings the session is judged with
+    rules TEXT,                        -- the alert settings the session is judged with
+    backend_switches TEXT              -- JSON list: moves to the offline backend (spend cap)
 );
 CREATE TABLE IF NOT EXISTS frames (
     session_id TEXT NOT NULL,
@@ -66,6 +67,17 @@ CREATE TABLE IF NOT EXISTS video_jobs (
     job TEXT NOT NULL                  -- the job's JSON record (server/video/jobs.py)
 );
 CREATE INDEX IF NOT EXISTS video_jobs_by_time ON video_jobs (created_at);
+CREATE TABLE IF NOT EXISTS session_starts (  -- the per-address start rate (spend caps)
+    address TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS session_starts_by_time ON session_starts (at);
+CREATE TABLE IF NOT EXISTS usage (           -- daily spend (spend caps), per UTC day
+    day TEXT NOT NULL,                       -- YYYY-MM-DD
+    kind TEXT NOT NULL,                      -- rekognition_calls | llm_tokens
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (day, kind)
+);
 """
 
 _STOP = object()
@@ -128,6 +140,14 @@ def _loads_object(text: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _loads_list(text: Any) -> list[Any]:
+    try:
+        value = json.loads(text) if text else []
+    except (TypeError, ValueError):
+        return []
+    return value if isinstance(value, list) else []
+
+
 def _loads_or_none(text: Any) -> dict[str, Any] | None:
     return None if not text else _loads_object(text)
 
@@ -174,8 +194,9 @@ class Store:
         def init(conn: sqlite3.Connection) -> list[str]:
             conn.executescript(SCHEMA)
             columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
-            if "rules" not in columns:  # a file from before the column existed
-                conn.execute("ALTER TABLE sessions ADD COLUMN rules TEXT")
+            for column in ("rules", "backend_switches"):  # files from before the column
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE sessions ADD COLUMN {column} TEXT")
             ids = [r[0] for r in conn.execute("SELECT id FROM sessions WHERE status='live'")]
             conn.execute(
                 "UPDATE sessions SET status='interrupted', end_reason='server_restart' "
@@ -413,11 +434,12 @@ class Store:
         job_data: dict[str, Any],
         started_at: float,
         rules: dict[str, Any] | None = None,
+        backend_switches: list[dict[str, Any]] | None = None,
     ) -> None:
         await self._put(
             session_id,
             "INSERT INTO sessions (id, status, transport, backend, job_data, started_at, "
-            "last_activity, rules) VALUES (?, 'live', ?, ?, ?, ?, ?, ?)",
+            "last_activity, rules, backend_switches) VALUES (?, 'live', ?, ?, ?, ?, ?, ?, ?)",
             (
                 session_id,
                 transport,
@@ -426,7 +448,18 @@ class Store:
                 started_at,
                 started_at,
                 None if rules is None else _dumps(rules),
+                _dumps(backend_switches) if backend_switches else None,
             ),
+        )
+
+    async def set_backend(
+        self, session_id: str, backend: str, switches: list[dict[str, Any]]
+    ) -> None:
+        """A live session moved to another backend (a spend cap was reached)."""
+        await self._put(
+            session_id,
+            "UPDATE sessions SET backend=?, backend_switches=? WHERE id=?",
+            (backend, _dumps(switches), session_id),
         )
 
     async def update_counters(
@@ -500,6 +533,41 @@ class Store:
         ):
             await self._put(session_id, f"DELETE FROM {table} WHERE {column}=?", (session_id,))
 
+    # --- spend caps -------------------------------------------------------------------
+
+    async def record_start(self, address: str, at: float) -> None:
+        await self._put("", "INSERT INTO session_starts (address, at) VALUES (?, ?)",
+                        (address, at))
+
+    async def prune_starts(self, before: float) -> None:
+        await self._put("", "DELETE FROM session_starts WHERE at < ?", (before,))
+
+    async def add_usage(self, day: str, kind: str, amount: int) -> None:
+        await self._put(
+            "",
+            "INSERT INTO usage (day, kind, amount) VALUES (?, ?, ?) "
+            "ON CONFLICT (day, kind) DO UPDATE SET amount = amount + excluded.amount",
+            (day, kind, amount),
+        )
+
+    async def usage_on(self, day: str) -> dict[str, int]:
+        def q(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT kind, amount FROM usage WHERE day=?", (day,))
+            return {r[0]: int(r[1]) for r in rows}
+
+        return await self._read(q)
+
+    async def starts_since(self, since: float) -> list[tuple[str, float]]:
+        """(address, time) of the session starts recorded since `since`, oldest first."""
+
+        def q(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+            rows = conn.execute(
+                "SELECT address, at FROM session_starts WHERE at >= ? ORDER BY at", (since,)
+            )
+            return [(str(r[0]), float(r[1])) for r in rows]
+
+        return await self._read(q)
+
     # --- recorded-video jobs ------------------------------------------------------------
 
     async def save_video_job(self, job: dict[str, Any]) -> None:
@@ -553,6 +621,7 @@ class Store:
             "last_activity": row["last_activity"],
             "counters": counters or {},
             "rules": _loads_or_none(row["rules"]),
+            "backend_switches": _loads_list(row["backend_switches"]),
         }
         corrupt = [
             name for name, v in (("job_data", job_data), ("counters", counters)) if v is None

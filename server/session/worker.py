@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from server.errors import InternalError
 from server.media.frames import Frame, FrameError
 from server.media.latest_slot import SlotClosed
 from server.observability import Instruments, current_session
+from server.session.analyser_router import AnalyserRouter, Route
 from server.session.live_session import LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.store import Store
@@ -84,12 +86,12 @@ def _calls(checks: Checks) -> int:
 
 
 class SessionPipeline:
-    """What every session's worker shares: analyser, budget, store, pacing."""
+    """What every session's worker shares: analyser router, budget, store, pacing."""
 
     def __init__(
         self,
         settings: Settings,
-        analyser: Analyser,
+        router: AnalyserRouter,
         store: Store,
         instruments: Instruments,
         budget: CallBudget,
@@ -97,15 +99,23 @@ class SessionPipeline:
         on_error: ErrorHook,
     ) -> None:
         self.settings = settings
-        self.analyser = analyser
+        #: Picks each analysis' backend: the server's own, or the offline one for a
+        #: session moved there by the daily Rekognition cap.
+        self.router = router
         self.store = store
         self.instruments = instruments
         self.budget = budget
         self.pacing = pacing
         self.on_error = on_error
-        #: Only billed (cloud) backends spend the API budget; the offline backend is
-        #: bounded by its own worker pool.
-        self.billed = bool(getattr(analyser, "billed", False))
+
+    @property
+    def analyser(self) -> Analyser:
+        return self.router.primary
+
+    def _billed(self, session: LiveSession) -> bool:
+        """Only billed (cloud) analyses spend the API budget; the offline backend is
+        bounded by its own worker pool."""
+        return self.router.billed_for(session) and not self.budget.unlimited
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -156,7 +166,8 @@ class SessionPipeline:
         """Plan the checks, wait for their budget, take the newest frame."""
         checks = session.cadence.plan(session.clock_now(head.frame), head.scene_changed)
         granted = 0
-        if self.billed and not self.budget.unlimited:
+        billed = self._billed(session)
+        if billed:
             t0 = time.monotonic()
             await self.budget.acquire(_calls(checks), session.priority)
             granted = _calls(checks)
@@ -169,7 +180,7 @@ class SessionPipeline:
         now = session.clock_now(pending.frame)
         checks = session.cadence.plan(now, pending.scene_changed)
         extra = _calls(checks) - granted
-        if self.billed and not self.budget.unlimited and extra > 0:
+        if billed and extra > 0:
             # A newer frame with a scene change replaced the one planned for.
             await self.budget.acquire(extra, session.priority)
         session.cadence.commit(checks, now)
@@ -178,12 +189,18 @@ class SessionPipeline:
     # --- one analysis --------------------------------------------------------------------
 
     async def _observe(
-        self, frame: Frame, checks: Checks
+        self, session: LiveSession, frame: Frame, checks: Checks
     ) -> tuple[Observation, asyncio.Future[Observation] | None]:
         """The analyser's observation; on timeout a degraded one plus the still-running
         analysis, which the caller must wait for before the next one."""
-        task = asyncio.ensure_future(self.analyser.analyse(frame, checks))
+        route = await self.router.route(session, checks)
+        analyser = route.analyser
+        if analyser is None:  # the offline backend is still loading
+            return self._degraded(frame, checks, route.reason, route.backend), None
+        task = asyncio.ensure_future(analyser.analyse(frame, checks))
         task.add_done_callback(_retrieve)
+        # Counted when the analysis really ends (a timed-out one may still bill calls).
+        task.add_done_callback(functools.partial(self._settle, route))
         try:
             return await asyncio.wait_for(
                 asyncio.shield(task), self.settings.analyser_timeout_s
@@ -191,17 +208,21 @@ class SessionPipeline:
         except FrameError:
             raise
         except TimeoutError:
-            return self._degraded(frame, checks, "timeout"), task
+            return self._degraded(frame, checks, "timeout", analyser.name), task
         except asyncio.CancelledError:
             task.cancel()
             raise
         except Exception:
-            log.exception("analyser %s failed", self.analyser.name)
-            return self._degraded(frame, checks, "error"), None
+            log.exception("analyser %s failed", analyser.name)
+            return self._degraded(frame, checks, "error", analyser.name), None
 
-    def _degraded(self, frame: Frame, checks: Checks, reason: str) -> Observation:
+    def _settle(self, route: Route, task: asyncio.Future[Observation]) -> None:
+        ok = not task.cancelled() and task.exception() is None
+        self.router.settle(route, task.result() if ok else None)
+
+    def _degraded(self, frame: Frame, checks: Checks, reason: str, backend: str) -> Observation:
         return Observation(
-            backend=self.analyser.name,
+            backend=backend,
             checks=checks,
             degraded=tuple(f"{c}:{reason}" for c in checks.names()),
             width=frame.width,
@@ -213,7 +234,7 @@ class SessionPipeline:
     ) -> tuple[dict[str, Any], asyncio.Future[Observation] | None]:
         started = time.time()
         t0 = time.perf_counter()
-        obs, straggler = await self._observe(frame, checks)
+        obs, straggler = await self._observe(session, frame, checks)
         analyser_s = time.perf_counter() - t0
         self.pacing.record(analyser_s)
         self.instruments.analyser_latency.labels(backend=obs.backend).observe(analyser_s)

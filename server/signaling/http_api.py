@@ -56,7 +56,9 @@ def json_response(
 
 
 def error_response(exc: ProctorError) -> web.Response:
-    headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+    headers = (
+        {"Retry-After": str(exc.retry_after_s or 5)} if exc.status in (429, 503) else None
+    )
     return json_response(exc.to_json(), status=exc.status, headers=headers)
 
 

@@ -66,6 +66,7 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
                 "store": store,
                 "backend": manager.analyser.name,
                 "live_sessions": manager.live_count,
+                "spend": manager.spend.to_json(),
                 "uptime_s": round(time.monotonic() - started, 3),
                 "version": __version__,
             }
@@ -83,7 +84,9 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
     async def start_session(request: web.Request) -> web.Response:
         authorize_request(request, "start")
         body = await parse_body(request, StartSessionRequest, settings.start_body_max_bytes)
-        session = await manager.start_session(body.job_data, transport="rest")
+        session = await manager.start_session(
+            body.job_data, transport="rest", client_address=request.remote
+        )
         token = request.app[ACCESS].issue_candidate_token(session.id)
         base = settings.public_url or f"{request.scheme}://{request.host}"
         return json_response(

@@ -179,14 +179,14 @@ class RtcGateway:
             else:
                 who = authorize_request(request, "frame", body.session_id)
             try:
-                answer = await self.answer(body, who.view(self.settings))
+                answer = await self.answer(body, who.view(self.settings), request.remote)
             except ProctorError as exc:
                 self.offers.labels(outcome=exc.code).inc()
                 headers = None
                 if exc.status == 503:
                     headers = {"Retry-After": str(self.settings.rtc_overload_retry_after_s)}
                 elif exc.status == 429:
-                    headers = {"Retry-After": "5"}
+                    headers = {"Retry-After": str(exc.retry_after_s or 5)}
                 return json_response(exc.to_json(), status=exc.status, headers=headers)
             self.offers.labels(outcome="answered").inc()
             return json_response(answer)
@@ -204,8 +204,11 @@ class RtcGateway:
     def peers(self) -> list[RtcPeer]:
         return list(self._peers.values())
 
-    async def answer(self, body: RtcOfferRequest, view: View = "results") -> dict[str, Any]:
-        """Negotiate `body`; `view` is what the page is shown (CANDIDATE_VIEW)."""
+    async def answer(
+        self, body: RtcOfferRequest, view: View = "results", client_address: str | None = None
+    ) -> dict[str, Any]:
+        """Negotiate `body`; `view` is what the page is shown (CANDIDATE_VIEW);
+        `client_address` starts a new session under SESSION_STARTS_PER_MINUTE."""
         if self._closed:
             raise ProctorError("the server is shutting down", code="shutting_down", status=503)
         reconnect = body.session_id is not None
@@ -219,6 +222,8 @@ class RtcGateway:
                 f"the server is at its limit of {self.settings.rtc_max_peers} WebRTC peers",
                 code="too_many_peers",
             )
+        if not reconnect:  # before any negotiation work (counted when the session starts)
+            self.manager.spend.check_start(client_address)
         info = inspect_offer(body.sdp)
         self._offer_seq += 1
         seq = self._offer_seq
@@ -272,7 +277,9 @@ class RtcGateway:
                     if old is not None:
                         self._background_task(old.close("replaced"))
                 else:
-                    session = await self.manager.start_session(body.job_data, transport="webrtc")
+                    session = await self.manager.start_session(
+                        body.job_data, transport="webrtc", client_address=client_address
+                    )
                 self._peers[session.id] = peer
                 try:
                     peer.start(session)

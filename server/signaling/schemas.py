@@ -159,5 +159,9 @@ class Health(BaseModel):
     store: StoreHealth
     backend: str
     live_sessions: int
+    spend: dict[str, Any] = Field(
+        description="today's (UTC) Rekognition calls and LLM tokens against their daily "
+        "caps, and the per-address session start limit"
+    )
     uptime_s: float
     version: str

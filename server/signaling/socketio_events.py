@@ -96,6 +96,7 @@ class ProctorNamespace(socketio.AsyncNamespace):
         self._forwarding: weakref.WeakSet[LiveSession] = weakref.WeakSet()
         self._tokens: dict[str, str | None] = {}
         self._bases: dict[str, str] = {}
+        self._addresses: dict[str, str | None] = {}  # the client address (spend caps)
         self._events: dict[str, TokenBucket] = {}
         self._errors: dict[str, TokenBucket] = {}
 
@@ -147,6 +148,7 @@ class ProctorNamespace(socketio.AsyncNamespace):
             "message": exc.message,
             "status": exc.status,
             "event": event,
+            **({"retry_after_s": exc.retry_after_s} if exc.retry_after_s else {}),
             "session_id": session_id
             if isinstance(session_id, str) and len(session_id) <= 64
             else None,
@@ -189,13 +191,16 @@ class ProctorNamespace(socketio.AsyncNamespace):
         self._bases[sid] = self.settings.public_url or (
             f"{environ.get('wsgi.url_scheme', 'http')}://{environ.get('HTTP_HOST', 'localhost')}"
         )
+        # The aiohttp request, after web_guard's proxy rule (its REMOTE_ADDR is a constant).
+        request = environ.get("aiohttp.request")
+        self._addresses[sid] = getattr(request, "remote", None)
         s = self.settings
         self._events[sid] = TokenBucket(s.socketio_events_per_s, s.socketio_event_burst)
         self._errors[sid] = TokenBucket(s.socketio_errors_per_s, s.socketio_errors_per_s)
         log.debug("socket %s connected (token %s)", sid, fingerprint(token))
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
-        for table in (self._tokens, self._bases, self._events, self._errors):
+        for table in (self._tokens, self._bases, self._events, self._errors, self._addresses):
             table.pop(sid, None)
         log.debug("socket %s disconnected", sid)
         for room in self.rooms(sid):
@@ -212,7 +217,9 @@ class ProctorNamespace(socketio.AsyncNamespace):
             job_data = {}
         if not isinstance(job_data, dict):
             raise BadRequest("job_data must be an object", code="invalid_field")
-        session = await self.manager.start_session(job_data, transport="socketio")
+        session = await self.manager.start_session(
+            job_data, transport="socketio", client_address=self._addresses.get(sid)
+        )
         token = self.access.issue_candidate_token(session.id)
         await self._join(sid, session, who)
         started = {

@@ -133,6 +133,10 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
     )
     async def create_video_job(request: web.Request) -> web.Response:
         operator(request)
+        # Each job starts a session: it counts against SESSION_STARTS_PER_MINUTE, checked
+        # before an upload is received, counted once the job is accepted.
+        spend = jobs.manager.spend
+        spend.check_start(request.remote)
         if request.content_type.startswith("multipart/"):
             record = await upload(request)
         else:
@@ -143,6 +147,7 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
                 raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
             body = validate(VideoRequest, data)
             record = await jobs.submit_url(body.url, body.interval_seconds, body.job_data)
+        await spend.record_start(request.remote)
         return json_response(public_job(record), status=202)
 
     @api.route(
