@@ -42,7 +42,6 @@ from webrtc_kit import (
     new_fake,
     pct,
     require_netns,
-    show_scene,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,11 +131,10 @@ async def generate(url: str, rate: float, seconds: float, session_id: str) -> No
 # --- the bench --------------------------------------------------------------------------------
 
 
-async def phase(peers: list[Peer], fake: Any, seconds: float, seed: int) -> dict[str, Any]:
+async def phase(peers: list[Peer], seconds: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     onsets: list[float] = []
     missed = 0
-    lock = asyncio.Lock()  # one fake: one scene change at a time
     before = [len(p.client.of_type("frame_analysis")) for p in peers]
     t0 = time.monotonic()
 
@@ -144,20 +142,14 @@ async def phase(peers: list[Peer], fake: Any, seconds: float, seed: int) -> dict
         nonlocal missed
         while time.monotonic() - t0 < seconds - 6:
             await asyncio.sleep(rng.uniform(1.0, 3.0))
-            async with lock:
-                mark = peer.show("two_faces")
-                await peer.switched("two_faces")
-                show_scene(fake, "two_faces")
-                onset = await peer.await_alert(mark, "two_faces", "multiple_faces_detected",
+            # The fake answers each image for the scene it shows.
+            onset = await peer.switch_and_wait("two_faces", "multiple_faces_detected",
                                                "onset", 5)
-                if onset is None:
-                    missed += 1
-                else:
-                    onsets.append(onset)
-                mark = peer.show("face")
-                await peer.switched("face")
-                show_scene(fake, "face")
-                await peer.await_alert(mark, "face", "multiple_faces_detected", "ended", 5)
+            if onset is None:
+                missed += 1
+            else:
+                onsets.append(onset)
+            await peer.switch_and_wait("face", "multiple_faces_detected", "ended", 5)
 
     await asyncio.gather(*(trials(p) for p in peers))
     elapsed = time.monotonic() - t0
@@ -183,7 +175,7 @@ async def main() -> None:
     require_netns()
     print("encoding camera clips…", flush=True)
     clips = build_clips()
-    fake = new_fake(0.05)
+    fake = new_fake(0.05, per_image=True)
     await fake.start()
     server = ServerProcess(fake)
     await server.start()
@@ -197,7 +189,7 @@ async def main() -> None:
                 target = (await r.json())["session_id"]
         print(f"baseline phase, {args.seconds:.0f} s…", flush=True)
         cpu0 = server.cpu_s()
-        base = await phase(peers, fake, args.seconds, 1)
+        base = await phase(peers, args.seconds, 1)
         base["server_cpu"] = (server.cpu_s() - cpu0) / base["elapsed"]
 
         print(f"hostile phase, {args.seconds:.0f} s at {args.rate:g} requests/s…", flush=True)
@@ -208,7 +200,7 @@ async def main() -> None:
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         cpu0 = server.cpu_s()
-        hostile = await phase(peers, fake, args.seconds, 2)
+        hostile = await phase(peers, args.seconds, 2)
         hostile["server_cpu"] = (server.cpu_s() - cpu0) / hostile["elapsed"]
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out, _ = await asyncio.to_thread(gen.communicate, timeout=args.seconds + 60)
