@@ -6,8 +6,8 @@
    analyser budget turned off (ANALYSER_CALLS_PER_S=0): video-seconds analysed per
    wall-second, beside the same job decoding every frame (no keyframe seeks) in the same
    run, and their ratio.
-2. The rate the default budget (25 analyses/s server-wide) leaves a recorded video while
-   --live live sessions each push one frame a second (live first).
+2. The rate the default budget (25 billed API calls/s server-wide, live sessions served
+   first) leaves a recorded video while --live live sessions each push one frame a second.
 3. Peak memory above baseline while fetching a 1 GB file (generated locally, served on
    loopback by a separate process, deleted afterwards) with the product's fetcher.
 
@@ -51,6 +51,7 @@ class ZeroLatencyAnalyser:
     """Answers at once with one frontal calm face: only the pipeline's own cost remains."""
 
     name = "fake"
+    billed = True  # stands in for Rekognition: the budget of step 2 applies to it
 
     async def start(self) -> None:
         return None
