@@ -146,12 +146,61 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
             {"none": 401, "candidate": 400, "other": 403, "operator": 400},
         ),
         (
+            "GET",
+            "/api/rtc/ice-servers",
+            None,  # any token holder: the page needs them before its offer
+            {"none": 401, "candidate": 200, "other": 200, "operator": 200},
+        ),
+        ("GET", "/api/videos", None, {"none": 401, "candidate": 403, "other": 403, "operator": 200}),
+        (
+            "POST",
+            "/api/videos",
+            {"url": "ftp://example.com/v.mp4"},  # authorised first, then the URL is refused
+            {"none": 401, "candidate": 403, "other": 403, "operator": 400},
+        ),
+        (
+            "GET",
+            "/api/videos/nope",
+            None,
+            {"none": 401, "candidate": 403, "other": 403, "operator": 404},
+        ),
+        (
+            "GET",
+            "/api/videos/nope/report",
+            None,
+            {"none": 401, "candidate": 403, "other": 403, "operator": 404},
+        ),
+        (
+            "POST",
+            "/api/videos/nope/resume",
+            None,
+            {"none": 401, "candidate": 403, "other": 403, "operator": 404},
+        ),
+        (
+            "DELETE",
+            "/api/videos/nope",
+            None,
+            {"none": 401, "candidate": 403, "other": 403, "operator": 404},
+        ),
+        (
             "POST",
             f"/api/sessions/{sid}/end",
             None,
             {"none": 401, "other": 403},  # the allowed ends follow below
         ),
     ]
+    # Every endpoint the API declares is in the matrix (a new one must be added here).
+    async with http.get(f"{base}/api/openapi.json") as resp:
+        declared = {
+            (method.upper(), path)
+            for path, ops in (await resp.json())["paths"].items()
+            for method in ops
+        }
+    covered = {
+        (m, p.replace(sid, "{session_id}").replace("nope", "{job_id}"))
+        for m, p, _b, _r in expected
+    }
+    assert declared <= covered, sorted(declared - covered)
     for method, path, body, by_role in expected:
         for role, status in by_role.items():
             got, data = await call(http, method, base + path, who[role], body)
