@@ -278,7 +278,7 @@ async def main() -> None:
             wall_limit_s=args.live_seconds,
         )
         print(
-            f"default budget ({budget:g}/s) with {args.live} live sessions at 1 frame/s: "
+            f"default budget ({budget:g} API calls/s) with {args.live} live sessions at 1 frame/s: "
             f"{shared['rate']:.1f} video-s per wall-s ({shared['frames']} frames in {shared['wall_s']:.1f} s); "
             f"live sessions got {shared['live_fps']:.1f} frames/s in total"
         )
