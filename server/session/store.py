@@ -22,63 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server.session.migrations import migrate
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,              -- live | ended | interrupted
-    transport TEXT NOT NULL,
-    backend TEXT NOT NULL,
-    job_data TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    end_reason TEXT,
-    last_activity REAL NOT NULL,
-    counters TEXT NOT NULL DEFAULT '{}',
-    rules TEXT,                        -- the alert settings the session is judged with
-    backend_switches TEXT              -- JSON list: moves to the offline backend (spend cap)
-);
-CREATE TABLE IF NOT EXISTS frames (
-    session_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    t REAL NOT NULL,
-    summary TEXT NOT NULL,
-    PRIMARY KEY (session_id, idx)
-);
-CREATE TABLE IF NOT EXISTS alerts (
-    id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    episode TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS alerts_by_session ON alerts (session_id, started_at);
-CREATE TABLE IF NOT EXISTS reports (
-    session_id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    report TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS video_jobs (
-    id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    state TEXT NOT NULL,               -- queued | downloading | analysing | done | failed | ...
-    session_id TEXT,
-    job TEXT NOT NULL                  -- the job's JSON record (server/video/jobs.py)
-);
-CREATE INDEX IF NOT EXISTS video_jobs_by_time ON video_jobs (created_at);
-CREATE TABLE IF NOT EXISTS session_starts (  -- the per-address start rate (spend caps)
-    address TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS session_starts_by_time ON session_starts (at);
-CREATE TABLE IF NOT EXISTS usage (           -- daily spend (spend caps), per UTC day
-    day TEXT NOT NULL,                       -- YYYY-MM-DD
-    kind TEXT NOT NULL,                      -- rekognition_calls | llm_tokens
-    amount INTEGER NOT NULL,
-    PRIMARY KEY (day, kind)
-);
-"""
 
 _STOP = object()
 
@@ -185,18 +133,17 @@ class Store:
     # --- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> list[str]:
-        """Create the schema; sessions left live by a previous process become
-        `interrupted`. Returns their ids."""
+        """Bring the schema to the newest version (an existing file migrates in place);
+        sessions left live by a previous process become `interrupted`. Returns their ids.
+        A database migrated by a newer server is refused (`SchemaTooNew`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         self._conn = await loop.run_in_executor(self._writer_thread, _connect, self.path)
 
         def init(conn: sqlite3.Connection) -> list[str]:
-            conn.executescript(SCHEMA)
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
-            for column in ("rules", "backend_switches"):  # files from before the column
-                if column not in columns:
-                    conn.execute(f"ALTER TABLE sessions ADD COLUMN {column} TEXT")
+            applied = migrate(conn)  # versioned (server/session/migrations.py)
+            if applied:
+                log.info("store %s: applied schema migration(s) %s", self.path, applied)
             ids = [r[0] for r in conn.execute("SELECT id FROM sessions WHERE status='live'")]
             conn.execute(
                 "UPDATE sessions SET status='interrupted', end_reason='server_restart' "

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from server.config import Settings
-from server.errors import Overloaded, ProctorError
+from server.errors import BackendUnavailable, Overloaded, ProctorError
 from server.media.frames import Frame, FrameError
 from server.session.live_session import LiveSession
 from server.session.manager import SessionManager
+from server.session.store import StoreError
 from server.video.errors import JobNotFound, JobStateConflict, UnreadableVideo, VideoTooLarge
 from server.video.fetch import FetchLimits, FetchProgress, UrlGuard, fetch_to_file
 from server.video.frames import FrameSampler, VideoInfo, probe, sample_count
@@ -344,6 +345,13 @@ class VideoJobs:
             await self.manager.store.erase_session(job.session_id)
         await self.manager.store.delete_video_job(job.id)
         self._jobs.pop(job.id, None)
+        # Answer "erased" only once it is: a GET right after must not find the job.
+        try:
+            await self.manager.store.flush()
+        except StoreError as exc:
+            raise BackendUnavailable(
+                "the erase could not be stored yet; retry", code="store_unavailable"
+            ) from exc
         return {**job.to_record(), "state": "erased"}
 
     async def resume(self, job_id: str) -> dict[str, Any]:

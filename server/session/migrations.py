@@ -1,0 +1,175 @@
+"""Versioned schema migrations for the store, applied in order at start.
+
+Each migration has a version, a name and its SQL; `schema_migrations` records the ones a
+database has (with when). `migrate()` applies the missing ones in order, each in its own
+transaction (SQLite's DDL is transactional), so a failure leaves the database at the
+last complete version. A database newer than this code is refused rather than guessed
+at.
+
+Files written before this runner existed have no `schema_migrations`: their schema was
+created with `CREATE TABLE IF NOT EXISTS` plus column additions, so each migration
+carries a check that says whether a legacy file already has what it adds; those are
+recorded as applied ("adopted") and the rest run. Existing files migrate in place.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer version of the server."""
+
+
+def _table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)
+    ).fetchone()
+    return row is not None
+
+
+def _column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})"))
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+    #: For files from before the runner: does this database already have it?
+    present: Callable[[sqlite3.Connection], bool]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "sessions, frames, alert episodes, reports",
+        (
+            """CREATE TABLE sessions (
+                id TEXT PRIMARY KEY,
+                status TEXT NOT NULL,              -- live | ended | interrupted
+                transport TEXT NOT NULL,
+                backend TEXT NOT NULL,
+                job_data TEXT NOT NULL,
+                started_at REAL NOT NULL,
+                ended_at REAL,
+                end_reason TEXT,
+                last_activity REAL NOT NULL,
+                counters TEXT NOT NULL DEFAULT '{}'
+            )""",
+            """CREATE TABLE frames (
+                session_id TEXT NOT NULL,
+                idx INTEGER NOT NULL,
+                t REAL NOT NULL,
+                summary TEXT NOT NULL,
+                PRIMARY KEY (session_id, idx)
+            )""",
+            """CREATE TABLE alerts (
+                id TEXT PRIMARY KEY,
+                session_id TEXT NOT NULL,
+                started_at REAL NOT NULL,
+                episode TEXT NOT NULL
+            )""",
+            "CREATE INDEX alerts_by_session ON alerts (session_id, started_at)",
+            """CREATE TABLE reports (
+                session_id TEXT PRIMARY KEY,
+                created_at REAL NOT NULL,
+                report TEXT NOT NULL
+            )""",
+        ),
+        lambda conn: _table(conn, "sessions"),
+    ),
+    Migration(
+        2,
+        "sessions.rules: the alert settings a session is judged with",
+        ("ALTER TABLE sessions ADD COLUMN rules TEXT",),
+        lambda conn: _column(conn, "sessions", "rules"),
+    ),
+    Migration(
+        3,
+        "recorded-video jobs",
+        (
+            """CREATE TABLE video_jobs (
+                id TEXT PRIMARY KEY,
+                created_at REAL NOT NULL,
+                state TEXT NOT NULL,   -- queued | downloading | analysing | done | failed | ...
+                session_id TEXT,
+                job TEXT NOT NULL      -- the job's JSON record (server/video/jobs.py)
+            )""",
+            "CREATE INDEX video_jobs_by_time ON video_jobs (created_at)",
+        ),
+        lambda conn: _table(conn, "video_jobs"),
+    ),
+    Migration(
+        4,
+        "spend caps: backend switches, session starts per address, daily usage",
+        (
+            # JSON list: moves to the offline backend (spend cap)
+            "ALTER TABLE sessions ADD COLUMN backend_switches TEXT",
+            "CREATE TABLE session_starts (address TEXT NOT NULL, at REAL NOT NULL)",
+            "CREATE INDEX session_starts_by_time ON session_starts (at)",
+            """CREATE TABLE usage (
+                day TEXT NOT NULL,     -- YYYY-MM-DD, UTC
+                kind TEXT NOT NULL,    -- rekognition_calls | llm_tokens
+                amount INTEGER NOT NULL,
+                PRIMARY KEY (day, kind)
+            )""",
+        ),
+        lambda conn: _column(conn, "sessions", "backend_switches") and _table(conn, "usage"),
+    ),
+)
+
+LATEST = MIGRATIONS[-1].version
+
+
+def applied_versions(conn: sqlite3.Connection) -> list[int]:
+    if not _table(conn, "schema_migrations"):
+        return []
+    return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+def migrate(
+    conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS
+) -> list[int]:
+    """Bring the database to the newest version; returns the versions applied now (not
+    the adopted ones). Raises SchemaTooNew for a database newer than `migrations`."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL, "
+        "adopted INTEGER NOT NULL DEFAULT 0)"
+    )
+    conn.commit()
+    have = set(applied_versions(conn))
+    known = {m.version for m in migrations}
+    if have - known:
+        raise SchemaTooNew(
+            f"the database has schema version {max(have)}, newer than this server's "
+            f"{max(known)}: run a newer server (or another database)"
+        )
+    legacy = not have and _table(conn, "sessions")
+    applied: list[int] = []
+    for m in sorted(migrations, key=lambda m: m.version):
+        if m.version in have:
+            continue
+        adopted = legacy and m.present(conn)
+        try:
+            conn.execute("BEGIN")
+            if not adopted:
+                for statement in m.statements:
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at, adopted) "
+                "VALUES (?, ?, ?, ?)",
+                (m.version, m.name, time.time(), int(adopted)),
+            )
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        if not adopted:
+            applied.append(m.version)
+    return applied
