@@ -147,12 +147,6 @@ class LiveSession:
     def accepting(self) -> bool:
         return self.status == "live" and not self.slot.closed
 
-    @property
-    def alerts_pending_or_active(self) -> bool:
-        """True while any rule has a streak under way or an open episode (samplers go
-        faster then, so onsets and ends are confirmed quickly)."""
-        return bool(self.engine.pending() or self.engine.active())
-
     def live_metrics(self) -> dict[str, Any]:
         return {
             "session_id": self.id,

@@ -48,8 +48,8 @@ from server.session.report import (
     mark_partial,
 )
 from server.session.spend import LLM_CAP, SpendCaps
-from server.session.store import Store, StoreError, StoreTimeout
-from server.session.worker import SessionPipeline, frame_summary
+from server.session.store import Store, StoreError, StoreTimeout, loads_object
+from server.session.worker import SessionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,6 @@ NarratorFactory = Callable[[], Any]
 #: Transports whose frames the server samples itself: rules and cadences follow capture
 #: time there (SPEC "Alerts").
 CAPTURE_CLOCK_TRANSPORTS = frozenset({"webrtc", "video"})
-
-__all__ = ["SessionManager", "frame_summary"]
-
-
-def _parse_summary(text: Any) -> dict[str, Any] | None:
-    """A stored JSON object (frame summary, alert episode), or None when damaged."""
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
 
 class SessionManager:
     def __init__(
@@ -347,7 +335,7 @@ class SessionManager:
         def rebuild(span: Any, rows: Any) -> tuple[int, float | None]:
             last_i, last_t = -1, None
             for idx, t, summary in rows:
-                parsed = _parse_summary(summary)
+                parsed = loads_object(summary)
                 if parsed is None or not isinstance(t, int | float):
                     continue
                 session.aggregate.add(float(t), parsed)
@@ -364,7 +352,7 @@ class SessionManager:
         session.last_frame_at = last_t
         end_t = record["started_at"] if last_t is None else last_t
         for raw in await self.store.alert_rows(session_id):
-            episode = _parse_summary(raw)
+            episode = loads_object(raw)
             if episode is None or episode.get("ended_at") is not None:
                 continue
             started = episode.get("started_at")

@@ -80,7 +80,8 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def _loads_object(text: Any) -> dict[str, Any] | None:
+def loads_object(text: Any) -> dict[str, Any] | None:
+    """A stored JSON object, or None when missing or damaged."""
     try:
         value = json.loads(text)
     except (TypeError, ValueError):
@@ -94,10 +95,6 @@ def _loads_list(text: Any) -> list[Any]:
     except (TypeError, ValueError):
         return []
     return value if isinstance(value, list) else []
-
-
-def _loads_or_none(text: Any) -> dict[str, Any] | None:
-    return None if not text else _loads_object(text)
 
 
 class Store:
@@ -554,8 +551,8 @@ class Store:
 
     @staticmethod
     def _session_row(row: sqlite3.Row) -> dict[str, Any]:
-        job_data = _loads_object(row["job_data"])
-        counters = _loads_object(row["counters"] or "{}")
+        job_data = loads_object(row["job_data"])
+        counters = loads_object(row["counters"] or "{}")
         record = {
             "session_id": row["id"],
             "status": row["status"],
@@ -567,7 +564,7 @@ class Store:
             "end_reason": row["end_reason"],
             "last_activity": row["last_activity"],
             "counters": counters or {},
-            "rules": _loads_or_none(row["rules"]),
+            "rules": loads_object(row["rules"]),
             "backend_switches": _loads_list(row["backend_switches"]),
         }
         corrupt = [
@@ -653,7 +650,7 @@ class Store:
             ).fetchone()
             if row is None:
                 return None
-            report = _loads_object(row["report"])
+            report = loads_object(row["report"])
             if report is None:  # damaged: the caller builds it again
                 log.error("stored report of %s is unreadable", session_id)
             return report
