@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +64,39 @@ async def start_server(settings: Settings, **app_kwargs: Any) -> RunningServer:
     await site.start()
     port = runner.addresses[0][1]
     return RunningServer(f"http://127.0.0.1:{port}", app, runner, settings)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def serve_subprocess(
+    tmp_path: Path, http: aiohttp.ClientSession, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`proctor serve` as its own process (a test can SIGKILL it) on a free loopback
+    port, with `env` over the environment; returns once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            async with http.get(f"{url}/health") as r:
+                if r.status == 200:
+                    break
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.05)
+    return proc, url
 
 
 @pytest.fixture

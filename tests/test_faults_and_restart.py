@@ -4,17 +4,13 @@ LLM errors and timeouts, and a server killed mid-session."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import RunningServer, make_settings, start_server
+from tests.conftest import RunningServer, make_settings, serve_subprocess, start_server
 from tests.fakes.llm import FakeAnthropic, FakeOpenAI, FakeReply
 from tests.fakes.rekognition import FakeRekognition, error, fake_face, fake_label
 from tests.media import face_data_url
@@ -190,19 +186,11 @@ async def test_llm_timeout_is_bounded(
         await fake.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_server_killed_mid_session_shows_interrupted_and_reports(
     tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
 ) -> None:
     db = tmp_path / "proctor.sqlite3"
-    port = _free_port()
-    env = {
-        **os.environ,
+    proc, url = await serve_subprocess(tmp_path, http, {
         **rekognition.env(),
         "DATABASE_PATH": str(db),
         "ANALYSER_BACKEND": "rekognition",
@@ -210,23 +198,8 @@ async def test_server_killed_mid_session_shows_interrupted_and_reports(
         "TEXT_INTERVAL_S": "0",
         "OPENAI_API_KEY": "",
         "ANTHROPIC_API_KEY": "",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    })
     try:
-        for _ in range(200):
-            try:
-                async with http.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
         sid = await start(http, url)
         rekognition.set_scene(faces=[fake_face()], labels=[fake_label("Book", 88)])
         for _ in range(3):

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import RunningServer, make_settings, start_server
+from tests.conftest import RunningServer, make_settings, serve_subprocess, start_server
 from tests.fakes.rekognition import FakeRekognition
 from tests.video_media import make_video
 from tests.video_server import VideoHost
@@ -379,21 +379,12 @@ async def test_server_killed_mid_job_resumes_from_the_last_stored_frame(
 ) -> None:
     """SIGKILL, not a graceful stop: the job row still says `analysing` and the session
     `live`; the next process makes both `interrupted`, and resume completes the job."""
-    import os
     import signal
-    import socket
-    import subprocess
-    import sys
 
     rekognition.latency_s = 0.05
     settings = video_settings(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
+    proc, url = await serve_subprocess(tmp_path, http, {
         **rekognition.env(),
-        "PYTHONPATH": str(ROOT),
         "DATABASE_PATH": str(settings.database_path),
         "VIDEO_WORK_DIR": str(settings.video_work_dir),
         "ANALYSER_BACKEND": "rekognition",
@@ -401,24 +392,9 @@ async def test_server_killed_mid_job_resumes_from_the_last_stored_frame(
         "VIDEO_PROGRESS_SAVE_S": "0.05",
         "OPENAI_API_KEY": "",
         "ANTHROPIC_API_KEY": "",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    })
     data = make_video(tmp_path / "v.mp4", [(10, "face")], fps=4).read_bytes()
     try:
-        for _ in range(200):
-            try:
-                async with http.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
         _s, job = await post_upload(http, url, data, interval="0.5")
         seen = await wait_state(http, url, job["id"], {"analysing"})
         while seen["progress"]["frames_done"] < 5:
