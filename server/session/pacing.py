@@ -35,22 +35,33 @@ class IdlePacing:
         self.local_idle_s = min(local_idle_s, cloud_idle_s)
         self.workers = max(1, workers)
         self.window_s = window_s
-        self._recent: deque[tuple[float, float]] = deque(maxlen=4096)  # (end, seconds)
+        # (end, seconds) of recent analyses and their running total: utilisation is read
+        # on every frame a sampler considers, so it must not sum the window each time.
+        self._recent: deque[tuple[float, float]] = deque()
+        self._busy_s = 0.0
         self._overloaded_until = 0.0
 
     def record(self, analyser_s: float) -> None:
-        self._recent.append((time.monotonic(), analyser_s))
+        now = time.monotonic()
+        self._expire(now)
+        self._recent.append((now, analyser_s))
+        self._busy_s += analyser_s
 
     def overloaded_for(self, seconds: float) -> None:
         """The transport layer saw overload (decode or event-loop lag): back off."""
         self._overloaded_until = max(self._overloaded_until, time.monotonic() + seconds)
 
+    def _expire(self, now: float) -> None:
+        # Bounded by the window: entries older than `window_s` leave on every call.
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._busy_s -= self._recent.popleft()[1]
+        if not self._recent:
+            self._busy_s = 0.0  # no float drift once the window is empty
+
     def utilisation(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        while self._recent and now - self._recent[0][0] > self.window_s:
-            self._recent.popleft()
-        busy = sum(seconds for _, seconds in self._recent)
-        return busy / (self.window_s * self.workers)
+        self._expire(now)
+        return max(0.0, self._busy_s) / (self.window_s * self.workers)
 
     def interval(self) -> float:
         if self.billed:
