@@ -13,6 +13,7 @@ from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
 from server.config import Settings
 from server.observability import Instruments
+from server.session.database import Database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
@@ -47,9 +48,11 @@ def _file(path: Path) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
-def make_store(settings: Settings, cls: type[Store] = Store) -> Store:
+def make_store(
+    settings: Settings, cls: type[Store] = Store, database: Database | None = None
+) -> Store:
     return cls(
-        settings.database_path,
+        database or settings.database_path,
         settings.store_queue_size,
         write_attempts=settings.store_write_attempts,
         retry_backoff_s=settings.store_retry_backoff_s,

@@ -11,7 +11,6 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,10 @@ from server.analysis.cadence import Checks
 from server.app import make_store
 from server.media.frames import Frame
 from server.observability import Instruments
+from server.session.database import Statement
 from server.session.live_session import LiveSession
 from server.session.report import ReportBuilder
+from server.session.sqlite_database import SQLiteDatabase
 from server.session.store import Store, StoreError, StoreTimeout
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.fakes.rekognition import FakeRekognition, fake_face, fake_label
@@ -60,19 +61,19 @@ class FaultyAnalyser:
         return await self.inner.analyse(frame, checks)
 
 
-class FlakyStore(Store):
+class FlakyDatabase(SQLiteDatabase):
     """Commits fail with `disk I/O error` while `fail_next` > 0."""
 
     fail_next = 0
 
-    def _commit(self, batch: list[tuple[str, Sequence[Any]]]) -> None:
+    def _commit(self, batch: list[Statement]) -> None:
         if self.fail_next > 0:
             self.fail_next -= 1
             raise sqlite3.OperationalError("disk I/O error")
         super()._commit(batch)
 
 
-class StuckStore(Store):
+class StuckDatabase(SQLiteDatabase):
     """Commits block until released (a hung disk)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -80,7 +81,7 @@ class StuckStore(Store):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def _commit(self, batch: list[tuple[str, Sequence[Any]]]) -> None:
+    def _commit(self, batch: list[Statement]) -> None:
         self.entered.set()
         self.release.wait(30)
         super()._commit(batch)
@@ -336,11 +337,17 @@ async def test_failing_listener_is_counted_and_others_still_receive(
 
 
 async def store_server(
-    tmp_path: Path, cls: type[Store], **overrides: Any
+    tmp_path: Path,
+    cls: type[Store] = Store,
+    database_cls: type[SQLiteDatabase] = SQLiteDatabase,
+    **overrides: Any,
 ) -> tuple[RunningServer, Any]:
+    """A server on a store of class `cls` over a database of class `database_cls`;
+    returns the server and the database (or the store, when `cls` is not `Store`)."""
     settings = make_settings(tmp_path, store_retry_backoff_s=0.01, **overrides)
-    store = make_store(settings, cls)
-    return await start_server(settings, store=store), store
+    db = database_cls(settings.database_path)
+    store = make_store(settings, cls, database=db)
+    return await start_server(settings, store=store), (db if cls is Store else store)
 
 
 async def health(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -352,10 +359,11 @@ async def health(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 async def test_a_failed_write_is_retried_and_nothing_is_lost(
     tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
 ) -> None:
-    srv, store = await store_server(tmp_path, FlakyStore, store_write_attempts=3)
+    srv, db = await store_server(tmp_path, Store, FlakyDatabase, store_write_attempts=3)
+    store = srv.manager.store
     try:
         sid = await start(http, srv.url)
-        store.fail_next = 2  # the third attempt succeeds
+        db.fail_next = 2  # the third attempt succeeds
         assert (await post_frame(http, srv.url, sid))[0] == 200
         await store.flush()  # success: nothing was lost
         h = await health(http, srv.url)
@@ -371,7 +379,8 @@ async def test_a_failed_write_is_retried_and_nothing_is_lost(
 async def test_a_lost_write_degrades_health_fails_flush_and_marks_the_report(
     tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
 ) -> None:
-    srv, store = await store_server(tmp_path, FlakyStore, store_write_attempts=2)
+    srv, db = await store_server(tmp_path, Store, FlakyDatabase, store_write_attempts=2)
+    store = srv.manager.store
     try:
         sid = await start(http, srv.url)
         recorder = Recorder()
@@ -380,7 +389,7 @@ async def test_a_lost_write_degrades_health_fails_flush_and_marks_the_report(
         await store.flush()
         assert (await health(http, srv.url))["status"] == "ok"
 
-        store.fail_next = 2  # both attempts of the next batch fail: it is lost
+        db.fail_next = 2  # both attempts of the next batch fail: it is lost
         mark = store.mark()
         assert (await post_frame(http, srv.url, sid))[0] == 200
         with pytest.raises(StoreError):
@@ -412,11 +421,12 @@ async def test_a_lost_write_degrades_health_fails_flush_and_marks_the_report(
 
 
 async def test_flush_never_waits_forever_and_a_full_queue_is_degraded(tmp_path: Path) -> None:
-    store = StuckStore(tmp_path / "s.sqlite3", queue_size=2, flush_timeout_s=0.3)
+    db = StuckDatabase(tmp_path / "s.sqlite3")
+    store = Store(db, queue_size=2, flush_timeout_s=0.3)
     await store.open()
     try:
         await store.create_session("s1", "rest", "local", {}, 1.0)
-        assert await asyncio.to_thread(store.entered.wait, 10)  # the writer is stuck on it
+        assert await asyncio.to_thread(db.entered.wait, 10)  # the writer is stuck on it
         await store.create_session("s2", "rest", "local", {}, 1.0)
         await store.create_session("s3", "rest", "local", {}, 1.0)
         h = store.health()
@@ -428,7 +438,7 @@ async def test_flush_never_waits_forever_and_a_full_queue_is_degraded(tmp_path: 
         # disk hangs: wait_for only turns a hang into a failure.
         await asyncio.wait_for(store.close(timeout_s=0.3), 20)
     finally:
-        store.release.set()
+        db.release.set()
 
 
 async def test_one_refused_statement_does_not_lose_its_batch(tmp_path: Path) -> None:

@@ -40,8 +40,9 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
-    #: For files from before the runner: does this database already have it?
-    present: Callable[[sqlite3.Connection], bool]
+    #: For files from before the runner: does this database already have it? (None:
+    #: added after the runner existed, so a legacy file never has it.)
+    present: Callable[[sqlite3.Connection], bool] | None = None
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -155,7 +156,7 @@ def migrate(
     for m in sorted(migrations, key=lambda m: m.version):
         if m.version in have:
             continue
-        adopted = legacy and m.present(conn)
+        adopted = legacy and m.present is not None and m.present(conn)
         try:
             conn.execute("BEGIN")
             if not adopted:

@@ -1,11 +1,11 @@
-"""SQLite store (WAL) for sessions, per-frame summaries, alert episodes and reports.
+"""The store: sessions, per-frame summaries, alert episodes, reports, jobs and usage.
 
-Writes go through one bounded queue to one writer thread that commits each batch as it
-comes, so the event loop never waits on the disk and a crash loses at most the batch in
-flight (well under a second). A batch that fails is retried with backoff, then counted as
-lost; `flush()` raises for lost writes and never waits forever; `health()` says whether
-writes are failing. Reads use short-lived connections in worker threads; WAL lets them
-run beside the writer.
+Writes go through one bounded queue to one writer task that commits each batch as it
+comes, so the event loop never waits on the database and a crash loses at most the batch
+in flight (well under a second). A batch that fails is retried with backoff, then counted
+as lost; `flush()` raises for lost writes and never waits forever; `health()` says whether
+writes are failing. The SQL here is portable; a driver (`database.py`) runs it on SQLite
+(the embedded default) or another engine.
 """
 
 from __future__ import annotations
@@ -14,26 +14,22 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.session.migrations import migrate
+from server.session.database import Database, Row, StoreError
+from server.session.sqlite_database import SQLiteDatabase
+
+__all__ = ["FrameSpan", "Store", "StoreError", "StoreTimeout", "loads_object", "open_store"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 _STOP = object()
-
-
-class StoreError(Exception):
-    """A write the caller depends on was lost, a read failed, or the store did not answer
-    in time."""
 
 
 class StoreTimeout(StoreError):
@@ -68,14 +64,6 @@ class FrameSpan:
 WriteErrorHook = Callable[[BaseException, set[str], int], None]
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
@@ -100,21 +88,21 @@ def _loads_list(text: Any) -> list[Any]:
 class Store:
     def __init__(
         self,
-        path: Path,
+        database: Database | Path,
         queue_size: int = 10_000,
         *,
         write_attempts: int = 3,
         retry_backoff_s: float = 0.1,
         flush_timeout_s: float = 10.0,
     ) -> None:
-        self.path = Path(path)
+        self.db: Database = (
+            database if not isinstance(database, str | Path) else SQLiteDatabase(Path(database))
+        )
         self.write_attempts = max(1, write_attempts)
         self.retry_backoff_s = retry_backoff_s
         self.flush_timeout_s = flush_timeout_s
         self.on_write_error: WriteErrorHook | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
-        self._conn: sqlite3.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
         self._seq = 0  # writes queued so far; each write's number
         # Health and lost-write bookkeeping (written by the writer task only).
@@ -130,26 +118,24 @@ class Store:
     # --- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> list[str]:
-        """Bring the schema to the newest version (an existing file migrates in place);
-        sessions left live by a previous process become `interrupted`. Returns their ids.
-        A database migrated by a newer server is refused (`SchemaTooNew`)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._writer_thread, _connect, self.path)
-
-        def init(conn: sqlite3.Connection) -> list[str]:
-            applied = migrate(conn)  # versioned (server/session/migrations.py)
-            if applied:
-                log.info("store %s: applied schema migration(s) %s", self.path, applied)
-            ids = [r[0] for r in conn.execute("SELECT id FROM sessions WHERE status='live'")]
-            conn.execute(
-                "UPDATE sessions SET status='interrupted', end_reason='server_restart' "
-                "WHERE status='live'"
+        """Bring the schema to the newest version (an existing database migrates in
+        place); sessions left live by a previous process become `interrupted`. Returns
+        their ids. A database migrated by a newer server is refused (`SchemaTooNew`)."""
+        applied = await self.db.open()  # versioned (server/session/migrations.py)
+        if applied:
+            log.info("store %s: applied schema migration(s) %s", self.db.describe(), applied)
+        rows = await self.db.fetch_all("SELECT id FROM sessions WHERE status='live'")
+        interrupted = [str(r["id"]) for r in rows]
+        if interrupted:
+            await self.db.execute_batch(
+                [
+                    (
+                        "UPDATE sessions SET status='interrupted', end_reason='server_restart' "
+                        "WHERE status='live'",
+                        (),
+                    )
+                ]
             )
-            conn.commit()
-            return ids
-
-        interrupted = await loop.run_in_executor(self._writer_thread, init, self._conn)
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
         if interrupted:
             log.warning(
@@ -167,11 +153,6 @@ class Store:
                 if self._writer is not None:
                     await self._queue.put(_STOP)
                     await self._writer
-                if self._conn is not None:
-                    conn, self._conn = self._conn, None
-                    await asyncio.get_running_loop().run_in_executor(
-                        self._writer_thread, conn.close
-                    )
         except TimeoutError:
             clean = False
             log.error(
@@ -182,8 +163,7 @@ class Store:
             if self._writer is not None:
                 self._writer.cancel()
         self._writer = None
-        # A writer thread stuck in SQLite must not block the event loop on its way out.
-        self._writer_thread.shutdown(wait=clean)
+        await self.db.close(wait=clean)
 
     # --- health -----------------------------------------------------------------------
 
@@ -270,13 +250,22 @@ class Store:
                 return
 
     async def _write(self, batch: list[_Write]) -> None:
-        loop = asyncio.get_running_loop()
         statements = [(w.sql, w.params) for w in batch]
         for attempt in range(1, self.write_attempts + 1):
             try:
-                await loop.run_in_executor(self._writer_thread, self._commit, statements)
-            except sqlite3.OperationalError as exc:  # busy, locked, I/O, full: may pass
-                self._note_error(exc)
+                await self.db.execute_batch(statements)
+            except Exception as exc:
+                if not self.db.is_transient(exc):
+                    # A statement the database refuses: retrying cannot help.
+                    self._note_error(exc)
+                    if len(batch) == 1:
+                        self._lose(batch, exc)
+                        return
+                    # Keep the batch's other statements: one bad row loses only itself.
+                    for w in batch:
+                        await self._write([w])
+                    return
+                self._note_error(exc)  # busy, locked, I/O, connection lost: may pass
                 if attempt < self.write_attempts:
                     self.retried_batches += 1
                     log.warning(
@@ -288,15 +277,6 @@ class Store:
                     await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
                     continue
                 self._lose(batch, exc)
-                return
-            except Exception as exc:  # a statement the database refuses: retrying cannot help
-                self._note_error(exc)
-                if len(batch) == 1:
-                    self._lose(batch, exc)
-                    return
-                # Keep the batch's other statements: one bad row loses only itself.
-                for w in batch:
-                    await self._write([w])
                 return
             else:
                 self._failing = False
@@ -349,24 +329,21 @@ class Store:
         else:
             flush.future.set_result(None)
 
-    def _commit(self, batch: list[tuple[str, Sequence[Any]]]) -> None:
-        assert self._conn is not None
-        with self._conn:
-            for sql, params in batch:
-                self._conn.execute(sql, params)
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            try:
-                conn = _connect(self.path)
-                try:
-                    return fn(conn)
-                finally:
-                    conn.close()
-            except sqlite3.Error as exc:
+    async def _fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        try:
+            return await self.db.fetch_all(sql, params)
+        except Exception as exc:
+            if self.db.is_read_error(exc):
                 raise StoreError(f"store read failed: {type(exc).__name__}: {exc}") from exc
+            raise
 
-        return await asyncio.to_thread(run)
+    async def _fetch_one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        try:
+            return await self.db.fetch_one(sql, params)
+        except Exception as exc:
+            if self.db.is_read_error(exc):
+                raise StoreError(f"store read failed: {type(exc).__name__}: {exc}") from exc
+            raise
 
     # --- sessions ---------------------------------------------------------------------
 
@@ -429,7 +406,8 @@ class Store:
     ) -> None:
         await self._put(
             session_id,
-            "INSERT OR REPLACE INTO frames (session_id, idx, t, summary) VALUES (?, ?, ?, ?)",
+            "INSERT INTO frames (session_id, idx, t, summary) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (session_id, idx) DO UPDATE SET t=excluded.t, summary=excluded.summary",
             (session_id, index, t, _dumps(summary)),
         )
 
@@ -437,15 +415,18 @@ class Store:
         """Insert at onset, replace at closure (same episode id)."""
         await self._put(
             session_id,
-            "INSERT OR REPLACE INTO alerts (id, session_id, started_at, episode) "
-            "VALUES (?, ?, ?, ?)",
+            "INSERT INTO alerts (id, session_id, started_at, episode) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET session_id=excluded.session_id, "
+            "started_at=excluded.started_at, episode=excluded.episode",
             (episode["episode_id"], session_id, episode["started_at"], _dumps(episode)),
         )
 
     async def save_report(self, session_id: str, report: dict[str, Any]) -> None:
         await self._put(
             session_id,
-            "INSERT OR REPLACE INTO reports (session_id, created_at, report) VALUES (?, ?, ?)",
+            "INSERT INTO reports (session_id, created_at, report) VALUES (?, ?, ?) "
+            "ON CONFLICT (session_id) DO UPDATE SET created_at=excluded.created_at, "
+            "report=excluded.report",
             (session_id, time.time(), _dumps(report)),
         )
 
@@ -490,35 +471,31 @@ class Store:
         await self._put(
             "",
             "INSERT INTO usage (day, kind, amount) VALUES (?, ?, ?) "
-            "ON CONFLICT (day, kind) DO UPDATE SET amount = amount + excluded.amount",
+            "ON CONFLICT (day, kind) DO UPDATE SET amount = usage.amount + excluded.amount",
             (day, kind, amount),
         )
 
     async def usage_on(self, day: str) -> dict[str, int]:
-        def q(conn: sqlite3.Connection) -> dict[str, int]:
-            rows = conn.execute("SELECT kind, amount FROM usage WHERE day=?", (day,))
-            return {r[0]: int(r[1]) for r in rows}
-
-        return await self._read(q)
+        rows = await self._fetch_all("SELECT kind, amount FROM usage WHERE day=?", (day,))
+        return {str(r["kind"]): int(r["amount"]) for r in rows}
 
     async def starts_since(self, since: float) -> list[tuple[str, float]]:
         """(address, time) of the session starts recorded since `since`, oldest first."""
 
-        def q(conn: sqlite3.Connection) -> list[tuple[str, float]]:
-            rows = conn.execute(
-                "SELECT address, at FROM session_starts WHERE at >= ? ORDER BY at", (since,)
-            )
-            return [(str(r[0]), float(r[1])) for r in rows]
-
-        return await self._read(q)
+        rows = await self._fetch_all(
+            "SELECT address, at FROM session_starts WHERE at >= ? ORDER BY at", (since,)
+        )
+        return [(str(r["address"]), float(r["at"])) for r in rows]
 
     # --- recorded-video jobs ------------------------------------------------------------
 
     async def save_video_job(self, job: dict[str, Any]) -> None:
         await self._put(
             job.get("session_id") or "",
-            "INSERT OR REPLACE INTO video_jobs (id, created_at, state, session_id, job) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO video_jobs (id, created_at, state, session_id, job) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "created_at=excluded.created_at, state=excluded.state, "
+            "session_id=excluded.session_id, job=excluded.job",
             (job["id"], job["created_at"], job["state"], job.get("session_id"), _dumps(job)),
         )
 
@@ -526,31 +503,26 @@ class Store:
         await self._put("", "DELETE FROM video_jobs WHERE id=?", (job_id,))
 
     async def get_video_job(self, job_id: str) -> dict[str, Any] | None:
-        def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute("SELECT job FROM video_jobs WHERE id=?", (job_id,)).fetchone()
-            return None if row is None else json.loads(row["job"])
-
-        return await self._read(q)
+        row = await self._fetch_one("SELECT job FROM video_jobs WHERE id=?", (job_id,))
+        return None if row is None else loads_object(row["job"])
 
     async def list_video_jobs(
         self, limit: int = 100, offset: int = 0, states: Sequence[str] = ()
     ) -> list[dict[str, Any]]:
-        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            sql = "SELECT job FROM video_jobs"
-            params: list[Any] = []
-            if states:
-                sql += f" WHERE state IN ({','.join('?' * len(states))})"
-                params += list(states)
-            sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
-            params += [limit, offset]
-            return [json.loads(r["job"]) for r in conn.execute(sql, params)]
-
-        return await self._read(q)
+        sql = "SELECT job FROM video_jobs"
+        params: list[Any] = []
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params += list(states)
+        sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        rows = await self._fetch_all(sql, params)
+        return [job for r in rows if (job := loads_object(r["job"])) is not None]
 
     # --- reading ----------------------------------------------------------------------
 
     @staticmethod
-    def _session_row(row: sqlite3.Row) -> dict[str, Any]:
+    def _session_row(row: Row) -> dict[str, Any]:
         job_data = loads_object(row["job_data"])
         counters = loads_object(row["counters"] or "{}")
         record = {
@@ -575,26 +547,20 @@ class Store:
         return record
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
-        def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
-            return None if row is None else self._session_row(row)
-
-        return await self._read(q)
+        row = await self._fetch_one("SELECT * FROM sessions WHERE id=?", (session_id,))
+        return None if row is None else self._session_row(row)
 
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[dict[str, Any]]:
-        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            sql = "SELECT * FROM sessions"
-            params: list[Any] = []
-            if status:
-                sql += " WHERE status=?"
-                params.append(status)
-            sql += " ORDER BY started_at DESC LIMIT ? OFFSET ?"
-            params += [limit, offset]
-            return [self._session_row(r) for r in conn.execute(sql, params)]
-
-        return await self._read(q)
+        sql = "SELECT * FROM sessions"
+        params: list[Any] = []
+        if status:
+            sql += " WHERE status=?"
+            params.append(status)
+        sql += " ORDER BY started_at DESC LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        return [self._session_row(r) for r in await self._fetch_all(sql, params)]
 
     async def scan_frames(
         self,
@@ -607,55 +573,44 @@ class Store:
         never held in memory. `span` covers the rows whose `t` is a number in `t_range`;
         rows are raw (possibly damaged): parsing them is the consumer's job."""
 
-        def q(conn: sqlite3.Connection) -> T:
-            t_min, t_max, rows = conn.execute(
-                "SELECT MIN(t), MAX(t), COUNT(*) FROM frames WHERE session_id=? "
-                "AND typeof(t) IN ('integer', 'real') AND t BETWEEN ? AND ?",
-                (session_id, *t_range),
-            ).fetchone()
-            cursor = conn.execute(
+        # SQLite keeps whatever type a damaged row was given; other engines enforce REAL.
+        numeric = "typeof(t) IN ('integer', 'real') AND " if self.db.dialect == "sqlite" else ""
+        span = await self._fetch_one(
+            "SELECT MIN(t) AS t_min, MAX(t) AS t_max, COUNT(*) AS n FROM frames "
+            f"WHERE session_id=? AND {numeric}t BETWEEN ? AND ?",
+            (session_id, *t_range),
+        )
+        assert span is not None  # an aggregate always answers one row
+        frame_span = FrameSpan(span["t_min"], span["t_max"], int(span["n"]))
+        try:
+            return await self.db.scan(
                 "SELECT idx, t, summary FROM frames WHERE session_id=? ORDER BY idx",
                 (session_id,),
+                lambda rows: consume(frame_span, rows),
             )
-
-            def stream() -> Iterator[tuple[Any, Any, Any]]:
-                try:
-                    for r in cursor:
-                        yield r[0], r[1], r[2]
-                except sqlite3.Error as exc:  # tells the consumer's bugs from the store's
-                    raise StoreError(f"store read failed: {exc}") from exc
-
-            return consume(FrameSpan(t_min, t_max, rows), stream())
-
-        return await self._read(q)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if self.db.is_read_error(exc):
+                raise StoreError(f"store read failed: {type(exc).__name__}: {exc}") from exc
+            raise
 
     async def alert_rows(self, session_id: str) -> list[Any]:
         """The session's alert episodes as stored (JSON text, possibly damaged)."""
 
-        def q(conn: sqlite3.Connection) -> list[Any]:
-            return [
-                r[0]
-                for r in conn.execute(
-                    "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at",
-                    (session_id,),
-                )
-            ]
-
-        return await self._read(q)
+        rows = await self._fetch_all(
+            "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at", (session_id,)
+        )
+        return [r["episode"] for r in rows]
 
     async def get_report(self, session_id: str) -> dict[str, Any] | None:
-        def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute(
-                "SELECT report FROM reports WHERE session_id=?", (session_id,)
-            ).fetchone()
-            if row is None:
-                return None
-            report = loads_object(row["report"])
-            if report is None:  # damaged: the caller builds it again
-                log.error("stored report of %s is unreadable", session_id)
-            return report
-
-        return await self._read(q)
+        row = await self._fetch_one("SELECT report FROM reports WHERE session_id=?", (session_id,))
+        if row is None:
+            return None
+        report = loads_object(row["report"])
+        if report is None:  # damaged: the caller builds it again
+            log.error("stored report of %s is unreadable", session_id)
+        return report
 
 
 @contextlib.asynccontextmanager
