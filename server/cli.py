@@ -13,6 +13,7 @@ import sys
 
 from aiohttp import web
 from dotenv import load_dotenv
+from pydantic import ValidationError
 
 from server import doctor, sample_frame
 from server.config import Settings
@@ -88,7 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ValidationError as exc:  # a setting the server cannot run with: say which
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"proctor {args.command}: {name}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "rekognition", "local"]
@@ -46,7 +46,13 @@ class Settings(BaseSettings):
     node_modules_dir: Path = Path(__file__).resolve().parent.parent / "node_modules"
 
     # --- storage ------------------------------------------------------------------------
+    # Empty: SQLite at DATABASE_PATH. sqlite:///path: SQLite there. postgresql://user:pw@
+    # host:port/db (or postgres://): PostgreSQL, which several nodes can share.
+    database_url: str = ""
     database_path: Path = Path("data/proctor.sqlite3")
+    database_pool_min_size: int = 1  # PostgreSQL connections kept open per node …
+    database_pool_max_size: int = 10  # … and at most
+    database_timeout_s: float = 10.0  # PostgreSQL: connecting, and each statement, give up after
     store_queue_size: int = 10_000  # writes waiting for the writer thread; producers wait beyond
     store_write_attempts: int = 3  # a failed write batch is tried this many times in all …
     store_retry_backoff_s: float = 0.1  # … this long before the 2nd, twice it before the 3rd
@@ -217,6 +223,14 @@ class Settings(BaseSettings):
     # shared by every session of every transport, live before recorded; cloud backends
     # only (the offline backend is bounded by its worker pool). 0 = off.
     analyser_calls_per_s: float = 25.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        from server.session.database import database_kind
+
+        database_kind(value)  # refuses an unknown scheme at start, with what is accepted
+        return value.strip()
 
     @property
     def secured(self) -> bool:

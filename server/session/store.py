@@ -5,7 +5,8 @@ comes, so the event loop never waits on the database and a crash loses at most t
 in flight (well under a second). A batch that fails is retried with backoff, then counted
 as lost; `flush()` raises for lost writes and never waits forever; `health()` says whether
 writes are failing. The SQL here is portable; a driver (`database.py`) runs it on SQLite
-(the embedded default) or another engine.
+(the embedded default) or PostgreSQL. PostgreSQL checks parameter types strictly: values
+bound to INTEGER columns are ints (`int(...)`), to REAL columns ints or floats.
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class Store:
             reasons.append("queue_full")
         return {
             "status": "degraded" if reasons else "ok",
+            "engine": self.db.describe(),
             "reasons": reasons,
             "failed_writes": self.failed_writes,
             "failed_batches": self.failed_batches,
@@ -408,7 +410,7 @@ class Store:
             session_id,
             "INSERT INTO frames (session_id, idx, t, summary) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (session_id, idx) DO UPDATE SET t=excluded.t, summary=excluded.summary",
-            (session_id, index, t, _dumps(summary)),
+            (session_id, int(index), t, _dumps(summary)),
         )
 
     async def save_alert(self, session_id: str, episode: dict[str, Any]) -> None:
@@ -472,7 +474,7 @@ class Store:
             "",
             "INSERT INTO usage (day, kind, amount) VALUES (?, ?, ?) "
             "ON CONFLICT (day, kind) DO UPDATE SET amount = usage.amount + excluded.amount",
-            (day, kind, amount),
+            (day, kind, int(amount)),
         )
 
     async def usage_on(self, day: str) -> dict[str, int]:
@@ -514,8 +516,9 @@ class Store:
         if states:
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
             params += list(states)
-        sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
-        params += [limit, offset]
+        # `id` breaks ties: pages must not overlap on an engine that orders ties freely.
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [int(limit), int(offset)]
         rows = await self._fetch_all(sql, params)
         return [job for r in rows if (job := loads_object(r["job"])) is not None]
 
@@ -558,8 +561,8 @@ class Store:
         if status:
             sql += " WHERE status=?"
             params.append(status)
-        sql += " ORDER BY started_at DESC LIMIT ? OFFSET ?"
-        params += [limit, offset]
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [int(limit), int(offset)]
         return [self._session_row(r) for r in await self._fetch_all(sql, params)]
 
     async def scan_frames(
