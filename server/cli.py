@@ -19,6 +19,8 @@ from server import doctor, sample_frame
 from server.config import Settings
 from server.doctor import is_loopback
 from server.observability import configure_logging
+from server.session.database import StoreError
+from server.session.migrations import SchemaTooNew
 from server.video import analyze_command
 
 log = logging.getLogger("proctor")
@@ -68,7 +70,11 @@ def serve(args: argparse.Namespace) -> int:
     app.on_shutdown.insert(0, announce_shutdown)
     log.info("starting on %s:%d (backend %s)", settings.host, settings.port,
              settings.resolved_backend)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    except (StoreError, SchemaTooNew) as exc:  # the database is unreachable or too new
+        log.error("cannot start: %s", exc)
+        return 1
     log.info("stopped")
     return 0
 

@@ -141,10 +141,12 @@ async def test_errors_are_told_apart(postgres_url: str) -> None:
         assert dict(await db.fetch_one("SELECT 1 AS one") or {}) == {"one": 1}
     finally:
         await db.close()
-    nobody = PostgresDatabase("postgresql://postgres@127.0.0.1:1/x", timeout_s=2)
-    with pytest.raises(OSError) as refused_conn:
+    # No server there: it waits a little (one may be starting), then says which.
+    nobody = PostgresDatabase("postgresql://postgres:pw@127.0.0.1:1/x", timeout_s=0.6)
+    with pytest.raises(StoreError, match="cannot connect to postgresql://postgres@127") as no:
         await nobody.open()
-    assert nobody.is_transient(refused_conn.value)
+    assert isinstance(no.value.__cause__, OSError) and nobody.is_transient(no.value.__cause__)
+    assert "pw" not in str(no.value)
 
 
 async def test_a_database_error_mid_scan_is_a_store_error(postgres_url: str) -> None:
@@ -346,6 +348,22 @@ async def test_postgresql_restarted_mid_session(
         await srv.stop()
     final = await _rows(url, sid)
     assert len(final["frames"]) == 6 and final["session"] == "ended"
+
+
+async def test_a_node_waits_for_a_database_that_is_starting(
+    postgres_server: PostgresServer,
+) -> None:
+    """Started together (a compose file, a reboot): the node waits up to
+    DATABASE_TIMEOUT_S for PostgreSQL to accept connections instead of failing."""
+    url = postgres_server.create_database()
+    await asyncio.to_thread(postgres_server.stop)
+    db = PostgresDatabase(url, timeout_s=30)
+    opening = asyncio.create_task(db.open())
+    await asyncio.sleep(0.5)
+    assert not opening.done()  # still waiting: nothing there yet
+    await asyncio.to_thread(postgres_server.start)
+    assert await opening == [m.version for m in MIGRATIONS]
+    await db.close()
 
 
 async def _rows(url: str, sid: str) -> dict[str, Any]:

@@ -124,7 +124,7 @@ class PostgresDatabase:
     async def open(self) -> list[int]:
         # Migrations on a connection of their own, with no statement timeout: an index
         # on a large table may take longer than any ordinary statement should.
-        conn = await asyncpg.connect(self.url, timeout=self.timeout_s, command_timeout=None)
+        conn = await self._connect_at_start()
         try:
             applied = await migrate_postgres(conn)
         finally:
@@ -137,6 +137,24 @@ class PostgresDatabase:
             command_timeout=self.timeout_s,  # each statement
         )
         return applied
+
+    async def _connect_at_start(self) -> asyncpg.Connection:
+        """A first connection, waiting up to the timeout for a server that is starting
+        too (refused, "the database system is starting up"); then a StoreError that says
+        which database could not be reached."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            try:
+                return await asyncpg.connect(
+                    self.url, timeout=self.timeout_s, command_timeout=None
+                )
+            except Exception as exc:
+                if self.is_transient(exc) and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                raise StoreError(
+                    f"cannot connect to {self.describe()}: {type(exc).__name__}: {exc}"
+                ) from exc
 
     async def close(self, wait: bool = True) -> None:
         pool, self._pool = self._pool, None
