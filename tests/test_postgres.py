@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,37 @@ async def test_a_database_error_mid_scan_is_a_store_error(postgres_url: str) -> 
         assert (
             await store.scan_frames("s", lambda _s, rows: sum(1 for _ in rows), (0.0, 1e12)) == 3000
         )
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_scan_gives_its_connection_up(postgres_url: str) -> None:
+    """A report request that goes away mid-scan (its task cancelled) while the consumer
+    thread is still reading: the connection is cut, not handed back mid-cursor, and the
+    pool (of one connection here) serves the next read."""
+    store = Store(PostgresDatabase(postgres_url, min_size=1, max_size=1))
+    await store.open()
+    try:
+        await store.create_session("s", "rest", "local", {}, 0.0)
+        for i in range(2000):
+            await store.add_frame("s", i, float(i), {"i": i})
+        await store.flush()
+        started, release = threading.Event(), threading.Event()
+
+        def slow(_span: Any, rows: Iterator[Any]) -> int:
+            next(rows)
+            started.set()
+            release.wait(10)
+            return sum(1 for _ in rows)
+
+        scan = asyncio.create_task(store.scan_frames("s", slow, (0.0, 1e12)))
+        assert await asyncio.to_thread(started.wait, 10)
+        scan.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scan
+        release.set()
+        count = await store.scan_frames("s", lambda _s, rows: sum(1 for _ in rows), (0, 1e12))
+        assert count == 2000
     finally:
         await store.close()
 

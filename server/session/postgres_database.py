@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import asyncpg.exceptions as pg
+from asyncpg.pool import PoolConnectionProxy
 
 from server.session.database import Row, Statement, StoreError, rewrite_code
 from server.session.migrations import migrate_postgres
@@ -60,27 +63,46 @@ _CONNECTION_LOST = (
 )
 
 
+def _closed_under_us(exc: BaseException) -> bool:
+    """asyncpg's InterfaceError for a connection that closed while in use (it has no
+    class of its own)."""
+    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+
+
 @functools.lru_cache(maxsize=1024)
 def to_postgres(sql: str) -> str:
     """`?` placeholders as `$1, $2, ...` (not inside literals, quoted names or comments)."""
     numbers = itertools.count(1)
-    return rewrite_code(
-        sql,
-        lambda code: "".join(
-            f"${next(numbers)}" if part == "?" else part for part in _split_marks(code)
-        ),
-    )
+    return rewrite_code(sql, lambda code: re.sub(r"\?", lambda _m: f"${next(numbers)}", code))
 
 
-def _split_marks(code: str) -> list[str]:
-    parts: list[str] = []
-    start = 0
-    for i, ch in enumerate(code):
-        if ch == "?":
-            parts += [code[start:i], "?"]
-            start = i + 1
-    parts.append(code[start:])
-    return parts
+def _gone(conn: asyncpg.Connection | PoolConnectionProxy) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:  # a pool's proxy, terminated and so given back already
+        return True
+
+
+@contextlib.asynccontextmanager
+async def _transaction(
+    conn: asyncpg.Connection | PoolConnectionProxy, readonly: bool = False
+) -> AsyncIterator[None]:
+    """`conn.transaction()`, except that an error inside it is what the caller sees: on a
+    connection that was lost (or cut on purpose) there is nothing to roll back, and
+    asyncpg's own context manager would replace the error with "connection is closed"."""
+    tx = conn.transaction(readonly=readonly)
+    await tx.start()
+    try:
+        yield
+    except BaseException:
+        if not _gone(conn):
+            try:
+                await tx.rollback()
+            except Exception:  # the first error is the one that matters
+                conn.terminate()  # in no state to go back to the pool
+        raise
+    else:
+        await tx.commit()
 
 
 def redact(url: str) -> str:
@@ -145,9 +167,7 @@ class PostgresDatabase:
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
             try:
-                return await asyncpg.connect(
-                    self.url, timeout=self.timeout_s, command_timeout=None
-                )
+                return await asyncpg.connect(self.url, timeout=self.timeout_s, command_timeout=None)
             except Exception as exc:
                 if self.is_transient(exc) and asyncio.get_running_loop().time() < deadline:
                     await asyncio.sleep(0.5)
@@ -174,7 +194,8 @@ class PostgresDatabase:
         return self._pool
 
     async def _after_error(self, exc: BaseException) -> None:
-        if isinstance(exc, _CONNECTION_LOST) and self._pool is not None:
+        lost = isinstance(exc, _CONNECTION_LOST) or _closed_under_us(exc)
+        if lost and self._pool is not None:
             # The server went away: its other connections are as dead as this one. Each
             # is closed when next acquired (or released) and a new one made in its place.
             await self._pool.expire_connections()
@@ -184,7 +205,7 @@ class PostgresDatabase:
     async def execute_batch(self, statements: Sequence[Statement]) -> None:
         pool = self._require_pool()
         try:
-            async with pool.acquire(timeout=self.timeout_s) as conn, conn.transaction():
+            async with pool.acquire(timeout=self.timeout_s) as conn, _transaction(conn):
                 for sql, group in itertools.groupby(statements, key=lambda s: s[0]):
                     params = [tuple(p) for _, p in group]
                     if len(params) == 1:
@@ -229,7 +250,7 @@ class PostgresDatabase:
         pending: list[concurrent.futures.Future[list[asyncpg.Record]]] = []
         try:
             async with pool.acquire(timeout=self.timeout_s) as conn:
-                async with conn.transaction(readonly=True):
+                async with _transaction(conn, readonly=True):
                     cursor = await conn.cursor(to_postgres(sql), *params)
 
                     def fetch() -> concurrent.futures.Future[list[asyncpg.Record]]:
@@ -274,10 +295,7 @@ class PostgresDatabase:
     # --- errors -----------------------------------------------------------------------
 
     def is_transient(self, exc: BaseException) -> bool:
-        if isinstance(exc, _TRANSIENT):
-            return True
-        # asyncpg's own word for a connection that closed under it.
-        return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+        return isinstance(exc, _TRANSIENT) or _closed_under_us(exc)
 
     def is_read_error(self, exc: BaseException) -> bool:
         return isinstance(
