@@ -79,9 +79,7 @@ async def main(frames: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engines: dict[str, Callable[[str], Database]] = {
                 "SQLite (WAL file)": lambda name: SQLiteDatabase(Path(tmp) / f"{name}.sqlite3"),
-                "PostgreSQL 15 (loopback)": lambda name: PostgresDatabase(
-                    pg.create_database(name)
-                ),
+                "PostgreSQL 15 (loopback)": lambda name: PostgresDatabase(pg.create_database(name)),
             }
             print(f"{frames} frames, {len(str(SUMMARY))}-character summaries")
             print(f"{'engine':<26} {'frames only':>14} {'frame + counters':>18}")
