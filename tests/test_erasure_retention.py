@@ -35,7 +35,10 @@ def settings_overrides() -> dict[str, Any]:
 
 
 async def call(
-    http: aiohttp.ClientSession, method: str, url: str, body: Any = None,
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: Any = None,
     token: str | None = ALICE,
 ) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -44,13 +47,20 @@ async def call(
 
 
 async def run_session(
-    server: RunningServer, http: aiohttp.ClientSession, rekognition: FakeRekognition,
-    *, end: bool = True, token: str | None = ALICE,
+    server: RunningServer,
+    http: aiohttp.ClientSession,
+    rekognition: FakeRekognition,
+    *,
+    end: bool = True,
+    token: str | None = ALICE,
 ) -> str:
     """A session with two frames, one raising an alert that is then reviewed."""
     status, started = await call(
-        http, "POST", f"{server.url}/api/sessions/start",
-        {"job_data": {"jobTitle": MARKER}}, token,
+        http,
+        "POST",
+        f"{server.url}/api/sessions/start",
+        {"job_data": {"jobTitle": MARKER}},
+        token,
     )
     assert status == 200, started
     sid = started["session_id"]
@@ -65,8 +75,11 @@ async def run_session(
     )
     alert_id = frame["result"]["alerts"][0]["episode_id"]
     status, _ = await call(
-        http, "POST", f"{server.url}/api/sessions/{sid}/alerts/{alert_id}/review",
-        {"verdict": "confirmed", "note": "two people"}, token,
+        http,
+        "POST",
+        f"{server.url}/api/sessions/{sid}/alerts/{alert_id}/review",
+        {"verdict": "confirmed", "note": "two people"},
+        token,
     )
     assert status == 200
     if end:
@@ -94,8 +107,11 @@ def checkpointed_bytes(db: Path) -> bytes:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
-    return db.read_bytes() + (db.with_name(db.name + "-wal").read_bytes()
-                              if db.with_name(db.name + "-wal").exists() else b"")
+    return db.read_bytes() + (
+        db.with_name(db.name + "-wal").read_bytes()
+        if db.with_name(db.name + "-wal").exists()
+        else b""
+    )
 
 
 async def test_erasing_an_ended_session_leaves_only_its_audit_entry(
@@ -249,7 +265,9 @@ async def test_retention_sweep_runs_periodically_and_spares_live_sessions(
         assert sorted(e["session_id"] for e in swept) == sorted(ended)
         assert {e["actor"] for e in swept} == {"system"}
         assert swept[0]["details"]["retention_days"] == pytest.approx(2 / 86_400)
-        async with http.get(f"{srv.url}/metrics", headers={"Authorization": f"Bearer {ALICE}"}) as r:
+        async with http.get(
+            f"{srv.url}/metrics", headers={"Authorization": f"Bearer {ALICE}"}
+        ) as r:
             text = await r.text()
         assert 'proctor_sessions_erased_total{reason="retention"} 3.0' in text
     finally:
@@ -297,8 +315,14 @@ async def test_which_sessions_are_due(tmp_path: Path) -> None:
     try:
         now = time.time()
         old, recent = now - 10 * 86_400, now - 60
-        for sid, start in (("ended-old", old), ("ended-recent", old), ("interrupted-old", old),
-                           ("interrupted-active", old), ("live-old", old), ("new", recent)):
+        for sid, start in (
+            ("ended-old", old),
+            ("ended-recent", old),
+            ("interrupted-old", old),
+            ("interrupted-active", old),
+            ("live-old", old),
+            ("new", recent),
+        ):
             await store.create_session(sid, "rest", "local", {}, start)
         await store.end_session("ended-old", old + 10, "client", {})
         await store.end_session("ended-recent", recent, "client", {})

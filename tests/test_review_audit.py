@@ -72,7 +72,10 @@ async def test_reviews_replace_each_other_and_show_in_status_report_and_audit(
 
     # Alice confirms on the live session; the answer is the alert with her review.
     status, alert = await call(
-        http, "POST", f"{base}/alerts/{alert_id}/review", ALICE,
+        http,
+        "POST",
+        f"{base}/alerts/{alert_id}/review",
+        ALICE,
         {"verdict": "confirmed", "note": "a second person sat down"},
     )
     assert status == 200, alert
@@ -113,8 +116,9 @@ async def test_reviews_replace_each_other_and_show_in_status_report_and_audit(
     assert reviews[0]["details"]["previous_verdict"] == "confirmed"
     assert reviews[1]["details"]["previous_verdict"] is None
     assert {e["session_id"] for e in reviews} == {sid}
-    assert all(set(e) == {"id", "at", "actor", "action", "session_id", "details"}
-               for e in audit["entries"])
+    assert all(
+        set(e) == {"id", "at", "actor", "action", "session_id", "details"} for e in audit["entries"]
+    )
     assert len({e["id"] for e in audit["entries"]}) == len(audit["entries"])
 
 
@@ -128,7 +132,10 @@ async def test_a_review_after_the_report_was_stored_shows_in_it(
     assert status == 200 and before["alerts"][0]["review"] is None
     assert before["review_status"] == "not_reviewed"
     status, alert = await call(
-        http, "POST", f"{base}/alerts/{alert_id}/review", OPERATOR,
+        http,
+        "POST",
+        f"{base}/alerts/{alert_id}/review",
+        OPERATOR,
         {"verdict": "confirmed", "note": "seen on the recording"},
     )
     assert status == 200 and alert["review"]["by"] == "operator"  # API_TOKEN's name
@@ -169,9 +176,12 @@ async def test_review_refuses_bad_input_and_unknown_ids(
         )
         assert (status, data["error"]["code"]) == (404, code)
     # An alert of another session is unknown in this one.
-    other, other_alert = await session_with_alert(server, http, rekognition, OPERATOR)
+    _other, other_alert = await session_with_alert(server, http, rekognition, OPERATOR)
     status, data = await call(
-        http, "POST", f"{server.url}/api/sessions/{sid}/alerts/{other_alert}/review", OPERATOR,
+        http,
+        "POST",
+        f"{server.url}/api/sessions/{sid}/alerts/{other_alert}/review",
+        OPERATOR,
         {"verdict": "dismissed"},
     )
     assert (status, data["error"]["code"]) == (404, "alert_not_found")
@@ -182,8 +192,11 @@ async def test_review_refuses_bad_input_and_unknown_ids(
         http, "POST", f"{server.url}/api/sessions/start", OPERATOR, {"job_data": {}}
     )
     status, data = await call(
-        http, "POST", f"{server.url}/api/sessions/{started['session_id']}/alerts/x/review",
-        started["candidate_token"], {"verdict": "dismissed"},
+        http,
+        "POST",
+        f"{server.url}/api/sessions/{started['session_id']}/alerts/x/review",
+        started["candidate_token"],
+        {"verdict": "dismissed"},
     )
     assert (status, data["error"]["code"]) == (403, "forbidden")
 
@@ -275,7 +288,11 @@ def test_serve_refuses_to_start_with_malformed_tokens(tmp_path: Path) -> None:
     }
     done = subprocess.run(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(free_port())],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     out = done.stdout + done.stderr
     assert done.returncode == 2, out

@@ -112,8 +112,9 @@ class WebhookSender:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("WEBHOOK_URL must be an http:// or https:// URL with a host")
         if not s.webhook_secret:
-            raise ConfigError("WEBHOOK_URL is set but WEBHOOK_SECRET is not: deliveries "
-                              "must be signed")
+            raise ConfigError(
+                "WEBHOOK_URL is set but WEBHOOK_SECRET is not: deliveries must be signed"
+            )
         if len(s.webhook_secret) < SECRET_MIN_CHARS:
             raise ConfigError(f"WEBHOOK_SECRET is shorter than {SECRET_MIN_CHARS} characters")
         unknown = self.events - set(EVENTS)
@@ -196,8 +197,9 @@ class WebhookSender:
             self._queue.put_nowait(Delivery(delivery_id, event, body))
         except asyncio.QueueFull:
             self.instruments.webhook_deliveries.labels(outcome="dropped").inc()
-            log.warning("webhooks: queue full (%d): %s delivery dropped",
-                        self._queue.maxsize, event)
+            log.warning(
+                "webhooks: queue full (%d): %s delivery dropped", self._queue.maxsize, event
+            )
             return False
         return True
 
@@ -227,21 +229,33 @@ class WebhookSender:
             if result == "ok":
                 return "delivered"
             if result == "rejected":
-                log.warning("webhook %s %s refused by the receiver: not retried",
-                            delivery.event, delivery.id)
+                log.warning(
+                    "webhook %s %s refused by the receiver: not retried",
+                    delivery.event,
+                    delivery.id,
+                )
                 return "rejected"
             if attempt == attempts:
                 break
-            backoff = min(s.webhook_retry_max_backoff_s,
-                          s.webhook_retry_backoff_s * 2 ** (attempt - 1))
+            backoff = min(
+                s.webhook_retry_max_backoff_s, s.webhook_retry_backoff_s * 2 ** (attempt - 1)
+            )
             delay = backoff / 2 + random.uniform(0, backoff / 2)  # equal jitter
             if retry_after is not None:
                 delay = max(delay, min(retry_after, s.webhook_retry_max_backoff_s))
-            log.info("webhook %s %s: %s on attempt %d of %d, next in %.1f s",
-                     delivery.event, delivery.id, result, attempt, attempts, delay)
+            log.info(
+                "webhook %s %s: %s on attempt %d of %d, next in %.1f s",
+                delivery.event,
+                delivery.id,
+                result,
+                attempt,
+                attempts,
+                delay,
+            )
             await asyncio.sleep(delay)
-        log.warning("webhook %s %s not delivered after %d attempts",
-                    delivery.event, delivery.id, attempts)
+        log.warning(
+            "webhook %s %s not delivered after %d attempts", delivery.event, delivery.id, attempts
+        )
         return "failed"
 
     async def _attempt(self, delivery: Delivery, attempt: int) -> tuple[str, float | None]:
