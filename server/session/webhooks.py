@@ -149,9 +149,7 @@ class WebhookSender:
         task, self._task = self._task, None
         if task is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.shield(self._queue.join()), self.settings.webhook_shutdown_drain_s
-                )
+                await asyncio.wait_for(self.idle(), self.settings.webhook_shutdown_drain_s)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -165,6 +163,10 @@ class WebhookSender:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    async def idle(self) -> None:
+        """Wait until every delivery queued so far has its final outcome."""
+        await self._queue.join()
 
     # --- events in ------------------------------------------------------------------------
 
