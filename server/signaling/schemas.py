@@ -116,6 +116,15 @@ class Report(BaseModel):
         description="e.g. bad_frame_timestamp, corrupt_frame_row, corrupt_alert_row, "
         "store_write_failed, store_unreadable, report_failed",
     )
+    not_computed: list[str] = Field(
+        default_factory=list,
+        description="Parts this session did not compute (EMOTION_ANALYSIS=off: "
+        "facial_expression, dominant_emotion, emotion_distribution, "
+        "dominant_emotion_counts, emotion_timeline)",
+    )
+    review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
+        default=None, description="Human review of the session's alerts (each alert's review)"
+    )
 
 
 class Ended(BaseModel):
