@@ -146,6 +146,10 @@ async def test_erasing_an_ended_session_leaves_only_its_audit_entry(
     assert erase["id"] == erased["audit_id"]
     assert erase["details"]["was_live"] is False and erase["details"]["status"] == "ended"
     assert erase["details"]["frames_analysed"] == 2
+    review = audit["entries"][1]
+    assert review["details"]["verdict"] == "confirmed"  # who decided what stays ...
+    assert review["details"]["note"] is None and review["details"]["note_erased"] is True
+    assert "two people" not in json.dumps(audit)  # ... the note about the candidate goes
     assert MARKER not in json.dumps(audit)
 
     # Not just unreachable: the erased session's bytes are gone from the file (the other
@@ -265,6 +269,9 @@ async def test_retention_sweep_runs_periodically_and_spares_live_sessions(
         assert sorted(e["session_id"] for e in swept) == sorted(ended)
         assert {e["actor"] for e in swept} == {"system"}
         assert swept[0]["details"]["retention_days"] == pytest.approx(2 / 86_400)
+        notes = [e["details"]["note"] for e in audit["entries"] if e["action"] == "review"]
+        # The erased sessions' reviews lose their notes; the live session's (oldest) keeps it.
+        assert notes == [None, None, None, "two people"]
         async with http.get(
             f"{srv.url}/metrics", headers={"Authorization": f"Bearer {ALICE}"}
         ) as r:

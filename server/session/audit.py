@@ -6,8 +6,8 @@ An entry is {id, at, actor, action, session_id, details}: `id` a random uuid (po
 no autoincrement), `at` Unix seconds, `actor` the name of the operator token
 (`API_TOKENS`; "operator" for `API_TOKEN`, "anonymous" in development mode) or "system",
 `details` a small JSON object. Entries outlive the sessions they name (an erasure's entry
-is what remains of it), so `details` must never carry personal data: no job data, no
-frames, no notes beyond the reviewer's own.
+is what remains of it), so `details` never carries the session's data (job data, frames);
+a review's note is kept until its session is erased, then removed (`forget_notes`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,23 @@ class AuditLog:
         }
         await self.store.add_audit_entry(entry)
         return entry
+
+    async def forget_notes(self, session_id: str) -> int:
+        """An erased session's review entries keep who decided what and when, not the
+        reviewer's notes (they may describe the candidate). Returns how many changed."""
+        changed = 0
+        offset = 0
+        while True:
+            page = await self.store.audit_entries(session_id, 500, offset)
+            for entry in page:
+                details = entry["details"]
+                if entry["action"] == "review" and details.get("note") is not None:
+                    details = {**details, "note": None, "note_erased": True}
+                    await self.store.set_audit_details(entry["id"], session_id, details)
+                    changed += 1
+            if len(page) < 500:
+                return changed
+            offset += 500
 
     async def entries(
         self, session_id: str | None = None, limit: int = 100, offset: int = 0

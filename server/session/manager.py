@@ -935,11 +935,13 @@ class SessionManager:
         was_live = session_id in self._live
         await self._erase_one(session_id, "erased")
         try:
+            await self.store.flush(session_id, since=self.store.mark())  # its end, if live
             record = await self.store.get_session(session_id)
         except StoreError:
-            record = None
+            record = None  # the audit entry says less; the erasure goes on
         mark = self.store.mark()
         await self.store.erase_session(session_id)
+        await self.audit.forget_notes(session_id)
         entry = await self.audit.record(actor, "erase", session_id, {
             "was_live": was_live,
             **_erased_facts(record),
@@ -989,6 +991,7 @@ class SessionManager:
             for sid in ids:
                 await self._erase_one(sid, "retention")
                 await self.store.erase_session(sid)
+                await self.audit.forget_notes(sid)
                 await self.audit.record(SYSTEM, "retention_sweep", sid, {
                     "retention_days": days, "cutoff": round(cutoff, 3),
                 })

@@ -577,6 +577,14 @@ class Store:
             ),
         )
 
+    async def set_audit_details(
+        self, entry_id: str, session_id: str, details: dict[str, Any]
+    ) -> None:
+        """Rewrite an entry's details (an erasure removes the notes of its reviews)."""
+        await self._put(
+            session_id, "UPDATE audit_log SET details=? WHERE id=?", (_dumps(details), entry_id)
+        )
+
     async def audit_entries(
         self, session_id: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[dict[str, Any]]:
