@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from server.app import create_app
+from server.app import WEBHOOKS, create_app
 from server.config import ConfigError, Settings
 from server.observability import Instruments
 from server.session.webhooks import WebhookSender, sign, verify
@@ -172,6 +172,7 @@ async def test_critical_alerts_and_ends_are_signed_and_retried(
         assert body["data"]["review_status"] == "not_reviewed"
         assert MARKER.encode() not in ended.body  # no job data leaves the server
         assert ended.headers["Content-Type"] == "application/json"
+        await asyncio.wait_for(srv.app[WEBHOOKS].idle(), 10)  # outcomes counted
         instruments = srv.manager.instruments
         name = "proctor_webhook_deliveries_total"
         assert outcome(instruments, name, outcome="delivered") == 2
