@@ -35,6 +35,9 @@ def _connect(path: Path) -> sqlite3.Connection:
                 raise
             time.sleep(0.05)
     conn.execute("PRAGMA synchronous=NORMAL")
+    # Erased sessions (DELETE /api/sessions/{id}, retention) are overwritten with zeros,
+    # not left readable in free pages of the file.
+    conn.execute("PRAGMA secure_delete=ON")
     conn.row_factory = sqlite3.Row
     return conn
 
