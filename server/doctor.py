@@ -169,21 +169,24 @@ def check_llm(s: Settings) -> Check:
 
 def _schema(have: list[int], legacy: bool = False) -> tuple[Status, str, str | None]:
     """What the store's schema version means for this code: (status, words, fix)."""
-    from server.session.migrations import LATEST
+    from server.session.migrations import LATEST, MIGRATIONS
 
     if not have:
         if legacy:
             return "ok", f"from before versioned migrations: migrated to v{LATEST} at start", None
         return "ok", f"empty: the schema (v{LATEST}) is created at the first start", None
-    if max(have) > LATEST:
+    unknown = set(have) - {m.version for m in MIGRATIONS}
+    if unknown:
         return (
             "problem",
-            f"schema v{max(have)}, newer than this server's v{LATEST}: the server will "
-            "refuse to start",
+            f"schema v{max(have)}, newer than this server's v{LATEST} (it has "
+            f"{', '.join(f'v{v}' for v in sorted(unknown))}): the server will refuse to start",
             "run the newer server it was migrated by, or point DATABASE_URL elsewhere",
         )
-    if max(have) < LATEST:
-        return "ok", f"schema v{max(have)}: migrated to v{LATEST} at the next start", None
+    missing = sorted({m.version for m in MIGRATIONS} - set(have))
+    if missing:
+        to_apply = ", ".join(f"v{v}" for v in missing)
+        return "ok", f"schema v{max(have)}: {to_apply} applied at the next start", None
     return "ok", f"schema v{LATEST} (this server's)", None
 
 

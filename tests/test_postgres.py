@@ -232,7 +232,7 @@ async def test_a_failing_migration_leaves_the_last_complete_version(postgres_url
         with pytest.raises(asyncpg.UndefinedTableError):
             await migrate_postgres(conn, (*MIGRATIONS, broken))
         versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [r["version"] for r in versions] == list(range(1, LATEST + 1))
+        assert [r["version"] for r in versions] == sorted(m.version for m in MIGRATIONS)
         assert await conn.fetchval("SELECT to_regclass('half')") is None  # rolled back
         columns = await conn.fetch(
             "SELECT column_name, data_type FROM information_schema.columns "
