@@ -61,6 +61,8 @@ def make_store(
         settings.store_queue_size,
         write_attempts=settings.store_write_attempts,
         retry_backoff_s=settings.store_retry_backoff_s,
+        retry_window_s=settings.store_retry_window_s,
+        retry_max_backoff_s=settings.store_retry_max_backoff_s,
         flush_timeout_s=settings.store_flush_timeout_s,
     )
 

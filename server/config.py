@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     store_queue_size: int = 10_000  # writes waiting for the writer thread; producers wait beyond
     store_write_attempts: int = 3  # a failed write batch is tried this many times in all …
     store_retry_backoff_s: float = 0.1  # … this long before the 2nd, twice it before the 3rd
+    store_retry_window_s: float = 30.0  # … and for at least this long (a database restart)
+    store_retry_max_backoff_s: float = 2.0  # the wait between attempts never exceeds this
     store_flush_timeout_s: float = 10.0  # flush() raises instead of waiting longer than this
 
     # --- review, audit and privacy ----------------------------------------------------------

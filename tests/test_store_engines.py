@@ -187,7 +187,7 @@ async def test_one_refused_statement_loses_only_itself(store: Store) -> None:
     assert await store.get_session("s2") is not None
     health = store.health()
     assert health["failed_writes"] == 1 and health["retried_batches"] == 0  # not retried
-    assert health["engine"] == store.db.describe()
+    assert health["engine"] == store.db.dialect
 
 
 async def test_reviews_audit_retention_and_erasure(store: Store) -> None:

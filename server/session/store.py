@@ -109,6 +109,8 @@ class Store:
         *,
         write_attempts: int = 3,
         retry_backoff_s: float = 0.1,
+        retry_window_s: float = 0.0,
+        retry_max_backoff_s: float = 2.0,
         flush_timeout_s: float = 10.0,
     ) -> None:
         self.db: Database = (
@@ -116,6 +118,10 @@ class Store:
         )
         self.write_attempts = max(1, write_attempts)
         self.retry_backoff_s = retry_backoff_s
+        # A transient failure is retried for at least `write_attempts` attempts and at
+        # least `retry_window_s` (a database restart or failover takes seconds).
+        self.retry_window_s = max(0.0, retry_window_s)
+        self.retry_max_backoff_s = retry_max_backoff_s
         self.flush_timeout_s = flush_timeout_s
         self.on_write_error: WriteErrorHook | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
@@ -212,7 +218,7 @@ class Store:
             reasons.append("queue_full")
         return {
             "status": "degraded" if reasons else "ok",
-            "engine": self.db.describe(),
+            "engine": self.db.dialect,  # public: never the host, user or file path
             "reasons": reasons,
             "failed_writes": self.failed_writes,
             "failed_batches": self.failed_batches,
@@ -283,7 +289,10 @@ class Store:
 
     async def _write(self, batch: list[_Write]) -> None:
         statements = [(w.sql, w.params) for w in batch]
-        for attempt in range(1, self.write_attempts + 1):
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 await self.db.execute_batch(statements)
             except Exception as exc:
@@ -298,15 +307,24 @@ class Store:
                         await self._write([w])
                     return
                 self._note_error(exc)  # busy, locked, I/O, connection lost: may pass
-                if attempt < self.write_attempts:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if (
+                    attempt < self.write_attempts
+                    or now - first_failure < self.retry_window_s
+                ):
                     self.retried_batches += 1
                     log.warning(
-                        "store write failed (%s); attempt %d of %d",
+                        "store write failed (%s); attempt %d (at least %d, for at least "
+                        "%.0f s)",
                         exc,
                         attempt,
                         self.write_attempts,
+                        self.retry_window_s,
                     )
-                    await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(
+                        min(self.retry_max_backoff_s, self.retry_backoff_s * 2 ** (attempt - 1))
+                    )
                     continue
                 self._lose(batch, exc)
                 return
