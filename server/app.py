@@ -13,11 +13,13 @@ from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
 from server.config import Settings
 from server.observability import Instruments
+from server.session.alerts import AlertService
 from server.session.database import Database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
 from server.signaling import socketio_json
+from server.signaling.alerts_api import register_alert_routes
 from server.signaling.auth import ACCESS, Access
 from server.signaling.http_api import error_middleware
 from server.signaling.rest import build_api
@@ -117,6 +119,7 @@ def create_app(
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
     video_jobs = VideoJobs(manager, settings)
     register_video_routes(api, video_jobs, settings)
+    register_alert_routes(api, AlertService(manager.store, settings))
     api.attach(app)
     app[RTC] = rtc
     app[VIDEO_JOBS] = video_jobs

@@ -183,6 +183,24 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
             {"none": 401, "candidate": 403, "other": 403, "operator": 404},
         ),
         (
+            "GET",
+            f"/api/sessions/{sid}/alerts",
+            None,
+            {"none": 401, "candidate": 403, "other": 403, "operator": 200},
+        ),
+        (
+            "GET",
+            f"/api/sessions/{sid}/alerts/noalert/evidence",
+            None,  # authorised first, then the unknown alert is not found
+            {"none": 401, "candidate": 403, "other": 403, "operator": 404},
+        ),
+        (
+            "POST",
+            f"/api/sessions/{sid}/rescore",
+            {"rules": {"looking_away": {"yaw_deg": 40}}},
+            {"none": 401, "candidate": 403, "other": 403, "operator": 200},
+        ),
+        (
             "POST",
             f"/api/sessions/{sid}/end",
             None,
@@ -197,7 +215,12 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
             for method in ops
         }
     covered = {
-        (m, p.replace(sid, "{session_id}").replace("nope", "{job_id}"))
+        (
+            m,
+            p.replace(sid, "{session_id}")
+            .replace("nope", "{job_id}")
+            .replace("noalert", "{alert_id}"),
+        )
         for m, p, _b, _r in expected
     }
     assert declared <= covered, sorted(declared - covered)

@@ -38,6 +38,7 @@ from server.errors import (
 from server.media.frames import Frame
 from server.observability import Instruments, current_session, short_id
 from server.session.analyser_router import AnalyserRouter
+from server.session.evidence import EvidenceWriter
 from server.session.live_session import DROPPED, LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.report import (
@@ -94,9 +95,11 @@ class SessionManager:
             offline=offline_analyser,
             pose_calibration_factory=lambda a: backend_pose_factory(a, settings),
         )
+        #: Alert evidence snapshots, rendered in their own thread (EVIDENCE).
+        self.evidence = EvidenceWriter(settings, store, instruments, self.internal_error)
         self.pipeline = SessionPipeline(
             settings, self.router, store, instruments, self.budget, self.pacing,
-            self.internal_error,
+            self.internal_error, self.evidence,
         )
         self._live: dict[str, LiveSession] = {}
         self._grace: dict[str, asyncio.Task[None]] = {}
@@ -117,6 +120,7 @@ class SessionManager:
         self.interrupted_at_start = await self.store.open()
         await self.spend.start()
         await self.analyser.start()
+        self.evidence.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle-sweeper")
 
     async def stop(self) -> None:
@@ -165,6 +169,8 @@ class SessionManager:
                 async with asyncio.timeout_at(deadline):
                     await self.store.mark_interrupted(sid, "shutdown_timeout")
         self.budget.close()
+        # Snapshots still queued get what is left of a second, then are given up.
+        await self.evidence.stop(timeout_s=max(0.0, min(1.0, deadline - loop.time() - reserve / 2)))
         await self._close_within(self.spend.stop(), deadline, "spend counters")
         await self.store.close(timeout_s=max(0.1, deadline - loop.time()))
         await self._close_within(self.analyser.close(), deadline, "analyser")
@@ -637,6 +643,7 @@ class SessionManager:
     def _release(self, session: LiveSession) -> None:
         if self._live.pop(session.id, None) is not None:
             self.instruments.live_sessions.set(len(self._live))
+            self.evidence.forget(session.id)
 
     async def _stop_worker(self, session: LiveSession) -> None:
         leftover = session.slot.close()
