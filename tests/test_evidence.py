@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from server.config import Settings
 from server.media.frames import Frame
 from server.observability import Instruments
 from server.session.evidence import (
+    EVIDENCE_NICE,
     FACE_COLOUR,
     OBJECT_COLOUR,
     TEXT_COLOUR,
@@ -378,6 +381,12 @@ async def test_a_full_queue_drops_and_counts_and_the_session_limit_holds(
             "proctor_evidence_total", {"outcome": "dropped"}
         )
         assert value == 1.0
+        # Rendering yields the CPU to the live path: its thread runs at a higher nice.
+        [thread] = [t for t in threading.enumerate() if t.name.startswith("evidence")]
+        assert thread.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(
+            19, os.getpriority(os.PRIO_PROCESS, 0) + EVIDENCE_NICE
+        )
     finally:
         await writer.stop()
         await store.close()
