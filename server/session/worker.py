@@ -267,7 +267,7 @@ class SessionPipeline:
             if ev["status"] == "onset":
                 if self.evidence is not None:
                     # This frame confirmed the onset: its snapshot, never waited for.
-                    self.evidence.offer(EvidenceJob(session.id, ev, frame, obs))
+                    self.evidence.offer(EvidenceJob(session.id, dict(ev), frame, obs))
                 self.instruments.alerts_raised.labels(type=ev["type"]).inc()
                 log.info("alert %s (%s): %s", ev["type"], ev["severity"], ev["message"],
                          extra={"session_id": session.id})
