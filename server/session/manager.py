@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from server.analysis.analyser import Analyser, PoseCalibration
@@ -54,6 +54,9 @@ from server.session.worker import SessionPipeline
 log = logging.getLogger(__name__)
 
 NarratorFactory = Callable[[], Any]
+#: Told of every session that goes live on this node, whatever its transport (started or
+#: reopened), before its first frame: the Socket.IO watchers attach here.
+SessionObserver = Callable[[LiveSession], Awaitable[None]]
 #: Transports whose frames the server samples itself: rules and cadences follow capture
 #: time there (SPEC "Alerts").
 CAPTURE_CLOCK_TRANSPORTS = frozenset({"webrtc", "video"})
@@ -108,6 +111,7 @@ class SessionManager:
         self.interrupted_at_start: list[str] = []
         #: What builds reports (a subclass can be swapped in, e.g. by tests).
         self.report_builder: type[ReportBuilder] = ReportBuilder
+        self.session_observers: list[SessionObserver] = []
         store.on_write_error = self._store_write_failed
         instruments.store_queue_depth.set_function(lambda: store.queue_depth)
 
@@ -231,11 +235,19 @@ class SessionManager:
             },
             backend_switches=session.backend_switches,
         )
+        await self._announce(session)
         self._start_worker(session)
         self.instruments.sessions_started.labels(transport=transport).inc()
         log.info("session %s started (%s, backend %s)", short_id(session.id), transport,
                  session.backend, extra={"session_id": session.id})
         return session
+
+    async def _announce(self, session: LiveSession) -> None:
+        for observer in list(self.session_observers):
+            try:
+                await observer(session)
+            except Exception as exc:  # an observer's bug must not refuse the session
+                self.internal_error("session_observer", exc, session)
 
     def _check_capacity(self) -> None:
         if len(self._live) >= self.settings.max_live_sessions:
@@ -367,6 +379,7 @@ class SessionManager:
             })
         self._live[session.id] = session
         await self.store.set_session_status(session.id, "live", None)
+        await self._announce(session)
         self._start_worker(session)
         log.info("session reopened after frame %d", last_i, extra={"session_id": session.id})
         return session

@@ -562,6 +562,18 @@ class Store:
         params += [limit, offset]
         return [self._session_row(r) for r in await self._fetch_all(sql, params)]
 
+    async def alert_counts(self, session_ids: Sequence[str]) -> dict[str, int]:
+        """Alert episodes per session, for the sessions named (the console's list)."""
+        if not session_ids:
+            return {}
+        marks = ", ".join("?" for _ in session_ids)
+        rows = await self._fetch_all(
+            f"SELECT session_id, COUNT(*) AS n FROM alerts WHERE session_id IN ({marks}) "
+            "GROUP BY session_id",
+            list(session_ids),
+        )
+        return {r["session_id"]: int(r["n"]) for r in rows}
+
     async def scan_frames(
         self,
         session_id: str,

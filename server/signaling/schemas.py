@@ -133,6 +133,12 @@ class SessionRecord(BaseModel):
     started_at: float
     ended_at: float | None
     end_reason: str | None
+    alert_count: int = Field(default=0, description="Alert episodes raised so far")
+    live: dict[str, Any] | None = Field(
+        default=None,
+        description="A session live on this node: health {status: ok|warning|bad, "
+        "reasons}, backend, duration_s, frames_analysed, alerts_active",
+    )
 
 
 class SessionList(BaseModel):
