@@ -48,7 +48,7 @@ CONSOLE_HEADERS = {
             "default-src 'none'",
             "script-src 'self'",
             "style-src 'self'",
-            "img-src 'self' blob:",
+            "img-src 'self' blob: data:",
             "connect-src 'self'",
             "base-uri 'none'",
             "form-action 'none'",

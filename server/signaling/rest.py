@@ -67,6 +67,8 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
                 "store": store,
                 "backend": manager.analyser.name,
                 "live_sessions": manager.live_count,
+                # Whether clients need a token (the console asks before it signs in).
+                "auth": "token" if request.app[ACCESS].secured else "none",
                 "spend": manager.spend.to_json(),
                 "uptime_s": round(time.monotonic() - started, 3),
                 "version": __version__,

@@ -165,6 +165,9 @@ class Health(BaseModel):
     store: StoreHealth
     backend: str
     live_sessions: int
+    auth: Literal["token", "none"] = Field(
+        description="token: secured mode (API_TOKEN set); none: development mode"
+    )
     spend: dict[str, Any] = Field(
         description="today's (UTC) Rekognition calls and LLM tokens against their daily "
         "caps, and the per-address session start limit"
