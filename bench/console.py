@@ -131,22 +131,23 @@ async def bench_latency(trials: int, latency: float) -> list[float]:
     return out
 
 
-async def push_session(url: str, frames: dict[str, str], fps: float, toggle: int,
-                       stop: asyncio.Event, ids: list[str]) -> int:
+async def push_session(
+    url: str, frames: dict[str, str], fps: float, toggle: int, stop: asyncio.Event, ids: list[str]
+) -> int:
     sio = socketio.AsyncClient(reconnection=False)
     await sio.connect(url, transports=["websocket"])
     sent = 0
     try:
-        ack = await sio.call("start_session", {"job_data": {"jobTitle": "load",
-                                                            "candidateName": f"c{len(ids)}"}})
+        ack = await sio.call(
+            "start_session", {"job_data": {"jobTitle": "load", "candidateName": f"c{len(ids)}"}}
+        )
         sid = ack["session_id"]
         ids.append(sid)
         period = 1.0 / fps
         next_at = time.monotonic()
         while not stop.is_set():
             scene = "two_faces" if (sent // toggle) % 2 else "face"
-            await sio.call("analyze_frame", {"session_id": sid, "frame": frames[scene]},
-                           timeout=30)
+            await sio.call("analyze_frame", {"session_id": sid, "frame": frames[scene]}, timeout=30)
             sent += 1
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -165,14 +166,18 @@ async def bench_load(sessions: int, fps: float, toggle: int, seconds: float) -> 
     server = ServerProcess(fake, max_live_sessions=sessions + 10, analyser_calls_per_s=0)
     await server.start()
     images = scene_images()
-    frames = {name: data_url(cv2.resize(images[name], (320, 240))) for name in ("face", "two_faces")}
+    frames = {
+        name: data_url(cv2.resize(images[name], (320, 240))) for name in ("face", "two_faces")
+    }
     pw = context = None
     stop = asyncio.Event()
     ids: list[str] = []
     try:
         pw, context, page = await open_console(server.url, Path(tempfile.mkdtemp()))
-        tasks = [asyncio.create_task(push_session(server.url, frames, fps, toggle, stop, ids))
-                 for _ in range(sessions)]
+        tasks = [
+            asyncio.create_task(push_session(server.url, frames, fps, toggle, stop, ids))
+            for _ in range(sessions)
+        ]
         while len(ids) < sessions:
             await asyncio.sleep(0.1)
         await asyncio.sleep(3)  # every session pushing
@@ -213,8 +218,9 @@ async def bench_load(sessions: int, fps: float, toggle: int, seconds: float) -> 
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--trials", type=int, default=30, help="(a) alert trials")
     ap.add_argument("--latency", type=float, default=0.05, help="(a) fake Rekognition latency, s")
     ap.add_argument("--sessions", type=int, default=50, help="(b) Socket.IO push sessions")
@@ -228,22 +234,29 @@ async def main() -> None:
     if args.skip != "a":
         lat = await bench_latency(args.trials, args.latency)
         ms = [v * 1000 for v in lat]
-        print(f"(a) data channel → console feed, {len(ms)} of {args.trials} alerts: "
-              f"p50 {pct(ms, 0.5):.1f} ms, p95 {pct(ms, 0.95):.1f} ms, "
-              f"min {min(ms) if ms else float('nan'):.1f} ms, max {max(ms) if ms else float('nan'):.1f} ms "
-              "(target p50 ≤ 100 ms)", flush=True)
+        print(
+            f"(a) data channel → console feed, {len(ms)} of {args.trials} alerts: "
+            f"p50 {pct(ms, 0.5):.1f} ms, p95 {pct(ms, 0.95):.1f} ms, "
+            f"min {min(ms) if ms else float('nan'):.1f} ms, max {max(ms) if ms else float('nan'):.1f} ms "
+            "(target p50 ≤ 100 ms)",
+            flush=True,
+        )
     if args.skip != "b":
         r = await bench_load(args.sessions, args.fps, args.toggle, args.seconds)
         ev = r["events"]
-        print(f"(b) {args.sessions} Socket.IO push sessions at {args.fps:g} frames/s "
-              f"({r['sent']} frames pushed; {r['rows']} rows in the live table); "
-              f"over {r['wall']:.0f} s the console received {r['total']:.1f} events/s: "
-              + ", ".join(f"{k} {v:.1f}/s" for k, v in sorted(ev.items()) if v))
+        print(
+            f"(b) {args.sessions} Socket.IO push sessions at {args.fps:g} frames/s "
+            f"({r['sent']} frames pushed; {r['rows']} rows in the live table); "
+            f"over {r['wall']:.0f} s the console received {r['total']:.1f} events/s: "
+            + ", ".join(f"{k} {v:.1f}/s" for k, v in sorted(ev.items()) if v)
+        )
         f = r["frames"]
-        print(f"    page frame time: rAF interval p50 {pct(f, 0.5):.1f} ms, p95 {pct(f, 0.95):.1f} ms, "
-              f"max {max(f) if f else float('nan'):.1f} ms over {len(f)} frames; "
-              f"{len(r['long'])} long tasks (≥ 50 ms), longest "
-              f"{max(r['long']) if r['long'] else 0:.0f} ms; server CPU {r['server_cpu']:.0f} % of a core")
+        print(
+            f"    page frame time: rAF interval p50 {pct(f, 0.5):.1f} ms, p95 {pct(f, 0.95):.1f} ms, "
+            f"max {max(f) if f else float('nan'):.1f} ms over {len(f)} frames; "
+            f"{len(r['long'])} long tasks (≥ 50 ms), longest "
+            f"{max(r['long']) if r['long'] else 0:.0f} ms; server CPU {r['server_cpu']:.0f} % of a core"
+        )
 
 
 if __name__ == "__main__":

@@ -120,9 +120,7 @@ async def test_a_proctor_runs_an_interview_from_the_console(
         await candidate.goto(join)
         await candidate.wait_for_function("window.proctorPage.marks.camera_ready !== undefined")
         await candidate.click("#connect-btn")
-        await candidate.wait_for_function(
-            "document.body.dataset.state === 'live'", timeout=20_000
-        )
+        await candidate.wait_for_function("document.body.dataset.state === 'live'", timeout=20_000)
         # The session the proctor made is now a WebRTC one (the sessions list refreshes).
         await row.locator("td:nth-child(4):has-text('webrtc')").wait_for(timeout=15_000)
 
@@ -148,7 +146,9 @@ async def test_a_proctor_runs_an_interview_from_the_console(
         await console.click("#detail-dismiss")
         await console.wait_for_selector("#detail-review[data-verdict=dismissed]")
         await console.click("#detail-close")
-        await console.wait_for_selector(f"[data-testid=feed-alert][data-episode-id='{episode}'][data-verdict=dismissed]")
+        await console.wait_for_selector(
+            f"[data-testid=feed-alert][data-episode-id='{episode}'][data-verdict=dismissed]"
+        )
 
         # The session view: live metrics and the chart, its bands the alert episodes.
         await row.click()
@@ -162,7 +162,9 @@ async def test_a_proctor_runs_an_interview_from_the_console(
         reviewed = console.locator(f"[data-testid=session-alert][data-episode-id='{episode}']")
         await reviewed.wait_for()
         assert await reviewed.get_attribute("data-verdict") == "dismissed"
-        await console.wait_for_selector("[data-testid=evidence-thumb]:not([hidden])", timeout=15_000)
+        await console.wait_for_selector(
+            "[data-testid=evidence-thumb]:not([hidden])", timeout=15_000
+        )
         await console.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
 
         # The proctor ends it and reads the report.
