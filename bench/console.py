@@ -132,7 +132,14 @@ async def bench_latency(trials: int, latency: float) -> list[float]:
 
 
 async def push_session(
-    url: str, frames: dict[str, str], fps: float, toggle: int, stop: asyncio.Event, ids: list[str]
+    url: str,
+    frames: dict[str, str],
+    fps: float,
+    toggle: int,
+    stop: asyncio.Event,
+    ids: list[str],
+    all_started: asyncio.Event,
+    sessions: int,
 ) -> int:
     sio = socketio.AsyncClient(reconnection=False)
     await sio.connect(url, transports=["websocket"])
@@ -143,6 +150,8 @@ async def push_session(
         )
         sid = ack["session_id"]
         ids.append(sid)
+        if len(ids) == sessions:
+            all_started.set()
         period = 1.0 / fps
         next_at = time.monotonic()
         while not stop.is_set():
@@ -170,16 +179,17 @@ async def bench_load(sessions: int, fps: float, toggle: int, seconds: float) -> 
         name: data_url(cv2.resize(images[name], (320, 240))) for name in ("face", "two_faces")
     }
     pw = context = None
-    stop = asyncio.Event()
+    stop, all_started = asyncio.Event(), asyncio.Event()
     ids: list[str] = []
     try:
         pw, context, page = await open_console(server.url, Path(tempfile.mkdtemp()))
         tasks = [
-            asyncio.create_task(push_session(server.url, frames, fps, toggle, stop, ids))
+            asyncio.create_task(
+                push_session(server.url, frames, fps, toggle, stop, ids, all_started, sessions)
+            )
             for _ in range(sessions)
         ]
-        while len(ids) < sessions:
-            await asyncio.sleep(0.1)
+        await asyncio.wait_for(all_started.wait(), 60)
         await asyncio.sleep(3)  # every session pushing
         await page.evaluate(f"() => {{ location.hash = '#/session/{ids[0]}'; }}")
         await page.wait_for_selector("[data-testid=chart-live] canvas")

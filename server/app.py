@@ -18,9 +18,11 @@ from server.session.database import Database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
+from server.session.webhooks import WebhookSender
 from server.signaling import socketio_json
 from server.signaling.auth import ACCESS, Access
 from server.signaling.http_api import error_middleware
+from server.signaling.operator_api import register_operator_routes
 from server.signaling.rest import build_api
 from server.signaling.rtc import RtcGateway
 from server.signaling.socketio_events import GuardedServer, ProctorNamespace
@@ -37,6 +39,7 @@ INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 
 
 #: The console holds the operator's token in memory: nothing but its own scripts may run
@@ -93,9 +96,13 @@ def create_app(
     offline_analyser: Analyser | None = None,
 ) -> web.Application:
     """`offline_analyser`: a started offline backend for sessions past the Rekognition
-    cap (owned by the caller); default: one is made when first needed."""
+    cap (owned by the caller); default: one is made when first needed. Raises
+    ConfigError for settings the server refuses (operator tokens, webhooks)."""
     settings = settings or Settings()
     instruments = Instruments()
+    # Settings checked before anything is built: a refusal leaves nothing to close.
+    access = Access(settings)
+    webhooks = WebhookSender(settings, instruments)
     analyser = analyser or make_analyser(settings, instruments)
     manager = SessionManager(
         settings,
@@ -106,7 +113,7 @@ def create_app(
         pose_calibration_factory=pose_calibration_factory(analyser, settings),
         offline_analyser=offline_analyser,
     )
-    access = Access(settings)
+    manager.webhooks = webhooks
     app = web.Application(
         # App-wide ceiling; each route reads its body with its own, smaller limit.
         client_max_size=_max_body(settings),
@@ -121,6 +128,7 @@ def create_app(
     app[SETTINGS] = settings
     app[INSTRUMENTS] = instruments
     app[ACCESS] = access
+    app[WEBHOOKS] = webhooks
 
     sio = GuardedServer(
         async_mode="aiohttp",
@@ -146,7 +154,9 @@ def create_app(
     rtc = RtcGateway(manager, settings, instruments)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
     video_jobs = VideoJobs(manager, settings)
+    manager.erase_hooks.append(video_jobs.forget_session)
     register_video_routes(api, video_jobs, settings)
+    register_operator_routes(api, manager)
     api.attach(app)
     app[RTC] = rtc
     app[VIDEO_JOBS] = video_jobs
@@ -182,6 +192,7 @@ def create_app(
         app.router.add_static("/static", settings.public_dir)
 
     async def on_startup(app: web.Application) -> None:
+        await webhooks.start()
         await manager.start()
         await video_jobs.start()
         namespace.feeds.start()
@@ -192,6 +203,8 @@ def create_app(
         await video_jobs.stop()
         await manager.stop()
         await namespace.feeds.stop()
+        # Last: the session ends of the shutdown are queued for delivery by now.
+        await webhooks.stop()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

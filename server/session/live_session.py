@@ -113,6 +113,8 @@ class LiveSession:
     #: Set by a transport that has its own numbers (the WebRTC peer: connection state,
     #: fps, decode lag...); read for live metrics and the console's health column.
     transport_stats: Callable[[], dict[str, Any]] | None = None
+    #: EMOTION_ANALYSIS: off, nothing about emotions or expressions is inferred or kept.
+    emotion_analysis: bool = True
     aggregate: SessionAggregate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -170,7 +172,9 @@ class LiveSession:
             "duration_s": round(time.time() - self.started_at, 3),
             "metrics": self.aggregate.scores_json(),
             **self.counters.to_json(),
-            "emotion_distribution": self.aggregate.emotion_distribution(),
+            "emotion_distribution": self.aggregate.emotion_distribution()
+            if self.emotion_analysis
+            else None,
             "active_alerts": [ep.event("onset") for ep in self.engine.active()],
             "pending_alerts": self.engine.pending(),
             "analyser_calls": dict(self.aggregate.calls),

@@ -184,11 +184,10 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
             raise BadRequest("limit and offset must be integers", code="invalid_field") from None
         if not (1 <= limit <= LIST_LIMIT_MAX) or offset < 0:
             raise BadRequest(f"limit must be 1..{LIST_LIMIT_MAX}, offset ≥ 0", code="invalid_field")
-        sessions = await manager.store.list_sessions(status, limit, offset)
-        counts = await manager.store.alert_counts([s["session_id"] for s in sessions])
+        sessions = await manager.list_sessions(status, limit, offset)
         live = {s.id: s for s in manager.live_sessions()}
         for record in sessions:
-            record["alert_count"] = counts.get(record["session_id"], 0)
+            record["alert_count"] = (record.get("review_counts") or {}).get("alerts", 0)
             session = live.get(record["session_id"])
             if session is not None:  # live on this node: what the console's table shows
                 record["live"] = live_overview(session)
