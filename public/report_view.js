@@ -198,7 +198,7 @@
     for (const [key, label, colour, show] of shown) {
       data.push(points.map((p) => (p[key] === null || p[key] === undefined ? null : Number(p[key]))));
       series.push({ label, stroke: colour, width: 2, show, spanGaps: false,
-                    points: { show: points.length < 40, size: 5, fill: colour },
+                    points: { size: 5, fill: colour },
                     value: (_u, v) => (v === null ? "—" : fmtNum(v, 0)) });
     }
     const last = x[x.length - 1] || 0;
@@ -562,7 +562,8 @@
       const series = [{ label: "Time", value: (_u, v) => (v === null ? "—" : new Date(v * 1000).toLocaleTimeString()) }];
       for (const [, label, colour] of METRIC_SERIES.slice(0, 2)) {
         series.push({ label, stroke: colour, width: 2, spanGaps: false,
-                      points: { show: false }, value: (_u, v) => (v === null ? "—" : fmtNum(v, 0)) });
+                      // uPlot shows the points while they are sparse (a lone one has no line).
+                      points: { size: 5, fill: colour }, value: (_u, v) => (v === null ? "—" : fmtNum(v, 0)) });
       }
       this.u = new window.uPlot({
         width: chartWidth(container, opts), height: opts.height || 200,

@@ -450,7 +450,11 @@
     showSessionFacts(id);
     v.chart = new R.LiveChart($("session-chart"), { testid: "chart-live", height: 220 });
     watchSession(id);
-    // The alerts raised before the page watched it, with their evidence and reviews.
+    // What the feed has seen of it, oldest first; then the stored list (with evidence
+    // URLs and reviews) for what happened before this page loaded.
+    for (const item of [...feedItems.values()].reverse()) {
+      if (item.sessionId === id) sessionAlert(item.alert);
+    }
     try {
       const data = await api("GET", `/api/sessions/${encodeURIComponent(id)}/alerts`);
       if (state.session !== v) return;
