@@ -273,8 +273,15 @@
     }
     if (!window.uPlot) { uplotMissing(box); return null; }
     const duration = clock.duration;
+    // Each episode's ends, and an instant either side of them where no episode is active,
+    // so a lane's line breaks between two episodes of the same type.
+    const EPS = 1e-3;
     const xs = new Set([0, duration]);
-    for (const a of episodes) { xs.add(a.start); xs.add(a.end); }
+    for (const a of episodes) {
+      xs.add(a.start); xs.add(a.end);
+      if (a.start - EPS > 0) xs.add(a.start - EPS);
+      xs.add(a.end + EPS);
+    }
     const x = [...xs].sort((p, q) => p - q);
     const series = [{ label: "Time", value: (_u, v) => (v === null ? "—" : mmss(v)) }];
     const data = [x];

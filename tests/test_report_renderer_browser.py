@@ -7,6 +7,7 @@ console and the candidate page load."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,8 @@ pytestmark = [pytest.mark.browser]
 async def _report_with_episodes(
     server: RunningServer, rekognition: FakeRekognition, episodes: int
 ) -> dict[str, Any]:
-    """A real session over REST: one face, then two faces for a frame, `episodes` times."""
+    """A real session over REST: one face, then two faces for a frame, `episodes` times,
+    a frame every 0.2 s."""
     async with aiohttp.ClientSession() as http:
         async with http.post(
             f"{server.url}/api/sessions/start",
@@ -43,6 +45,7 @@ async def _report_with_episodes(
                 f"{server.url}/api/sessions/{sid}/frame", json={"frame": face_data_url()}
             ) as r:
                 assert r.status == 200
+            await asyncio.sleep(0.2)  # episodes and the gaps between them, visibly wide
         async with http.post(f"{server.url}/api/sessions/{sid}/end") as r:
             report: dict[str, Any] = await r.json()
     assert len(report["alerts"]) == episodes and report["metrics_timeline"]
@@ -57,6 +60,34 @@ async def _open(
     await page.goto(path.as_uri())
     await page.wait_for_selector("body[data-rendered=true]")
     await page.wait_for_timeout(100)  # uPlot draws on its next frame
+
+
+async def _lane_runs(page: Page) -> int:
+    """Separate runs of the critical colour along the alert lane's most coloured row."""
+    runs: int = await page.evaluate(
+        """() => {
+            const c = document.querySelector('[data-testid=chart-alerts] canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const red = (x, y) => {
+                const i = 4 * (y * c.width + x);
+                return d[i + 3] > 200 && d[i] > 150 && d[i + 1] < 90 && d[i + 2] < 90;
+            };
+            let best = 0, bestRow = 0;
+            for (let y = 0; y < c.height; y++) {
+                let n = 0;
+                for (let x = 0; x < c.width; x++) if (red(x, y)) n++;
+                if (n > best) { best = n; bestRow = y; }
+            }
+            let count = 0, inside = false;
+            for (let x = 0; x < c.width; x++) {
+                const r = red(x, bestRow);
+                if (r && !inside) count++;
+                inside = r;
+            }
+            return count;
+        }"""
+    )
+    return runs
 
 
 async def test_bands_reviews_and_not_computed(
@@ -87,6 +118,8 @@ async def test_bands_reviews_and_not_computed(
         for chart in ("chart-metrics", "chart-alerts"):
             assert await page.get_attribute(f"[data-testid={chart}]", "data-bands") == "3"
         assert await page.locator("[data-testid=chart-emotions] canvas").count() == 1
+        # The alert lane is drawn as three separate bars, not one from first to last.
+        assert await _lane_runs(page) == 3
         rows = page.locator("[data-testid=report-alert]")
         assert await rows.count() == 3
         reviews = rows.locator("[data-testid=report-alert-review]")
