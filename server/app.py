@@ -14,7 +14,7 @@ from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
 from server.config import Settings
 from server.observability import Instruments
-from server.session.database import Database
+from server.session.database import Database, make_database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
@@ -79,11 +79,15 @@ def _file(path: Path) -> web.StreamResponse:
 def make_store(
     settings: Settings, cls: type[Store] = Store, database: Database | None = None
 ) -> Store:
+    """The store on `database`, else on the one `DATABASE_URL` names (SQLite at
+    `DATABASE_PATH` when it is empty, or PostgreSQL)."""
     return cls(
-        database or settings.database_path,
+        database or make_database(settings),
         settings.store_queue_size,
         write_attempts=settings.store_write_attempts,
         retry_backoff_s=settings.store_retry_backoff_s,
+        retry_window_s=settings.store_retry_window_s,
+        retry_max_backoff_s=settings.store_retry_max_backoff_s,
         flush_timeout_s=settings.store_flush_timeout_s,
     )
 

@@ -225,6 +225,10 @@ class AuditList(BaseModel):
 
 class StoreHealth(BaseModel):
     status: Literal["ok", "degraded"]
+    engine: str = Field(
+        description="where the store lives: sqlite:PATH or postgresql://user@host:port/db "
+        "(never a password)"
+    )
     reasons: list[str] = Field(description="writes_failing, queue_full")
     failed_writes: int = Field(description="Statements lost after every retry, since start")
     failed_batches: int
