@@ -14,12 +14,14 @@ from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
 from server.config import Settings
 from server.observability import Instruments
+from server.session.alerts import AlertService
 from server.session.database import Database, make_database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
 from server.session.webhooks import WebhookSender
 from server.signaling import socketio_json
+from server.signaling.alerts_api import register_alert_routes
 from server.signaling.auth import ACCESS, Access
 from server.signaling.http_api import error_middleware
 from server.signaling.operator_api import register_operator_routes
@@ -161,6 +163,7 @@ def create_app(
     manager.erase_hooks.append(video_jobs.forget_session)
     register_video_routes(api, video_jobs, settings)
     register_operator_routes(api, manager)
+    register_alert_routes(api, AlertService(manager.store, settings, manager.audit))
     api.attach(app)
     app[RTC] = rtc
     app[VIDEO_JOBS] = video_jobs

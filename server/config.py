@@ -193,6 +193,16 @@ class Settings(BaseSettings):
     # Rekognition's EyeDirection counts in eye_contact from this confidence (0-100) up.
     eye_direction_min_confidence: float = 50.0
 
+    # --- alert evidence (operator only) ----------------------------------------------------
+    # "snapshot": each alert onset keeps a JPEG of the frame that raised it, boxes drawn;
+    # "none": no image is rendered or stored.
+    evidence: Literal["snapshot", "none"] = "snapshot"
+    evidence_max_bytes: int = Field(default=80_000, ge=8_000)  # quality, then size, shrink
+    evidence_max_width: int = Field(default=640, ge=160, le=640)
+    evidence_queue_size: int = Field(default=8, ge=1)  # waiting to render; beyond: dropped
+    evidence_max_per_session: int = Field(default=200, ge=0)  # a flapping rule cannot fill a disk
+    rescore_max_concurrent: int = Field(default=2, ge=1)  # re-scoring replays at once; more wait
+
     # --- LLM narrative -------------------------------------------------------------------------
     openai_api_key: str = ""
     anthropic_api_key: str = ""

@@ -135,6 +135,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         lambda conn: _column(conn, "sessions", "backend_switches") and _table(conn, "usage"),
     ),
     Migration(
+        5,
+        "alert evidence: one snapshot per alert onset",
+        (
+            """CREATE TABLE evidence (
+                alert_id TEXT PRIMARY KEY,
+                session_id TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                jpeg BLOB NOT NULL,
+                width INTEGER,
+                height INTEGER,
+                details TEXT           -- JSON: what is boxed where, the numbers shown
+            )""",
+            "CREATE INDEX evidence_by_session ON evidence (session_id)",
+        ),
+    ),
+    Migration(
         6,
         "alert reviews, the audit log, session indexes for the retention sweep",
         (

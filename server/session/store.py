@@ -1,4 +1,5 @@
-"""The store: sessions, per-frame summaries, alert episodes, reports, jobs and usage.
+"""The store: sessions, per-frame summaries, alert episodes and their evidence, reports,
+jobs and usage.
 
 Writes go through one bounded queue to one writer task that commits each batch as it
 comes, so the event loop never waits on the database and a crash loses at most the batch
@@ -510,6 +511,36 @@ class Store:
             (status, end_reason, session_id),
         )
 
+    async def save_evidence(
+        self,
+        session_id: str,
+        alert_id: str,
+        created_at: float,
+        jpeg: bytes,
+        width: int,
+        height: int,
+        details: dict[str, Any],
+    ) -> None:
+        """An alert's snapshot, kept once (the first wins). Inserted only while its
+        session exists, so a snapshot rendered after the session was erased leaves
+        nothing behind."""
+        await self._put(
+            session_id,
+            "INSERT INTO evidence (alert_id, session_id, created_at, jpeg, width, height, "
+            "details) SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+            "(SELECT 1 FROM sessions WHERE id=?) ON CONFLICT (alert_id) DO NOTHING",
+            (
+                alert_id,
+                session_id,
+                created_at,
+                bytes(jpeg),
+                width,
+                height,
+                _dumps(details),
+                session_id,
+            ),
+        )
+
     async def erase_session(self, session_id: str) -> None:
         """Delete everything stored about the session (SESSION_TABLES), in one batch when
         the writer takes them together. The audit log keeps its entries."""
@@ -784,6 +815,30 @@ class Store:
             "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at", (session_id,)
         )
         return [r["episode"] for r in rows]
+
+    async def evidence_ids(self, session_id: str) -> set[str]:
+        """Ids of the session's alerts that have an evidence snapshot."""
+        rows = await self._fetch_all(
+            "SELECT alert_id FROM evidence WHERE session_id=?", (session_id,)
+        )
+        return {str(r["alert_id"]) for r in rows}
+
+    async def get_evidence(self, session_id: str, alert_id: str) -> dict[str, Any] | None:
+        """An alert's snapshot: `jpeg` (bytes), `width`, `height`, `details`, `created_at`."""
+        row = await self._fetch_one(
+            "SELECT jpeg, width, height, details, created_at FROM evidence "
+            "WHERE alert_id=? AND session_id=?",
+            (alert_id, session_id),
+        )
+        if row is None:
+            return None
+        return {
+            "jpeg": bytes(row["jpeg"]),
+            "width": row["width"],
+            "height": row["height"],
+            "details": loads_object(row["details"]),
+            "created_at": row["created_at"],
+        }
 
     async def get_report(self, session_id: str) -> dict[str, Any] | None:
         row = await self._fetch_one("SELECT report FROM reports WHERE session_id=?", (session_id,))
