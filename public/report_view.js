@@ -575,18 +575,19 @@
       this.u = new window.uPlot({
         width: chartWidth(container, opts), height: opts.height || 200,
         plugins: [bandsPlugin(() => this.bandList(), (count) => { this.box.dataset.bands = String(count); })],
-        scales: { x: { time: true, range: (_u, lo, hi) => this.range(lo, hi) }, y: { range: [0, 100] } },
+        scales: { x: { time: true, range: () => this.range() }, y: { range: [0, 100] } },
         axes: [{ grid: { stroke: "#eee" } }, percentAxis()],
         series,
       }, [this.x, ...this.series], this.box);
     }
 
     // At least the last minute, and every episode's start in view.
-    range(lo, hi) {
-      const last = Math.max(Number.isFinite(hi) ? hi : 0, ...[...this.episodes.values()].map((e) => e.end ?? e.start));
-      const top = last > 0 ? last : Date.now() / 1000;
-      const starts = [...this.episodes.values()].map((e) => e.start);
-      const first = Math.min(Number.isFinite(lo) ? lo : top, ...starts, top - 60);
+    range() {
+      // From the chart's own data (uPlot's min/max of an empty series are not times).
+      const eps = [...this.episodes.values()];
+      const ends = [...this.x.slice(-1), ...eps.map((e) => e.end ?? e.start)];
+      const top = ends.length ? Math.max(...ends) : Date.now() / 1000;
+      const first = Math.min(...this.x.slice(0, 1), ...eps.map((e) => e.start), top - 60);
       return [Math.max(first, top - this.windowS), top + 1];
     }
 
