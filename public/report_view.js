@@ -588,7 +588,9 @@
       const ends = [...this.x.slice(-1), ...eps.map((e) => e.end ?? e.start)];
       const top = ends.length ? Math.max(...ends) : Date.now() / 1000;
       const first = Math.min(...this.x.slice(0, 1), ...eps.map((e) => e.start), top - 60);
-      return [Math.max(first, top - this.windowS), top + 1];
+      const lo = Math.max(first, top - this.windowS);
+      this.box.dataset.spanS = String(Math.round(top + 1 - lo));  // a test hook
+      return [lo, top + 1];
     }
 
     bandList() {

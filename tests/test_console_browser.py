@@ -159,6 +159,8 @@ async def test_a_proctor_runs_an_interview_from_the_console(
             "() => Number(document.querySelector('[data-testid=chart-live]').dataset.bands) >= 1",
             timeout=20_000,
         )
+        # Its time axis spans the last minute or so (the episodes in view), not ten.
+        assert int(await chart.get_attribute("data-span-s") or 0) <= 120
         reviewed = console.locator(f"[data-testid=session-alert][data-episode-id='{episode}']")
         await reviewed.wait_for()
         assert await reviewed.get_attribute("data-verdict") == "dismissed"
