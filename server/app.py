@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import socketio
 from aiohttp import web
@@ -29,6 +30,7 @@ from server.signaling.rtc import RtcGateway
 from server.signaling.socketio_events import GuardedServer, ProctorNamespace
 from server.signaling.videos import register_video_routes
 from server.signaling.web_guard import cors_middleware, host_middleware, proxy_middleware
+from server.video.html_report import UPLOT_CSS, UPLOT_JS
 from server.video.jobs import VideoJobs
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,29 @@ SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+
+
+#: The console holds the operator's token in memory: nothing but its own scripts may run
+#: there (no inline script, no other origin), it is never framed, and no URL it visits
+#: learns where it came from.
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "; ".join(
+        [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' blob: data:",
+            "connect-src 'self'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
 
 
 # Room for base64 (4/3) and the JSON around the largest allowed frame.
@@ -121,8 +146,13 @@ def create_app(
         json=socketio_json,
         logger=False,
         engineio_logger=False,
+        send_queue_max=settings.socketio_send_queue_max,
+        on_backpressure=lambda action: instruments.socketio_backpressure.labels(
+            action=action
+        ).inc(),
     )
-    sio.register_namespace(ProctorNamespace(manager, settings, access))
+    namespace = ProctorNamespace(manager, settings, access)
+    sio.register_namespace(namespace)
     sio.attach(app)
     app[SOCKETIO] = sio
 
@@ -147,9 +177,24 @@ def create_app(
     async def socketio_client(request: web.Request) -> web.StreamResponse:
         return _file(settings.node_modules_dir / "socket.io-client" / "dist" / "socket.io.min.js")
 
+    async def console(request: web.Request) -> web.StreamResponse:
+        response = _file(settings.public_dir / "console" / "index.html")
+        response.headers.update(CONSOLE_HEADERS)
+        return response
+
+    def vendor(path: Path) -> Any:
+        async def serve(request: web.Request) -> web.StreamResponse:
+            return _file(settings.node_modules_dir / path)
+
+        return serve
+
     app.router.add_get("/", index)
     app.router.add_get("/client_example.html", client_example)
+    app.router.add_get("/console", console)
     app.router.add_get("/static/socket.io.min.js", socketio_client)
+    # The charting library of the report renderer, from npm (node_modules), never a CDN.
+    app.router.add_get("/static/vendor/uPlot.iife.min.js", vendor(UPLOT_JS))
+    app.router.add_get("/static/vendor/uPlot.min.css", vendor(UPLOT_CSS))
     if settings.public_dir.is_dir():
         app.router.add_static("/static", settings.public_dir)
 
@@ -157,12 +202,14 @@ def create_app(
         await webhooks.start()
         await manager.start()
         await video_jobs.start()
+        namespace.feeds.start()
         log.info("analyser backend: %s", analyser.name)
 
     async def on_shutdown(app: web.Application) -> None:
         # Jobs first: a running video becomes `interrupted` (resumable), not ended.
         await video_jobs.stop()
         await manager.stop()
+        await namespace.feeds.stop()
         # Last: the session ends of the shutdown are queued for delivery by now.
         await webhooks.stop()
 

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     socketio_events_per_s: float = 30.0  # per connection, sustained
     socketio_event_burst: int = 60  # per connection, burst
     socketio_errors_per_s: float = 5.0  # rate-limit error events sent back per connection
+    # Packets waiting for one Socket.IO client; past it its frame_analysis / live_metrics are
+    # dropped, at twice it the client is disconnected (a stalled reader holds no memory).
+    socketio_send_queue_max: int = 256
+    # The console: live_metrics pushed to each live session's watch_session watchers.
+    watch_metrics_interval_s: float = 2.0
     jpeg_quality: int = 85
 
     # --- spend caps (counted in the store: a restart does not reset them) ---------------------

@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 from server.analysis.analyser import Analyser, PoseCalibration
 from server.analysis.backends import pose_calibration_factory as backend_pose_factory
@@ -59,6 +59,9 @@ from server.session.worker import SessionPipeline
 log = logging.getLogger(__name__)
 
 NarratorFactory = Callable[[], Any]
+#: Told of every session that goes live on this node, whatever its transport (started or
+#: reopened), before its first frame: the Socket.IO watchers attach here.
+SessionObserver = Callable[[LiveSession], Awaitable[None]]
 #: Told that a session is about to be erased (after it was found, before its rows go):
 #: e.g. the video jobs stop and forget the session's job.
 EraseHook = Callable[[str], Awaitable[None]]
@@ -121,6 +124,7 @@ class SessionManager:
         self.interrupted_at_start: list[str] = []
         #: What builds reports (a subclass can be swapped in, e.g. by tests).
         self.report_builder: type[ReportBuilder] = ReportBuilder
+        self.session_observers: list[SessionObserver] = []
         store.on_write_error = self._store_write_failed
         instruments.store_queue_depth.set_function(lambda: store.queue_depth)
 
@@ -246,19 +250,22 @@ class SessionManager:
         await self.spend.record_start(client_address)
         await self.store.create_session(
             session.id, transport, session.backend, session.job_data, session.started_at,
-            rules={
-                **session.engine.describe(),
-                "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
-                # Off: the report lists what was not computed (EMOTION_ANALYSIS).
-                "emotion_analysis": self.settings.emotion_analysis,
-            },
+            rules=self._rules_record(session),
             backend_switches=session.backend_switches,
         )
+        await self._announce(session)
         self._start_worker(session)
         self.instruments.sessions_started.labels(transport=transport).inc()
         log.info("session %s started (%s, backend %s)", short_id(session.id), transport,
                  session.backend, extra={"session_id": session.id})
         return session
+
+    async def _announce(self, session: LiveSession) -> None:
+        for observer in list(self.session_observers):
+            try:
+                await observer(session)
+            except Exception as exc:  # an observer's bug must not refuse the session
+                self.internal_error("session_observer", exc, session)
 
     def _check_capacity(self) -> None:
         if len(self._live) >= self.settings.max_live_sessions:
@@ -276,12 +283,7 @@ class SessionManager:
         priority: Priority,
     ) -> LiveSession:
         s = self.settings
-        # WebRTC and recorded video: the server picks the frames, so rules and cadences
-        # count capture time; push clients pick their own pace and keep the per-frame
-        # meaning.
-        capture_clock = transport in CAPTURE_CLOCK_TRANSPORTS
-        sampled = transport == "webrtc"  # the sampler forces slow checks on scene changes
-        dwell = s.rule_frame_interval_s if capture_clock else None
+        engine, cadence, clock = self._transport_parts(transport)
         session = LiveSession(
             id=session_id,
             transport=transport,
@@ -295,15 +297,12 @@ class SessionManager:
                 positive_emotions=tuple(s.positive_emotions),
                 gaze_min_confidence=s.eye_direction_min_confidence,
             ),
-            engine=AlertEngine(rules_from_settings(s), dwell_interval_s=dwell),
-            cadence=CheckCadence(
-                s.sampler_labels_interval_s if sampled else s.labels_interval_s,
-                s.sampler_text_interval_s if sampled else s.text_interval_s,
-            ),
+            engine=engine,
+            cadence=cadence,
             pose_calibration=self.pose_calibration_factory()
             if self.pose_calibration_factory
             else None,
-            clock="capture" if capture_clock else "arrival",
+            clock=clock,
             priority=priority,
             emotion_analysis=s.emotion_analysis,
         )
@@ -311,6 +310,51 @@ class SessionManager:
         if self.webhooks is not None and self.webhooks.enabled:
             session.subscribe(functools.partial(self.webhooks.on_session_event, session_id))
         return session
+
+    def _rules_record(self, session: LiveSession) -> dict[str, Any]:
+        """The alert settings a session is judged with, as its report states them."""
+        return {
+            **session.engine.describe(),
+            "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
+            # Off: the report lists what was not computed (EMOTION_ANALYSIS).
+            "emotion_analysis": self.settings.emotion_analysis,
+        }
+
+    def _transport_parts(
+        self, transport: str
+    ) -> tuple[AlertEngine, CheckCadence, Literal["capture", "arrival"]]:
+        """What depends on who picks the frames. WebRTC and recorded video: the server
+        does, so rules and cadences count capture time; push clients pick their own pace
+        and keep the per-frame meaning."""
+        s = self.settings
+        capture_clock = transport in CAPTURE_CLOCK_TRANSPORTS
+        sampled = transport == "webrtc"  # the sampler forces slow checks on scene changes
+        dwell = s.rule_frame_interval_s if capture_clock else None
+        return (
+            AlertEngine(rules_from_settings(s), dwell_interval_s=dwell),
+            CheckCadence(
+                s.sampler_labels_interval_s if sampled else s.labels_interval_s,
+                s.sampler_text_interval_s if sampled else s.text_interval_s,
+            ),
+            "capture" if capture_clock else "arrival",
+        )
+
+    async def adopt_transport(self, session: LiveSession, transport: str) -> bool:
+        """A session started by the operator (REST, Socket.IO) for a candidate who then
+        joins over `transport` (the join link's WebRTC page): before its first frame it
+        becomes that transport's session, so its rules count time as that transport's
+        do. Once frames have arrived nothing changes (False)."""
+        if session.transport == transport:
+            return True
+        if session.counters.received or session.counters.analysed or session.analysing:
+            return False
+        previous = session.transport
+        session.engine, session.cadence, session.clock = self._transport_parts(transport)
+        session.transport = transport
+        await self.store.set_transport(session.id, transport, self._rules_record(session))
+        log.info("session joined over %s (started over %s)", transport, previous,
+                 extra={"session_id": session.id})
+        return True
 
     def _start_worker(self, session: LiveSession) -> None:
         session.worker = asyncio.create_task(
@@ -393,6 +437,7 @@ class SessionManager:
             })
         self._live[session.id] = session
         await self.store.set_session_status(session.id, "live", None)
+        await self._announce(session)
         self._start_worker(session)
         log.info("session reopened after frame %d", last_i, extra={"session_id": session.id})
         return session

@@ -434,6 +434,17 @@ class Store:
             (backend, _dumps(switches), session_id),
         )
 
+    async def set_transport(
+        self, session_id: str, transport: str, rules: dict[str, Any]
+    ) -> None:
+        """A session whose candidate joined over another transport before its first frame
+        (its alert rules count time as that transport's do)."""
+        await self._put(
+            session_id,
+            "UPDATE sessions SET transport=?, rules=? WHERE id=?",
+            (transport, _dumps(rules), session_id),
+        )
+
     async def update_counters(
         self, session_id: str, counters: dict[str, Any], last_activity: float
     ) -> None:

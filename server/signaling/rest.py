@@ -12,6 +12,7 @@ from server import __version__
 from server.config import Settings
 from server.errors import BackendUnavailable, BadRequest
 from server.observability import Instruments
+from server.session.health import live_overview
 from server.session.live_session import LiveSession
 from server.session.manager import SessionManager
 from server.signaling.auth import ACCESS, authorize_request, join_url
@@ -66,6 +67,8 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
                 "store": store,
                 "backend": manager.analyser.name,
                 "live_sessions": manager.live_count,
+                # Whether clients need a token (the console asks before it signs in).
+                "auth": "token" if request.app[ACCESS].secured else "none",
                 "spend": manager.spend.to_json(),
                 "uptime_s": round(time.monotonic() - started, 3),
                 "version": __version__,
@@ -163,7 +166,8 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
     @api.route(
         "GET",
         "/api/sessions",
-        summary="List sessions (newest first); ?status=live|ended|interrupted&limit=&offset=",
+        summary="List sessions (newest first) with their alert counts, and the health of "
+        "live ones; ?status=live|ended|interrupted&limit=&offset=",
         response=SessionList,
         errors=(400,),
         operator=True,
@@ -181,6 +185,12 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         if not (1 <= limit <= LIST_LIMIT_MAX) or offset < 0:
             raise BadRequest(f"limit must be 1..{LIST_LIMIT_MAX}, offset ≥ 0", code="invalid_field")
         sessions = await manager.list_sessions(status, limit, offset)
+        live = {s.id: s for s in manager.live_sessions()}
+        for record in sessions:
+            record["alert_count"] = (record.get("review_counts") or {}).get("alerts", 0)
+            session = live.get(record["session_id"])
+            if session is not None:  # live on this node: what the console's table shows
+                record["live"] = live_overview(session)
         return json_response({"sessions": sessions, "count": len(sessions)})
 
     @api.route(

@@ -276,6 +276,8 @@ class RtcGateway:
                     old = self._peers.pop(session.id, None)
                     if old is not None:
                         self._background_task(old.close("replaced"))
+                    # The operator's session, joined from its link: a WebRTC session now.
+                    await self.manager.adopt_transport(session, "webrtc")
                 else:
                     session = await self.manager.start_session(
                         body.job_data, transport="webrtc", client_address=client_address

@@ -142,6 +142,12 @@ class SessionRecord(BaseModel):
     started_at: float
     ended_at: float | None
     end_reason: str | None
+    alert_count: int = Field(default=0, description="Alert episodes raised so far")
+    live: dict[str, Any] | None = Field(
+        default=None,
+        description="A session live on this node: health {status: ok|warning|bad, "
+        "reasons}, backend, duration_s, frames_analysed, alerts_active",
+    )
     review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
         default=None,
         description="not_reviewed | reviewed (every alert reviewed, all dismissed) | "
@@ -240,6 +246,9 @@ class Health(BaseModel):
     store: StoreHealth
     backend: str
     live_sessions: int
+    auth: Literal["token", "none"] = Field(
+        description="token: secured mode (API_TOKEN set); none: development mode"
+    )
     spend: dict[str, Any] = Field(
         description="today's (UTC) Rekognition calls and LLM tokens against their daily "
         "caps, and the per-address session start limit"
