@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.analysis.analyser import Analyser
-from server.analysis.budget import CallBudget
+from server.analysis.budget import Budget
 from server.analysis.observation import Checks, Observation
 from server.analysis.rules import FrameFacts
 from server.analysis.scoring import FrameMetrics
@@ -94,7 +94,7 @@ class SessionPipeline:
         router: AnalyserRouter,
         store: Store,
         instruments: Instruments,
-        budget: CallBudget,
+        budget: Budget,
         pacing: IdlePacing,
         on_error: ErrorHook,
     ) -> None:

@@ -136,7 +136,7 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
         # Each job starts a session: it counts against SESSION_STARTS_PER_MINUTE, checked
         # before an upload is received, counted once the job is accepted.
         spend = jobs.manager.spend
-        spend.check_start(request.remote)
+        await spend.check_start(request.remote)
         if request.content_type.startswith("multipart/"):
             record = await upload(request)
         else:
