@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import socketio
 from aiohttp import web
@@ -27,6 +28,9 @@ from server.signaling.videos import register_video_routes
 from server.signaling.web_guard import cors_middleware, host_middleware, proxy_middleware
 from server.video.jobs import VideoJobs
 
+if TYPE_CHECKING:
+    from server.cluster.redis_parts import RedisParts
+
 log = logging.getLogger(__name__)
 
 MANAGER = web.AppKey("manager", SessionManager)
@@ -35,6 +39,8 @@ INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
+#: The cluster's Redis parts (REDIS_URL only).
+REDIS: web.AppKey[RedisParts] = web.AppKey("redis")
 
 
 # Room for base64 (4/3) and the JSON around the largest allowed frame.
@@ -72,6 +78,11 @@ def create_app(
     settings = settings or Settings()
     instruments = Instruments()
     analyser = analyser or make_analyser(settings, instruments)
+    redis = None
+    if settings.redis_url:  # a cluster node: budget, spend caps and video jobs in Redis
+        from server.cluster.redis_parts import RedisParts
+
+        redis = RedisParts(settings, instruments)
     manager = SessionManager(
         settings,
         analyser,
@@ -80,6 +91,8 @@ def create_app(
         narrator=make_narrator(settings, instruments),
         pose_calibration_factory=pose_calibration_factory(analyser, settings),
         offline_analyser=offline_analyser,
+        budget=redis.budget if redis else None,
+        shared_counters=redis.counters if redis else None,
     )
     access = Access(settings)
     app = web.Application(
@@ -112,10 +125,13 @@ def create_app(
     sio.attach(app)
     app[SOCKETIO] = sio
 
-    api = build_api(manager, settings, instruments)
+    api = build_api(manager, settings, instruments, redis_health=redis.health if redis else None)
     rtc = RtcGateway(manager, settings, instruments)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
-    video_jobs = VideoJobs(manager, settings)
+    video_jobs = VideoJobs(manager, settings, queue=redis.queue if redis else None)
+    if redis is not None:
+        redis.link.on_up(video_jobs.requeue_from_store)
+        app[REDIS] = redis
     register_video_routes(api, video_jobs, settings)
     api.attach(app)
     app[RTC] = rtc
@@ -139,12 +155,17 @@ def create_app(
     async def on_startup(app: web.Application) -> None:
         await manager.start()
         await video_jobs.start()
+        if redis is not None:  # last: reaching Redis runs the spend and job resyncs
+            await redis.start()
+            log.info("cluster node %s (Redis %s)", redis.link.node_id, redis.link.display_url)
         log.info("analyser backend: %s", analyser.name)
 
     async def on_shutdown(app: web.Application) -> None:
         # Jobs first: a running video becomes `interrupted` (resumable), not ended.
         await video_jobs.stop()
         await manager.stop()
+        if redis is not None:
+            await redis.stop()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

@@ -7,7 +7,9 @@ down (logged once per outage, counted), each user falls back to what it can do a
 and a monitor task pings every REDIS_PING_INTERVAL_S. When a ping succeeds again the
 link is up and the callbacks registered with `on_up` run (in that task, one after the
 other): seeding counters from the store, re-enqueueing the jobs the store says are
-queued. They run at the first successful ping after start too.
+queued. They run at the first successful ping after start too, and when Redis is found
+to have lost its data (a restart between two pings, without persistence) although no
+command failed.
 
 The monitor also keeps this node in a small registry (a sorted set of node ids scored by
 their last ping), so a node knows how many peers were alive when Redis went away: its
@@ -51,6 +53,9 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
 #: Key prefix of everything this server keeps in Redis.
 PREFIX = "proctor:"
 NODES_KEY = PREFIX + "nodes"
+#: A value the first node writes; a different one later means Redis lost its data (a
+#: restart without persistence, a flush) even if no command failed meanwhile.
+EPOCH_KEY = PREFIX + "epoch"
 
 UpCallback = Callable[[], Awaitable[None]]
 Probe = Callable[[Redis], Awaitable[None]]
@@ -108,6 +113,8 @@ class RedisLink:
         self._monitor: asyncio.Task[None] | None = None
         self._became_up = asyncio.Event()
         self._checked_once = False
+        self._epoch: bytes | None = None
+        self.data_losses = 0
         instruments.redis_up.set(0)
 
     # --- registration ----------------------------------------------------------------
@@ -190,8 +197,12 @@ class RedisLink:
                 pipe.zremrangebyscore(NODES_KEY, "-inf", stale)
                 pipe.zcard(NODES_KEY)
                 pipe.expire(NODES_KEY, 3600)
+                pipe.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+                pipe.get(EPOCH_KEY)
                 replies = await pipe.execute()
             self.nodes_seen = max(1, int(replies[3]))
+            epoch, self._epoch = self._epoch, replies[6]
+            lost = epoch is not None and epoch != self._epoch
             for probe in self._probes:
                 await probe(self.client)
         except REDIS_ERRORS as exc:
@@ -210,6 +221,13 @@ class RedisLink:
             self._became_up.set()
             if not first:
                 log.info("Redis at %s is reachable again", self.display_url)
+            await self._run_on_up()
+        elif lost:
+            self.data_losses += 1
+            log.warning(
+                "Redis at %s lost its data (restarted?): counters and queue rebuilt from the store",
+                self.display_url,
+            )
             await self._run_on_up()
 
     async def _run_on_up(self) -> None:
@@ -246,4 +264,5 @@ class RedisLink:
             "last_error_at": self.last_error_at,
             "down_since": self.down_since,
             "outages": self.outages,
+            "data_losses": self.data_losses,
         }

@@ -77,7 +77,7 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
         length = request.content_length
         if length is not None and length > settings.video_max_bytes + TEXT_FIELD_MAX * 4:
             raise VideoTooLarge(f"the upload exceeds the limit of {settings.video_max_bytes} bytes")
-        jobs.admit()  # before receiving a file that could not be queued
+        await jobs.admit()  # before receiving a file that could not be queued
         reader = await request.multipart()
         job_id, path = jobs.upload_path()
         saved = False
