@@ -77,6 +77,11 @@ class CallBudget:
         return self._limit == 0
 
     @property
+    def limit(self) -> int:
+        """Calls allowed in any window (0: unlimited)."""
+        return self._limit
+
+    @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiters.values())
 

@@ -16,12 +16,14 @@ when the window is full the script answers how long until the slot it needs is f
 the pump sleeps exactly that long (at most one window) instead of polling; a node makes
 one Redis call per grant or per expected slot, whatever its number of waiting sessions.
 
-Redis unreachable: the pump falls back, at once and without raising into any session
-worker, to a local budget of `rate / max(CLUSTER_SIZE_HINT, nodes last seen)` (seeded with
-this node's grants of the last window), so N cut-off nodes together still stay under the
-quota. It is logged once per outage, counted (`proctor_budget_fallbacks_total`) and shown
-in /health (`redis.budget.mode`). When the link is back, the local grants of the last
-window are written into the shared log first, then the node is on the shared budget again.
+Redis unreachable: the pump falls back, without raising into any session worker, to a
+local budget of `rate / max(CLUSTER_SIZE_HINT, nodes last seen)`, so N cut-off nodes
+together still stay under the quota. The local budget starts full: it grants nothing for
+one window, so no window holds both the shared grants made before the outage (up to the
+whole budget, from any node) and local ones. It is logged once per outage, counted
+(`proctor_budget_fallbacks_total`) and shown in /health (`redis.budget.mode`). When the
+link is back, the local grants of the last window are written into the shared log with
+the first request, so the shared window counts them.
 """
 
 from __future__ import annotations
@@ -109,10 +111,8 @@ class SharedBudget:
         self._pump: asyncio.Task[None] | None = None
         self.mode: Mode = "shared"
         self._fallback: CallBudget | None = None
-        self._fallback_since = 0.0
-        self._backfill: list[float] = []  # ages (s) of local grants to write into Redis
-        # This node's own recent shared grants (monotonic): what a fallback starts from.
-        self._recent: deque[float] = deque(maxlen=self._limit or 1)
+        # Grants made by the local share (monotonic times), not yet written into Redis.
+        self._local_grants: deque[float] = deque()
         self.fallbacks = 0
         self.redis_calls = 0
         self.stats = BudgetStats()
@@ -191,7 +191,7 @@ class SharedBudget:
             except Exception:  # a bug here must not stall every session: local share
                 log.exception("shared budget error; granting from the local share")
                 self.instruments.internal_errors.labels(where="budget").inc()
-                wait, first = self._local().try_take(head.calls), None
+                wait, first = self._take_local(head.calls), None
             if wait <= 0.0:
                 self._pop(head)
                 if head.future.done():  # cancelled while the grant was being taken
@@ -211,12 +211,10 @@ class SharedBudget:
         if self.mode == "shared" and not self.link.up and self.link.checked:
             self._enter_fallback("Redis link down")
         if self.mode == "local-fallback" and self.link.up:
-            # Only what was granted locally (the seeded shared grants are in Redis).
-            since = time.monotonic() - self._fallback_since
-            self._backfill = [a for a in self._local().grant_ages() if a < since]
             self._leave_fallback()
         if self.mode == "shared":
-            backfill, self._backfill = self._backfill, []
+            now = time.monotonic()
+            backfill = [now - t for t in self._local_grants if now - t < self.window_s]
             args = [self._limit, int(self.window_s * 1e6), calls]
             args += [int(age * 1e6) for age in backfill]
             try:
@@ -224,17 +222,24 @@ class SharedBudget:
                     reply = await self._take_script(keys=self._keys, args=args)
                 self.redis_calls += 1
             except REDIS_ERRORS as exc:
-                self._backfill = backfill  # still only counted here
                 self.link.failed("budget", exc)
                 self._enter_fallback(f"{type(exc).__name__}: {exc}")
             else:
+                self._local_grants.clear()  # written in with this call
                 granted, wait_us, first = (int(x) for x in reply)
                 if granted:
-                    now = time.monotonic()
-                    self._recent.extend([now] * calls)
                     return 0.0, first
                 return max(0.0, wait_us / 1e6), None
-        return self._local().try_take(calls), None
+        return self._take_local(calls), None
+
+    def _take_local(self, calls: int) -> float:
+        wait = self._local().try_take(calls)
+        if wait == 0.0:
+            now = time.monotonic()
+            while self._local_grants and now - self._local_grants[0] >= self.window_s:
+                self._local_grants.popleft()
+            self._local_grants.extend([now] * calls)
+        return wait
 
     async def _release(self, first: int, calls: int) -> None:
         """Give back a grant nobody will use (best effort)."""
@@ -256,10 +261,11 @@ class SharedBudget:
     def _local(self) -> CallBudget:
         if self._fallback is None:
             self._fallback = CallBudget(self.fallback_rate_per_s, self.window_s)
+            # Full for one window (see the module's docstring), plus what this node
+            # granted locally and could not write into Redis yet.
             now = time.monotonic()
-            self._fallback_since = now
-            self._fallback.seed([now - t for t in self._recent] + self._backfill)
-            self._backfill = []
+            ages = [now - t for t in self._local_grants]
+            self._fallback.seed([0.0] * self._fallback.limit + ages)
         return self._fallback
 
     def _enter_fallback(self, reason: str) -> None:
