@@ -109,13 +109,15 @@ def most_in_a_window(times: list[float], window: float) -> int:
 
 
 def assert_under(times: list[float], rate: float) -> None:
-    """At most `rate` calls per second: in any 0.8 s of arrivals (the budget counts
-    grants in any 1 s; a grant reaches the fake a moment later, so the shorter window
-    leaves room for that delay), and over the whole span."""
+    """At most `rate` calls per second, as the fake saw them: over the whole span (a
+    rolling one-second window lets through at most rate × (span + 1)), and in any half
+    second (the budget counts grants in any second; a grant reaches the fake a moment
+    later, so a shorter window leaves room for that delay). Two budgets of `rate` that
+    did not share would pass both about twice over."""
     assert times, "no calls at all"
-    assert most_in_a_window(times, 0.8) <= rate, most_in_a_window(times, 0.8)
     span = times[-1] - times[0]
-    assert len(times) <= rate * (span + 1.0) + 3
+    assert len(times) <= rate * (span + 1.0) + 3, (len(times), span)
+    assert most_in_a_window(times, 0.5) <= rate, most_in_a_window(times, 0.5)
 
 
 async def test_two_nodes_share_one_call_budget_and_fall_back_to_a_share_without_redis(
@@ -178,7 +180,7 @@ async def test_two_nodes_share_one_call_budget_and_fall_back_to_a_share_without_
             assert await metric(http, node.url, "proctor_redis_up") == 1
 
 
-async def test_live_requests_go_first_on_each_node_of_a_shared_budget(
+async def test_live_requests_go_first_on_a_node_and_across_nodes(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     settings = make_settings(Path("/nonexistent"), redis_url=redis_server.url)
@@ -192,14 +194,28 @@ async def test_live_requests_go_first_on_each_node_of_a_shared_budget(
         await budget.acquire(1, priority)
         order.append(name)
 
+    async def queued() -> None:
+        await asyncio.sleep(0.1)  # each has asked and waits behind the full window
+
     try:
-        await b.acquire(2)  # the other node fills the window
-        tasks = [asyncio.create_task(ask(a, f"background-{i}", "background")) for i in range(3)]
-        await asyncio.sleep(0.1)  # all queued behind the full window
-        tasks.append(asyncio.create_task(ask(a, "live", "live")))
+        # On one node: background requests queued first, a live one after them.
+        await b.acquire(2)  # the window is full
+        tasks = [asyncio.create_task(ask(a, f"a-background-{i}", "background")) for i in range(3)]
+        await queued()
+        tasks.append(asyncio.create_task(ask(a, "a-live", "live")))
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        assert order == ["live", "background-0", "background-1", "background-2"]
+        assert order == ["a-live", "a-background-0", "a-background-1", "a-background-2"]
         assert a.to_json()["waited"] == 4
+
+        # Across nodes: A has background requests waiting, then B a live one; the live
+        # one gets the next slot although A asked first.
+        order.clear()
+        await a.acquire(2)
+        tasks = [asyncio.create_task(ask(a, f"a-background-{i}", "background")) for i in range(2)]
+        await queued()
+        tasks.append(asyncio.create_task(ask(b, "b-live", "live")))
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert order[0] == "b-live", order
     finally:
         for budget in (a, b):
             budget.close()

@@ -11,8 +11,15 @@ is exactly what the per-second quota throttles.
 
 In front of Redis each node keeps its own queue with the single-node order: every
 waiting live request before any background (recorded-video) one, first come first served
-within a priority. One pump task serves the head of that queue: it runs the script, and
-when the window is full the script answers how long until the slot it needs is free, so
+within a priority. Across nodes the same holds: a node whose live request must wait
+marks it in Redis (until its slot), and background requests of other nodes wait while
+such a mark stands, so a node busy with recorded videos never takes the slots live
+candidates on another node are waiting for. Between nodes at the same priority, a freed
+slot goes to whichever asks first (while the window is contended, a pump pauses up to a
+millisecond between two grants, so one node does not take a whole freed window at once).
+
+One pump task serves the head of that queue: it runs the script, and when the window is
+full the script answers how long until the slot it needs is free, so
 the pump sleeps exactly that long (at most one window) instead of polling; a node makes
 one Redis call per grant or per expected slot, whatever its number of waiting sessions.
 
@@ -45,24 +52,44 @@ from server.observability import Instruments
 log = logging.getLogger(__name__)
 
 Mode = Literal["shared", "local-fallback"]
+#: A live request that waits for the shared window keeps background requests of every
+#: node waiting until its slot, plus this (time for its node to wake and take it).
+LIVE_MARGIN_S = 0.05
 
-# KEYS: the grant log (sorted set), its member counter. ARGV: limit, window (µs), calls,
-# then the ages (µs) of grants made elsewhere to write in first (after a fallback).
-# Answers {1, 0, first member} when granted, else {0, µs until the slot frees, 0}.
+# KEYS: the grant log (sorted set), its member counter, the live waiters (sorted set:
+# node → until when it waits). ARGV: limit, window (µs), calls, live (1/0), node, more
+# live requests queued behind this one on that node (1/0), margin (µs), then the ages
+# (µs) of grants made elsewhere to write in first (after a fallback).
+# Answers {1, 0, first member, now} when granted, else {0, µs to wait, 0, now} (now:
+# Redis' clock, µs). A background request waits while another node has live requests
+# waiting; a live request that must wait says so (until its slot, plus the margin).
 # Numbers go back to Redis through %.0f: Lua's default formatting keeps 14 digits only.
 TAKE_LUA = """
-local zkey, skey = KEYS[1], KEYS[2]
+local zkey, skey, lkey = KEYS[1], KEYS[2], KEYS[3]
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local calls = tonumber(ARGV[3])
+local live = ARGV[4] == '1'
+local node = ARGV[5]
+local more_live = ARGV[6] == '1'
+local margin = tonumber(ARGV[7])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function s(x) return string.format('%.0f', x) end
-for i = 4, #ARGV do
+for i = 8, #ARGV do
   local seq = redis.call('INCR', skey)
   redis.call('ZADD', zkey, s(now - tonumber(ARGV[i])), s(seq))
 end
 redis.call('ZREMRANGEBYSCORE', zkey, '-inf', s(now - window))
+redis.call('ZREMRANGEBYSCORE', lkey, '-inf', s(now))
+if not live then
+  local marks = redis.call('ZRANGE', lkey, 0, 1, 'WITHSCORES')
+  for i = 1, #marks, 2 do
+    if marks[i] ~= node then
+      return {0, tonumber(marks[i + 1]) - now, 0, now}
+    end
+  end
+end
 local n = redis.call('ZCARD', zkey)
 if n + calls <= limit then
   local last = redis.call('INCRBY', skey, calls)
@@ -71,11 +98,23 @@ if n + calls <= limit then
   end
   redis.call('PEXPIRE', zkey, math.ceil(window / 1000) + 1000)
   redis.call('PEXPIRE', skey, 86400000)
-  return {1, 0, last - calls + 1}
+  if live then
+    if more_live then
+      redis.call('ZADD', lkey, s(now + margin), node)
+    else
+      redis.call('ZREM', lkey, node)
+    end
+  end
+  return {1, 0, last - calls + 1, now}
 end
 local idx = n + calls - limit - 1
 local oldest = redis.call('ZRANGE', zkey, idx, idx, 'WITHSCORES')
-return {0, tonumber(oldest[2]) + window - now, 0}
+local wait = tonumber(oldest[2]) + window - now
+if live then
+  redis.call('ZADD', lkey, s(now + wait + margin), node)
+  redis.call('PEXPIRE', lkey, math.ceil((window + margin) / 1000) + 1000)
+end
+return {0, wait, 0, now}
 """
 
 
@@ -84,6 +123,7 @@ class _Waiter:
     future: asyncio.Future[None]
     calls: int
     asked_at: float
+    priority: Priority
 
 
 class SharedBudget:
@@ -104,7 +144,7 @@ class SharedBudget:
         self.link = link
         self.instruments = instruments
         self.size_hint = max(1, size_hint)
-        self._keys = [key, key + ":seq"]
+        self._keys = [key, key + ":seq", key + ":live"]
         self._take_script = link.client.register_script(TAKE_LUA)
         self._waiters: dict[Priority, deque[_Waiter]] = {"live": deque(), "background": deque()}
         self._wake = asyncio.Event()
@@ -115,6 +155,8 @@ class SharedBudget:
         self._local_grants: deque[float] = deque()
         self.fallbacks = 0
         self.redis_calls = 0
+        #: When Redis granted the latest shared grant, on Redis' clock (s; measurements).
+        self.last_grant_at = 0.0
         self.stats = BudgetStats()
         self._closed = False
         instruments.budget_shared.set(1)
@@ -143,7 +185,10 @@ class SharedBudget:
         if self._closed:
             raise asyncio.CancelledError("the budget is closed")
         waiter = _Waiter(
-            asyncio.get_running_loop().create_future(), min(calls, self._limit), time.monotonic()
+            asyncio.get_running_loop().create_future(),
+            min(calls, self._limit),
+            time.monotonic(),
+            priority,
         )
         self._waiters[priority].append(waiter)
         if self._pump is None or self._pump.done():
@@ -178,6 +223,7 @@ class SharedBudget:
     # --- the pump ----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        refused_at = -math.inf  # when the window last made this node wait
         while not self._closed:
             head = self._head()
             if head is None:
@@ -185,7 +231,7 @@ class SharedBudget:
                 await self._wake.wait()
                 continue
             try:
-                wait, first = await self._take(head.calls)
+                wait, first = await self._take(head)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stall every session: local share
@@ -200,14 +246,19 @@ class SharedBudget:
                     continue
                 self._granted(head)
                 head.future.set_result(None)
+                if self.mode == "shared" and time.monotonic() - refused_at < self.window_s:
+                    # Contended: let the other nodes' pumps ask too.
+                    await asyncio.sleep(random.uniform(0.0, 0.001))
                 continue
+            refused_at = time.monotonic()
             # Sleep until the slot is free (the script said when), never longer than a
             # window; a little jitter so nodes woken by the same slot do not all ask at
             # the same instant.
             await asyncio.sleep(min(wait, self.window_s) + random.uniform(0.0, 0.002))
 
-    async def _take(self, calls: int) -> tuple[float, int | None]:
+    async def _take(self, head: _Waiter) -> tuple[float, int | None]:
         """(0, first member) when granted, else (seconds to wait, None)."""
+        calls = head.calls
         if self.mode == "shared" and not self.link.up and self.link.checked:
             self._enter_fallback("Redis link down")
         if self.mode == "local-fallback" and self.link.up:
@@ -215,7 +266,17 @@ class SharedBudget:
         if self.mode == "shared":
             now = time.monotonic()
             backfill = [now - t for t in self._local_grants if now - t < self.window_s]
-            args = [self._limit, int(self.window_s * 1e6), calls]
+            live = head.priority == "live"
+            more_live = live and len(self._waiters["live"]) > 1
+            args: list[int | str] = [
+                self._limit,
+                int(self.window_s * 1e6),
+                calls,
+                int(live),
+                self.link.node_id,
+                int(more_live),
+                int(LIVE_MARGIN_S * 1e6),
+            ]
             args += [int(age * 1e6) for age in backfill]
             try:
                 async with asyncio.timeout(self.link.settings.redis_timeout_s * 2 + 0.1):
@@ -226,8 +287,9 @@ class SharedBudget:
                 self._enter_fallback(f"{type(exc).__name__}: {exc}")
             else:
                 self._local_grants.clear()  # written in with this call
-                granted, wait_us, first = (int(x) for x in reply)
+                granted, wait_us, first, now_us = (int(x) for x in reply)
                 if granted:
+                    self.last_grant_at = now_us / 1e6
                     return 0.0, first
                 return max(0.0, wait_us / 1e6), None
         return self._take_local(calls), None
