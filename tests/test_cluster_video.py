@@ -174,6 +174,29 @@ async def test_a_redis_restart_loses_the_queue_but_the_store_requeues_the_job(
         link = node.app[REDIS].link
         assert link.outages + link.data_losses >= 1
 
+    # A job accepted while Redis is down waits in the store, and runs once it is back.
+    redis_server.stop()
+    for node in nodes:
+        await until_down(http, node.url)
+    status, late = await post_upload(http, nodes[1].url, data, interval="2")
+    assert status == 202 and late["state"] == "queued"
+    await asyncio.sleep(1.0)
+    assert (await get_json(http, f"{nodes[0].url}/api/videos/{late['id']}"))["state"] == "queued"
+    redis_server.start()
+    done = await wait_state(http, nodes[0].url, late["id"], {"done", "failed"}, timeout=60)
+    assert done["state"] == "done" and done["progress"]["frames_done"] == 3
+
+
+async def until_down(http: aiohttp.ClientSession, url: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        health = await get_json(http, f"{url}/health")
+        if health["redis"]["status"] == "down":
+            assert health["status"] == "degraded"
+            return
+        assert time.monotonic() < deadline, "Redis was not seen down"
+        await asyncio.sleep(0.05)
+
 
 async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhere(
     tmp_path: Path,
