@@ -187,6 +187,19 @@ async def test_a_redis_restart_loses_the_queue_but_the_store_requeues_the_job(
     assert done["state"] == "done" and done["progress"]["frames_done"] == 3
 
 
+async def until_healthy(http: aiohttp.ClientSession, url: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            async with http.get(f"{url}/health") as r:
+                if r.status == 200 and (await r.json())["redis"]["status"] == "ok":
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, "the node did not start"
+        await asyncio.sleep(0.1)
+
+
 async def until_down(http: aiohttp.ClientSession, url: str) -> None:
     deadline = time.monotonic() + 15
     while True:
@@ -226,6 +239,7 @@ async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhe
     data = make_video(tmp_path / "v.mp4", [(10, "face")], fps=4).read_bytes()
     survivor: RunningServer | None = None
     try:
+        await until_healthy(http, url)  # a loaded machine can take a while to start it
         _s, job = await post_upload(http, url, data, interval="0.5")
         seen = await wait_state(http, url, job["id"], {"analysing"})
         # The other node starts while the job runs on the first: it leaves it alone.

@@ -9,6 +9,10 @@ nodes can never both take the last slot. A token bucket was not used: one of cap
 `rate` lets up to twice `rate` through in a second (a full bucket, then its refill), which
 is exactly what the per-second quota throttles.
 
+A Redis that loses the log (a restart without persistence, even one no command noticed)
+is rebuilt by the nodes: each keeps a mark in Redis, and a node that finds its mark gone
+writes its own grants of the last window back in before taking more.
+
 In front of Redis each node keeps its own queue with the single-node order: every
 waiting live request before any background (recorded-video) one, first come first served
 within a priority. Across nodes the same holds: a node whose live request must wait
@@ -57,15 +61,19 @@ Mode = Literal["shared", "local-fallback"]
 LIVE_MARGIN_S = 0.05
 
 # KEYS: the grant log (sorted set), its member counter, the live waiters (sorted set:
-# node → until when it waits). ARGV: limit, window (µs), calls, live (1/0), node, more
-# live requests queued behind this one on that node (1/0), margin (µs), then the ages
-# (µs) of grants made elsewhere to write in first (after a fallback).
+# node → until when it waits), this node's mark (it has written its grants in). ARGV:
+# limit, window (µs), calls, live (1/0), node, more live requests queued behind this one
+# on that node (1/0), margin (µs), restore (1/0), then the ages (µs) of grants this node
+# made that the log lacks (made while Redis was down; with restore, all its grants of
+# the last window).
 # Answers {1, 0, first member, now} when granted, else {0, µs to wait, 0, now} (now:
-# Redis' clock, µs). A background request waits while another node has live requests
-# waiting; a live request that must wait says so (until its slot, plus the margin).
+# Redis' clock, µs), or {2, 0, 0, now} when this node's mark is missing: Redis lost the
+# log (a restart), and the node must ask again with restore and its recent grants. A
+# background request waits while another node has live requests waiting; a live
+# request that must wait says so (until its slot, plus the margin).
 # Numbers go back to Redis through %.0f: Lua's default formatting keeps 14 digits only.
 TAKE_LUA = """
-local zkey, skey, lkey = KEYS[1], KEYS[2], KEYS[3]
+local zkey, skey, lkey, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local calls = tonumber(ARGV[3])
@@ -76,7 +84,13 @@ local margin = tonumber(ARGV[7])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function s(x) return string.format('%.0f', x) end
-for i = 8, #ARGV do
+if redis.call('EXISTS', mkey) == 0 then
+  if ARGV[8] ~= '1' then
+    return {2, 0, 0, now}
+  end
+  redis.call('SET', mkey, '1', 'PX', 86400000)
+end
+for i = 9, #ARGV do
   local seq = redis.call('INCR', skey)
   redis.call('ZADD', zkey, s(now - tonumber(ARGV[i])), s(seq))
 end
@@ -144,15 +158,17 @@ class SharedBudget:
         self.link = link
         self.instruments = instruments
         self.size_hint = max(1, size_hint)
-        self._keys = [key, key + ":seq", key + ":live"]
+        self._keys = [key, key + ":seq", key + ":live", f"{key}:node:{link.node_id}"]
         self._take_script = link.client.register_script(TAKE_LUA)
         self._waiters: dict[Priority, deque[_Waiter]] = {"live": deque(), "background": deque()}
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self.mode: Mode = "shared"
         self._fallback: CallBudget | None = None
-        # Grants made by the local share (monotonic times), not yet written into Redis.
+        # Grants made by the local share (monotonic times), not yet written into Redis,
+        # and every grant of this node in the last window (for a Redis that lost them).
         self._local_grants: deque[float] = deque()
+        self._recent: deque[float] = deque()
         self.fallbacks = 0
         self.redis_calls = 0
         #: When Redis granted the latest shared grant, on Redis' clock (s; measurements).
@@ -263,9 +279,11 @@ class SharedBudget:
             self._enter_fallback("Redis link down")
         if self.mode == "local-fallback" and self.link.up:
             self._leave_fallback()
-        if self.mode == "shared":
+        restore = False
+        while self.mode == "shared":
             now = time.monotonic()
-            backfill = [now - t for t in self._local_grants if now - t < self.window_s]
+            grants = self._recent if restore else self._local_grants
+            backfill = [now - t for t in grants if now - t < self.window_s]
             live = head.priority == "live"
             more_live = live and len(self._waiters["live"]) > 1
             args: list[int | str] = [
@@ -276,6 +294,7 @@ class SharedBudget:
                 self.link.node_id,
                 int(more_live),
                 int(LIVE_MARGIN_S * 1e6),
+                int(restore),
             ]
             args += [int(age * 1e6) for age in backfill]
             try:
@@ -285,22 +304,32 @@ class SharedBudget:
             except REDIS_ERRORS as exc:
                 self.link.failed("budget", exc)
                 self._enter_fallback(f"{type(exc).__name__}: {exc}")
-            else:
-                self._local_grants.clear()  # written in with this call
-                granted, wait_us, first, now_us = (int(x) for x in reply)
-                if granted:
-                    self.last_grant_at = now_us / 1e6
-                    return 0.0, first
-                return max(0.0, wait_us / 1e6), None
+                break
+            code, wait_us, first, now_us = (int(x) for x in reply)
+            if code == 2:  # Redis lost the log (or never had this node): write ours in
+                if restore:
+                    break  # it lost it again at once: the local share this time
+                restore = True
+                continue
+            self._local_grants.clear()  # written in with this call
+            if code == 1:
+                self.last_grant_at = now_us / 1e6
+                self._note(self._recent, calls)
+                return 0.0, first
+            return max(0.0, wait_us / 1e6), None
         return self._take_local(calls), None
+
+    def _note(self, grants: deque[float], calls: int) -> None:
+        now = time.monotonic()
+        while grants and now - grants[0] >= self.window_s:
+            grants.popleft()
+        grants.extend([now] * calls)
 
     def _take_local(self, calls: int) -> float:
         wait = self._local().try_take(calls)
         if wait == 0.0:
-            now = time.monotonic()
-            while self._local_grants and now - self._local_grants[0] >= self.window_s:
-                self._local_grants.popleft()
-            self._local_grants.extend([now] * calls)
+            self._note(self._local_grants, calls)
+            self._note(self._recent, calls)
         return wait
 
     async def _release(self, first: int, calls: int) -> None:

@@ -16,7 +16,9 @@ across nodes:
 - Starts, per address (`proctor:starts:<address>`, a sorted set of start times trimmed to
   the window, expiring with it): `check`, `admit` (check and count in one step) and
   `record`. Members are the start times as the store keeps them, so writing the store's
-  rows back after a Redis restart (`seed_starts`) is idempotent.
+  rows back after a Redis restart (`seed_starts`) is idempotent. Until a node has done
+  so (a mark in Redis), the scripts answer "unseeded" and the node counts from the
+  store.
 
 A failing Redis command is reported to the link (logged once per outage, counted) and
 raised as `SharedUnavailable`: the caller (`SpendCaps`) falls back to its store-based
@@ -32,6 +34,7 @@ from server.cluster.redis_link import PREFIX, REDIS_ERRORS, RedisLink
 from server.session.spend import SharedUnavailable
 
 USAGE_TTL_S = 2 * 86_400
+SEEDED_KEY = PREFIX + "starts:seeded"
 
 # KEYS: usage key. ARGV: cap (0 = none), amount, seed, ttl. {granted, total}.
 RESERVE_LUA = """
@@ -65,10 +68,14 @@ end
 return tonumber(cur)
 """
 
-# KEYS: the address' start set. ARGV: now, window, limit, mode (check | admit | record),
-# member. '0' when allowed (and counted, unless mode is check), else the seconds until
-# the oldest start leaves the window (as text: a fraction).
+# KEYS: the address' start set, the mark that the store's starts were written in. ARGV:
+# now, window, limit, mode (check | admit | record), member. '0' when allowed (and
+# counted, unless mode is check), else the seconds until the oldest start leaves the
+# window (as text: a fraction); 'unseeded' when the mark is missing (Redis lost them).
 START_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return 'unseeded'
+end
 local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local mode = ARGV[4]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now - window))
@@ -140,15 +147,16 @@ class SharedCounters:
 
     async def start(
         self, address: str, mode: str, now: float, window_s: float, limit: int
-    ) -> float:
-        """0.0 when allowed (counted unless `mode` is "check"), else seconds to wait."""
+    ) -> float | None:
+        """0.0 when allowed (counted unless `mode` is "check"), else seconds to wait;
+        None when Redis has not got the store's starts (after it lost them)."""
         with self._guard():
             reply = await self._start(
-                keys=[self.starts_key(address)],
+                keys=[self.starts_key(address), SEEDED_KEY],
                 args=[repr(now), window_s, limit, mode, repr(now)],
             )
         text = reply.decode() if isinstance(reply, bytes) else str(reply)
-        return float(text)
+        return None if text == "unseeded" else float(text)
 
     async def seed_starts(self, rows: Iterable[tuple[str, float]], window_s: float) -> None:
         """Write the store's recent starts back (members already there stay as they are)."""
@@ -157,11 +165,9 @@ class SharedCounters:
 
     async def _seed_starts(self, rows: Iterable[tuple[str, float]], window_s: float) -> None:
         async with self.link.client.pipeline(transaction=False) as pipe:
-            n = 0
             for address, at in rows:
                 key = self.starts_key(address)
                 pipe.zadd(key, {repr(at): at}, nx=True)
                 pipe.expire(key, int(window_s) + 1)
-                n += 1
-            if n:
-                await pipe.execute()
+            pipe.set(SEEDED_KEY, "1")
+            await pipe.execute()

@@ -91,6 +91,7 @@ class SpendCaps:
         self._stored: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._pending: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._wake = asyncio.Event()
+        self._resyncing: asyncio.Task[None] | None = None
         for kind in KINDS:
             instruments.usage_cap.labels(kind=kind).set(self.caps[kind])
             instruments.usage_today.labels(kind=kind).set(0)
@@ -134,10 +135,11 @@ class SpendCaps:
 
     async def stop(self) -> None:
         """Write what is still unsaved (before the store closes)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.wait({self._flusher}, timeout=1.0)
-            self._flusher = None
+        for task in (self._flusher, self._resyncing):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+        self._flusher = self._resyncing = None
         await self._flush()
 
     async def _flush_loop(self) -> None:
@@ -227,16 +229,32 @@ class SpendCaps:
         )
 
     async def _shared_start(self, address: str, mode: str, now: float) -> float | None:
-        """The cluster's answer (0.0 or seconds to wait), None when Redis is not there."""
+        """The cluster's answer (0.0 or seconds to wait), None when Redis is not there
+        or has not got the store's starts yet (then counted from the store)."""
         shared = self._shared_up()
         if shared is None:
             return None
         try:
-            return await shared.start(address, mode, now, START_WINDOW_S, self.starts_per_minute)
+            wait = await shared.start(address, mode, now, START_WINDOW_S, self.starts_per_minute)
         except SharedUnavailable:
             self._redis_failed()
+            wait = None
+        else:
+            if wait is None:  # Redis lost them: write them back, meanwhile the store's
+                self._resync_soon()
+        if wait is None:
             await self._load_starts(now)  # every node's starts, from the store
-            return None
+        return wait
+
+    def _resync_soon(self) -> None:
+        if self._resyncing is None or self._resyncing.done():
+            self._resyncing = asyncio.create_task(self._resync_quietly(), name="spend-resync")
+
+    async def _resync_quietly(self) -> None:
+        try:
+            await self.resync()
+        except Exception:  # the next start asks again
+            log.exception("spend counters could not be written back to Redis")
 
     async def check_start(self, address: str | None) -> None:
         """Raise 429 `rate_limited` (with Retry-After) when `address` has started its
