@@ -142,7 +142,7 @@ async def test_two_nodes_share_one_call_budget_and_fall_back_to_a_share_without_
                 assert budget["mode"] == "shared" and budget["scope"] == "cluster"
 
             # 2. Redis gone: each node falls back to RATE / 2 (two nodes were seen).
-            redis_server.stop()
+            await asyncio.to_thread(redis_server.stop)
             t1 = time.monotonic()
             for node in nodes:
                 await until(lambda n=node: n.manager.budget.to_json()["mode"] == "local-fallback")
@@ -162,12 +162,19 @@ async def test_two_nodes_share_one_call_budget_and_fall_back_to_a_share_without_
                 assert await metric(http, node.url, "proctor_budget_shared") == 0
 
             # 3. Redis back: the nodes share again.
-            redis_server.start()
+            await asyncio.to_thread(redis_server.start)
             for node in nodes:
                 await until(lambda n=node: n.manager.budget.to_json()["mode"] == "shared")
             t2 = time.monotonic()
             await asyncio.sleep(2.0)
             assert_under(calls_between(rekognition, t2, time.monotonic()), RATE)
+
+            # 4. Redis restarted (its log lost, maybe between two pings): the nodes write
+            # their last second's grants back, and the budget holds across it.
+            t3 = time.monotonic() - 1.0
+            await asyncio.to_thread(redis_server.restart)
+            await asyncio.sleep(2.0)
+            assert_under(calls_between(rekognition, t3, time.monotonic()), RATE)
         finally:
             await load.stop()
         # Over the whole run too (the switches included).
@@ -176,7 +183,8 @@ async def test_two_nodes_share_one_call_budget_and_fall_back_to_a_share_without_
         for node in nodes:
             health = await json_of(http, "GET", f"{node.url}/health")
             assert health["status"] == "ok" and health["redis"]["budget"]["mode"] == "shared"
-            assert await metric(http, node.url, "proctor_budget_fallbacks_total") == 1
+            # Once for the stop; the restart may have been seen as a short outage too.
+            assert await metric(http, node.url, "proctor_budget_fallbacks_total") in (1, 2)
             assert await metric(http, node.url, "proctor_redis_up") == 1
 
 
@@ -257,7 +265,7 @@ async def test_two_nodes_share_the_daily_rekognition_cap_across_a_redis_restart(
             return (await store.usage_on(day)).get("rekognition_calls") == 6
 
         await until(stored_six)
-        redis_server.restart()  # no persistence: Redis forgets today's count
+        await asyncio.to_thread(redis_server.restart)  # no persistence: Redis forgets today's count
 
         assert (await frame(http, url_b, sid_b))["backend"] == "rekognition"
         assert (await frame(http, url_a, sid_a))["backend"] == "rekognition"
@@ -295,7 +303,7 @@ async def test_the_start_limit_counts_every_node(
             async with http.post(f"{node.url}/api/sessions/start", json={}) as r:
                 assert_rate_limited(r.status, await r.json(), r.headers)
         # A Redis restart forgets the minute's starts; the store gives them back.
-        redis_server.restart()
+        await asyncio.to_thread(redis_server.restart)
         for node in (a, b):
             link = node.app[REDIS].link
             await until(lambda lk=link: lk.outages + lk.data_losses > 0)

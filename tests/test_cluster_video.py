@@ -156,7 +156,7 @@ async def test_a_redis_restart_loses_the_queue_but_the_store_requeues_the_job(
         await wait_state(http, nodes[0].url, j["id"], {"analysing"})
     record = await get_json(http, f"{nodes[0].url}/api/videos/{jobs[2]['id']}")
     assert record["state"] == "queued"
-    redis_server.restart()  # no persistence: every queue entry is gone
+    await asyncio.to_thread(redis_server.restart)  # no persistence: every queue entry is gone
     for j in jobs:
         done = await wait_state(http, nodes[1].url, j["id"], {"done", "failed"}, timeout=60)
         assert done["state"] == "done", done
@@ -175,14 +175,14 @@ async def test_a_redis_restart_loses_the_queue_but_the_store_requeues_the_job(
         assert link.outages + link.data_losses >= 1
 
     # A job accepted while Redis is down waits in the store, and runs once it is back.
-    redis_server.stop()
+    await asyncio.to_thread(redis_server.stop)
     for node in nodes:
         await until_down(http, node.url)
     status, late = await post_upload(http, nodes[1].url, data, interval="2")
     assert status == 202 and late["state"] == "queued"
     await asyncio.sleep(1.0)
     assert (await get_json(http, f"{nodes[0].url}/api/videos/{late['id']}"))["state"] == "queued"
-    redis_server.start()
+    await asyncio.to_thread(redis_server.start)
     done = await wait_state(http, nodes[0].url, late["id"], {"done", "failed"}, timeout=60)
     assert done["state"] == "done" and done["progress"]["frames_done"] == 3
 

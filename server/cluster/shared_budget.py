@@ -9,9 +9,10 @@ nodes can never both take the last slot. A token bucket was not used: one of cap
 `rate` lets up to twice `rate` through in a second (a full bucket, then its refill), which
 is exactly what the per-second quota throttles.
 
-A Redis that loses the log (a restart without persistence, even one no command noticed)
-is rebuilt by the nodes: each keeps a mark in Redis, and a node that finds its mark gone
-writes its own grants of the last window back in before taking more.
+A log found missing — the cluster's first, or one Redis lost (a restart without
+persistence, even one no command noticed) — grants nothing for one window: the grants
+it lost, made in the last window by any node, have left the window before new ones
+begin.
 
 In front of Redis each node keeps its own queue with the single-node order: every
 waiting live request before any background (recorded-video) one, first come first served
@@ -61,19 +62,18 @@ Mode = Literal["shared", "local-fallback"]
 LIVE_MARGIN_S = 0.05
 
 # KEYS: the grant log (sorted set), its member counter, the live waiters (sorted set:
-# node → until when it waits), this node's mark (it has written its grants in). ARGV:
-# limit, window (µs), calls, live (1/0), node, more live requests queued behind this one
-# on that node (1/0), margin (µs), restore (1/0), then the ages (µs) of grants this node
-# made that the log lacks (made while Redis was down; with restore, all its grants of
-# the last window).
+# node → until when it waits), the log's start (when grants may begin: a log found
+# missing — the first ever, or one Redis lost — grants nothing for one window, since the
+# lost grants of the last window are not in it). ARGV: limit, window (µs), calls, live
+# (1/0), node, more live requests queued behind this one on that node (1/0), margin
+# (µs), then the ages (µs) of grants this node made that the log lacks (made from its
+# local share while Redis was unreachable to it).
 # Answers {1, 0, first member, now} when granted, else {0, µs to wait, 0, now} (now:
-# Redis' clock, µs), or {2, 0, 0, now} when this node's mark is missing: Redis lost the
-# log (a restart), and the node must ask again with restore and its recent grants. A
-# background request waits while another node has live requests waiting; a live
-# request that must wait says so (until its slot, plus the margin).
+# Redis' clock, µs). A background request waits while another node has live requests
+# waiting; a live request that must wait says so (until its slot, plus the margin).
 # Numbers go back to Redis through %.0f: Lua's default formatting keeps 14 digits only.
 TAKE_LUA = """
-local zkey, skey, lkey, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local zkey, skey, lkey, bkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local calls = tonumber(ARGV[3])
@@ -84,18 +84,22 @@ local margin = tonumber(ARGV[7])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function s(x) return string.format('%.0f', x) end
-if redis.call('EXISTS', mkey) == 0 then
-  if ARGV[8] ~= '1' then
-    return {2, 0, 0, now}
-  end
-  redis.call('SET', mkey, '1', 'PX', 86400000)
+local begins = redis.call('GET', bkey)
+if not begins then
+  begins = now + window
+  redis.call('SET', bkey, s(begins))
+else
+  begins = tonumber(begins)
 end
-for i = 9, #ARGV do
+for i = 8, #ARGV do
   local seq = redis.call('INCR', skey)
   redis.call('ZADD', zkey, s(now - tonumber(ARGV[i])), s(seq))
 end
 redis.call('ZREMRANGEBYSCORE', zkey, '-inf', s(now - window))
 redis.call('ZREMRANGEBYSCORE', lkey, '-inf', s(now))
+if now < begins then
+  return {0, begins - now, 0, now}
+end
 if not live then
   local marks = redis.call('ZRANGE', lkey, 0, 1, 'WITHSCORES')
   for i = 1, #marks, 2 do
@@ -158,17 +162,15 @@ class SharedBudget:
         self.link = link
         self.instruments = instruments
         self.size_hint = max(1, size_hint)
-        self._keys = [key, key + ":seq", key + ":live", f"{key}:node:{link.node_id}"]
+        self._keys = [key, key + ":seq", key + ":live", key + ":begins"]
         self._take_script = link.client.register_script(TAKE_LUA)
         self._waiters: dict[Priority, deque[_Waiter]] = {"live": deque(), "background": deque()}
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self.mode: Mode = "shared"
         self._fallback: CallBudget | None = None
-        # Grants made by the local share (monotonic times), not yet written into Redis,
-        # and every grant of this node in the last window (for a Redis that lost them).
+        # Grants made by the local share (monotonic times), not yet written into Redis.
         self._local_grants: deque[float] = deque()
-        self._recent: deque[float] = deque()
         self.fallbacks = 0
         self.redis_calls = 0
         #: When Redis granted the latest shared grant, on Redis' clock (s; measurements).
@@ -279,11 +281,9 @@ class SharedBudget:
             self._enter_fallback("Redis link down")
         if self.mode == "local-fallback" and self.link.up:
             self._leave_fallback()
-        restore = False
-        while self.mode == "shared":
+        if self.mode == "shared":
             now = time.monotonic()
-            grants = self._recent if restore else self._local_grants
-            backfill = [now - t for t in grants if now - t < self.window_s]
+            backfill = [now - t for t in self._local_grants if now - t < self.window_s]
             live = head.priority == "live"
             more_live = live and len(self._waiters["live"]) > 1
             args: list[int | str] = [
@@ -294,7 +294,6 @@ class SharedBudget:
                 self.link.node_id,
                 int(more_live),
                 int(LIVE_MARGIN_S * 1e6),
-                int(restore),
             ]
             args += [int(age * 1e6) for age in backfill]
             try:
@@ -304,32 +303,23 @@ class SharedBudget:
             except REDIS_ERRORS as exc:
                 self.link.failed("budget", exc)
                 self._enter_fallback(f"{type(exc).__name__}: {exc}")
-                break
-            code, wait_us, first, now_us = (int(x) for x in reply)
-            if code == 2:  # Redis lost the log (or never had this node): write ours in
-                if restore:
-                    break  # it lost it again at once: the local share this time
-                restore = True
-                continue
-            self._local_grants.clear()  # written in with this call
-            if code == 1:
-                self.last_grant_at = now_us / 1e6
-                self._note(self._recent, calls)
-                return 0.0, first
-            return max(0.0, wait_us / 1e6), None
+            else:
+                self._local_grants.clear()  # written in with this call
+                granted, wait_us, first, now_us = (int(x) for x in reply)
+                if granted:
+                    self.last_grant_at = now_us / 1e6
+                    return 0.0, first
+                return max(0.0, wait_us / 1e6), None
         return self._take_local(calls), None
-
-    def _note(self, grants: deque[float], calls: int) -> None:
-        now = time.monotonic()
-        while grants and now - grants[0] >= self.window_s:
-            grants.popleft()
-        grants.extend([now] * calls)
 
     def _take_local(self, calls: int) -> float:
         wait = self._local().try_take(calls)
         if wait == 0.0:
-            self._note(self._local_grants, calls)
-            self._note(self._recent, calls)
+            now = time.monotonic()
+            grants = self._local_grants
+            while grants and now - grants[0] >= self.window_s:
+                grants.popleft()
+            grants.extend([now] * calls)
         return wait
 
     async def _release(self, first: int, calls: int) -> None:
