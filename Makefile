@@ -60,6 +60,7 @@ bench: install-test
 	$(IN_NETNS) $(PY) bench/webrtc_latency.py
 	$(IN_NETNS) $(PY) bench/webrtc_cost.py
 	$(IN_NETNS) $(PY) bench/webrtc_capacity.py
+	$(PY) bench/store_throughput.py
 	$(PY) bench/shared_budget.py
 
 clean:

@@ -14,13 +14,17 @@ from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
 from server.config import Settings
 from server.observability import Instruments
-from server.session.database import Database
+from server.session.alerts import AlertService
+from server.session.database import Database, make_database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
+from server.session.webhooks import WebhookSender
 from server.signaling import socketio_json
+from server.signaling.alerts_api import register_alert_routes
 from server.signaling.auth import ACCESS, Access
 from server.signaling.http_api import error_middleware
+from server.signaling.operator_api import register_operator_routes
 from server.signaling.rest import build_api
 from server.signaling.rtc import RtcGateway
 from server.signaling.socketio_events import GuardedServer, ProctorNamespace
@@ -39,6 +43,7 @@ INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 #: The cluster's Redis parts (REDIS_URL only).
 REDIS: web.AppKey[RedisParts] = web.AppKey("redis")
 
@@ -57,11 +62,15 @@ def _file(path: Path) -> web.StreamResponse:
 def make_store(
     settings: Settings, cls: type[Store] = Store, database: Database | None = None
 ) -> Store:
+    """The store on `database`, else on the one `DATABASE_URL` names (SQLite at
+    `DATABASE_PATH` when it is empty, or PostgreSQL)."""
     return cls(
-        database or settings.database_path,
+        database or make_database(settings),
         settings.store_queue_size,
         write_attempts=settings.store_write_attempts,
         retry_backoff_s=settings.store_retry_backoff_s,
+        retry_window_s=settings.store_retry_window_s,
+        retry_max_backoff_s=settings.store_retry_max_backoff_s,
         flush_timeout_s=settings.store_flush_timeout_s,
     )
 
@@ -74,9 +83,13 @@ def create_app(
     offline_analyser: Analyser | None = None,
 ) -> web.Application:
     """`offline_analyser`: a started offline backend for sessions past the Rekognition
-    cap (owned by the caller); default: one is made when first needed."""
+    cap (owned by the caller); default: one is made when first needed. Raises
+    ConfigError for settings the server refuses (operator tokens, webhooks)."""
     settings = settings or Settings()
     instruments = Instruments()
+    # Settings checked before anything is built: a refusal leaves nothing to close.
+    access = Access(settings)
+    webhooks = WebhookSender(settings, instruments)
     analyser = analyser or make_analyser(settings, instruments)
     redis = None
     if settings.redis_url:  # a cluster node: budget, spend caps and video jobs in Redis
@@ -94,7 +107,7 @@ def create_app(
         budget=redis.budget if redis else None,
         shared_counters=redis.counters if redis else None,
     )
-    access = Access(settings)
+    manager.webhooks = webhooks
     app = web.Application(
         # App-wide ceiling; each route reads its body with its own, smaller limit.
         client_max_size=_max_body(settings),
@@ -109,6 +122,7 @@ def create_app(
     app[SETTINGS] = settings
     app[INSTRUMENTS] = instruments
     app[ACCESS] = access
+    app[WEBHOOKS] = webhooks
 
     sio = GuardedServer(
         async_mode="aiohttp",
@@ -129,10 +143,13 @@ def create_app(
     rtc = RtcGateway(manager, settings, instruments)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
     video_jobs = VideoJobs(manager, settings, queue=redis.queue if redis else None)
+    manager.erase_hooks.append(video_jobs.forget_session)
     if redis is not None:
         redis.link.on_up(video_jobs.requeue_from_store)
         app[REDIS] = redis
     register_video_routes(api, video_jobs, settings)
+    register_operator_routes(api, manager)
+    register_alert_routes(api, AlertService(manager.store, settings, manager.audit))
     api.attach(app)
     app[RTC] = rtc
     app[VIDEO_JOBS] = video_jobs
@@ -153,6 +170,7 @@ def create_app(
         app.router.add_static("/static", settings.public_dir)
 
     async def on_startup(app: web.Application) -> None:
+        await webhooks.start()
         await manager.start()
         await video_jobs.start()
         if redis is not None:  # last: reaching Redis runs the spend and job resyncs
@@ -164,6 +182,8 @@ def create_app(
         # Jobs first: a running video becomes `interrupted` (resumable), not ended.
         await video_jobs.stop()
         await manager.stop()
+        # Last: the session ends of the shutdown are queued for delivery by now.
+        await webhooks.stop()
         if redis is not None:
             await redis.stop()
 

@@ -13,11 +13,14 @@ import sys
 
 from aiohttp import web
 from dotenv import load_dotenv
+from pydantic import ValidationError
 
 from server import doctor, sample_frame
 from server.config import Settings
 from server.doctor import is_loopback
 from server.observability import configure_logging
+from server.session.database import StoreError
+from server.session.migrations import SchemaTooNew
 from server.video import analyze_command
 
 log = logging.getLogger("proctor")
@@ -36,12 +39,12 @@ def serve(args: argparse.Namespace) -> int:
         overrides["analyser_backend"] = args.backend
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_level)
-    if not is_loopback(settings.host) and not settings.api_token:
+    if not is_loopback(settings.host) and not settings.secured:
         if not settings.allow_insecure:
             log.error(
-                "refusing to listen on %s without API_TOKEN: anyone who could reach it could "
-                "start sessions and read every report. Set API_TOKEN, bind to 127.0.0.1, or "
-                "set ALLOW_INSECURE=true to accept that.",
+                "refusing to listen on %s without API_TOKEN (or API_TOKENS): anyone who "
+                "could reach it could start sessions and read every report. Set API_TOKEN, "
+                "bind to 127.0.0.1, or set ALLOW_INSECURE=true to accept that.",
                 settings.host,
             )
             return 2
@@ -51,8 +54,13 @@ def serve(args: argparse.Namespace) -> int:
             settings.host,
         )
     from server.app import MANAGER, create_app
+    from server.config import ConfigError
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # the message names the setting, never a secret
+        log.error("refusing to start: %s", exc)
+        return 2
 
     async def announce_ready(app: web.Application) -> None:  # after the models are loaded
         host = "localhost" if is_loopback(settings.host) else settings.host
@@ -67,7 +75,11 @@ def serve(args: argparse.Namespace) -> int:
     app.on_shutdown.insert(0, announce_shutdown)
     log.info("starting on %s:%d (backend %s)", settings.host, settings.port,
              settings.resolved_backend)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    except (StoreError, SchemaTooNew) as exc:  # the database is unreachable or too new
+        log.error("cannot start: %s", exc)
+        return 1
     log.info("stopped")
     return 0
 
@@ -88,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ValidationError as exc:  # a setting the server cannot run with: say which
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"proctor {args.command}: {name}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,10 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "rekognition", "local"]
+
+
+class ConfigError(ValueError):
+    """A setting the server refuses to start with; the message names the setting (never
+    a secret's value)."""
 
 
 class Settings(BaseSettings):
@@ -31,6 +36,12 @@ class Settings(BaseSettings):
         default="",
         description="Operator token; when set the server runs in secured mode (roles).",
     )
+    # Named operator tokens, "name:token,name:token" (beside API_TOKEN, whose holder is
+    # "operator"): reviews, re-scorings and erasures are audited under the name.
+    api_tokens: str = Field(
+        default="",
+        description="Named operator tokens (name:token,...); any set: secured mode.",
+    )
     # What a candidate token's holder receives back: the brief's payloads or state only.
     # Empty: "status" in secured mode, "results" in development mode.
     candidate_view: Literal["", "results", "status"] = ""
@@ -46,10 +57,18 @@ class Settings(BaseSettings):
     node_modules_dir: Path = Path(__file__).resolve().parent.parent / "node_modules"
 
     # --- storage ------------------------------------------------------------------------
+    # Empty: SQLite at DATABASE_PATH. sqlite:///path: SQLite there. postgresql://user:pw@
+    # host:port/db (or postgres://): PostgreSQL, which several nodes can share.
+    database_url: str = ""
     database_path: Path = Path("data/proctor.sqlite3")
+    database_pool_min_size: int = 1  # PostgreSQL connections kept open per node …
+    database_pool_max_size: int = 10  # … and at most
+    database_timeout_s: float = 10.0  # PostgreSQL: connecting, and each statement, give up after
     store_queue_size: int = 10_000  # writes waiting for the writer thread; producers wait beyond
     store_write_attempts: int = 3  # a failed write batch is tried this many times in all …
     store_retry_backoff_s: float = 0.1  # … this long before the 2nd, twice it before the 3rd
+    store_retry_window_s: float = 30.0  # … and for at least this long (a database restart)
+    store_retry_max_backoff_s: float = 2.0  # the wait between attempts never exceeds this
     store_flush_timeout_s: float = 10.0  # flush() raises instead of waiting longer than this
 
     # --- cluster (Redis) -----------------------------------------------------------------
@@ -66,6 +85,26 @@ class Settings(BaseSettings):
     # A node holds a lease on what it runs (its video jobs); one that has not renewed it
     # for this long is taken for dead, and its running jobs become `interrupted`.
     node_lease_s: float = 15.0
+    # --- review, audit and privacy ----------------------------------------------------------
+    # off: no emotion or facial expression is inferred or stored (EU AI Act Art. 5(1)(f));
+    # engagement then comes from eye contact alone.
+    emotion_analysis: bool = True
+    # Ended/interrupted sessions (frames, alerts, evidence, reviews, report) older than this
+    # are erased by a periodic sweep; 0 or empty: kept forever.
+    retention_days: float = 0.0
+    retention_sweep_interval_s: float = 3600.0
+    retention_batch_sessions: int = 100  # sessions erased per store batch by the sweep
+    # Webhooks: JSON POSTs signed with HMAC-SHA256 of WEBHOOK_SECRET (README "Webhooks").
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    webhook_events: list[str] = Field(default_factory=lambda: ["alert", "session_ended"])
+    webhook_alert_severities: list[str] = Field(default_factory=lambda: ["critical"])
+    webhook_queue_size: int = 1000  # deliveries waiting; beyond it new ones are dropped
+    webhook_timeout_s: float = 5.0  # per attempt
+    webhook_max_attempts: int = 6  # attempts in all for one delivery
+    webhook_retry_backoff_s: float = 1.0  # before the 2nd attempt; doubles, with jitter …
+    webhook_retry_max_backoff_s: float = 60.0  # … up to this
+    webhook_shutdown_drain_s: float = 2.0  # a stop waits this long for queued deliveries
 
     # --- sessions -----------------------------------------------------------------------
     max_live_sessions: int = 200
@@ -163,6 +202,16 @@ class Settings(BaseSettings):
     # Rekognition's EyeDirection counts in eye_contact from this confidence (0-100) up.
     eye_direction_min_confidence: float = 50.0
 
+    # --- alert evidence (operator only) ----------------------------------------------------
+    # "snapshot": each alert onset keeps a JPEG of the frame that raised it, boxes drawn;
+    # "none": no image is rendered or stored.
+    evidence: Literal["snapshot", "none"] = "snapshot"
+    evidence_max_bytes: int = Field(default=80_000, ge=8_000)  # quality, then size, shrink
+    evidence_max_width: int = Field(default=640, ge=160, le=640)
+    evidence_queue_size: int = Field(default=8, ge=1)  # waiting to render; beyond: dropped
+    evidence_max_per_session: int = Field(default=200, ge=0)  # a flapping rule cannot fill a disk
+    rescore_max_concurrent: int = Field(default=2, ge=1)  # re-scoring replays at once; more wait
+
     # --- LLM narrative -------------------------------------------------------------------------
     openai_api_key: str = ""
     anthropic_api_key: str = ""
@@ -233,9 +282,23 @@ class Settings(BaseSettings):
     # only (the offline backend is bounded by its worker pool). 0 = off.
     analyser_calls_per_s: float = 25.0
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        from server.session.database import database_kind
+
+        database_kind(value)  # refuses an unknown scheme at start, with what is accepted
+        return value.strip()
+
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _empty_is_forever(cls, value: Any) -> Any:
+        return 0.0 if isinstance(value, str) and not value.strip() else value
+
     @property
     def secured(self) -> bool:
-        return bool(self.api_token)
+        """An operator token is configured (API_TOKEN or API_TOKENS): roles apply."""
+        return bool(self.api_token or self.api_tokens.strip())
 
     @property
     def resolved_candidate_view(self) -> Literal["results", "status"]:

@@ -124,6 +124,50 @@ class Instruments:
         self.usage_cap = Gauge(
             "proctor_usage_cap", "Daily cap per kind of spend (0 = none)", ["kind"], registry=r
         )
+        self.webhook_deliveries = Counter(
+            "proctor_webhook_deliveries",
+            "Webhook deliveries by final outcome: delivered, rejected (a 4xx or redirect, "
+            "not retried), failed (attempts exhausted), dropped (queue full), abandoned "
+            "(still queued at shutdown)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "proctor_webhook_attempts",
+            "Webhook POST attempts by result: ok, rejected, http_5xx, http_429, timeout, "
+            "connection_error",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_queue_depth = Gauge(
+            "proctor_webhook_queue_depth", "Webhook deliveries waiting to be sent", registry=r
+        )
+        self.sessions_erased = Counter(
+            "proctor_sessions_erased",
+            "Sessions erased: by an operator (request) or the retention sweep (retention)",
+            ["reason"],
+            registry=r,
+        )
+        self.evidence = Counter(
+            "proctor_evidence",
+            "Alert evidence snapshots by outcome: stored, dropped (writer queue full), "
+            "session_limit (EVIDENCE_MAX_PER_SESSION reached), too_large (could not fit "
+            "EVIDENCE_MAX_BYTES), failed",
+            ["outcome"],
+            registry=r,
+        )
+        self.evidence_bytes = Histogram(
+            "proctor_evidence_bytes",
+            "Size of the stored evidence snapshots",
+            buckets=(5e3, 10e3, 20e3, 40e3, 60e3, 80e3, 120e3, 200e3),
+            registry=r,
+        )
+        self.evidence_render = Histogram(
+            "proctor_evidence_render_seconds",
+            "Time to render one evidence snapshot (in the evidence thread)",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         # --- cluster (REDIS_URL) ---------------------------------------------------------
         self.redis_up = Gauge(
             "proctor_redis_up", "1 while this node reaches Redis (REDIS_URL), else 0", registry=r

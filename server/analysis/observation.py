@@ -10,7 +10,7 @@ angles are degrees, boxes are ratios of the frame (0–1), emotion names are Rek
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 EMOTIONS: tuple[str, ...] = (
@@ -44,6 +44,15 @@ class Box:
     top: float
     width: float
     height: float
+
+
+def box_json(box: Box) -> dict[str, float]:
+    return {
+        "left": round(box.left, 4),
+        "top": round(box.top, 4),
+        "width": round(box.width, 4),
+        "height": round(box.height, 4),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +95,14 @@ class Label:
     name: str
     confidence: float
     instances: int = 0  # how many boxed instances the backend found (0 = not boxed)
+    boxes: tuple[Box, ...] = ()  # where those instances are (evidence snapshots box them)
 
 
 @dataclass(frozen=True, slots=True)
 class TextLine:
     text: str
     confidence: float
+    box: Box | None = None  # where the line is, when the backend says
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,18 +150,21 @@ class Observation:
     def insufficient(self) -> bool:
         return bool(self.quality and self.quality.insufficient)
 
+    def without_emotions(self) -> Observation:
+        """The same observation with no emotion or smile on any face (EMOTION_ANALYSIS
+        off: whatever a backend inferred goes no further)."""
+        if not self.faces or not any(f.emotions or f.smile is not None for f in self.faces):
+            return self
+        faces = tuple(replace(f, emotions={}, smile=None) for f in self.faces)
+        return replace(self, faces=faces)
+
     def to_json(self) -> dict[str, Any]:
         """The whole observation as JSON (crosses process boundaries in tests; per-frame
         results carry a smaller projection built by the session manager)."""
 
         def face_json(f: Face) -> dict[str, Any]:
             return {
-                "box": {
-                    "left": round(f.box.left, 4),
-                    "top": round(f.box.top, 4),
-                    "width": round(f.box.width, 4),
-                    "height": round(f.box.height, 4),
-                },
+                "box": box_json(f.box),
                 "confidence": round(f.confidence, 2),
                 "pose": None
                 if f.pose is None
@@ -179,7 +193,12 @@ class Observation:
             "labels": None
             if self.labels is None
             else [
-                {"name": lb.name, "confidence": round(lb.confidence, 2), "instances": lb.instances}
+                {
+                    "name": lb.name,
+                    "confidence": round(lb.confidence, 2),
+                    "instances": lb.instances,
+                    "boxes": [box_json(b) for b in lb.boxes],
+                }
                 for lb in self.labels
             ],
             "text": None

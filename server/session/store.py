@@ -1,11 +1,13 @@
-"""The store: sessions, per-frame summaries, alert episodes, reports, jobs and usage.
+"""The store: sessions, per-frame summaries, alert episodes and their evidence, reports,
+jobs and usage.
 
 Writes go through one bounded queue to one writer task that commits each batch as it
 comes, so the event loop never waits on the database and a crash loses at most the batch
 in flight (well under a second). A batch that fails is retried with backoff, then counted
 as lost; `flush()` raises for lost writes and never waits forever; `health()` says whether
 writes are failing. The SQL here is portable; a driver (`database.py`) runs it on SQLite
-(the embedded default) or another engine.
+(the embedded default) or PostgreSQL. PostgreSQL checks parameter types strictly: values
+bound to INTEGER columns are ints (`int(...)`), to REAL columns ints or floats.
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ class FrameSpan:
     rows: int
 
 
+#: Every table holding a session's data, with the column naming the session: erasure
+#: (DELETE /api/sessions/{id}, the retention sweep) deletes from each, the session row
+#: last. A table the database does not have (its migration is on another branch, or a
+#: newer one) is skipped: `open()` finds out which exist. A new per-session table is
+#: added here, in one place.
+SESSION_TABLES: tuple[tuple[str, str], ...] = (
+    ("frames", "session_id"),
+    ("alerts", "session_id"),
+    ("evidence", "session_id"),
+    ("alert_reviews", "session_id"),
+    ("reports", "session_id"),
+    ("video_jobs", "session_id"),
+    ("sessions", "id"),
+)
+
 #: Receives (exception, ids of the sessions whose writes were lost, statements lost).
 WriteErrorHook = Callable[[BaseException, set[str], int], None]
 
@@ -93,6 +110,8 @@ class Store:
         *,
         write_attempts: int = 3,
         retry_backoff_s: float = 0.1,
+        retry_window_s: float = 0.0,
+        retry_max_backoff_s: float = 2.0,
         flush_timeout_s: float = 10.0,
     ) -> None:
         self.db: Database = (
@@ -100,6 +119,10 @@ class Store:
         )
         self.write_attempts = max(1, write_attempts)
         self.retry_backoff_s = retry_backoff_s
+        # A transient failure is retried for at least `write_attempts` attempts and at
+        # least `retry_window_s` (a database restart or failover takes seconds).
+        self.retry_window_s = max(0.0, retry_window_s)
+        self.retry_max_backoff_s = retry_max_backoff_s
         self.flush_timeout_s = flush_timeout_s
         self.on_write_error: WriteErrorHook | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
@@ -114,6 +137,8 @@ class Store:
         self.retried_batches = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        #: SESSION_TABLES this database has (known once opened).
+        self.session_tables: tuple[tuple[str, str], ...] = SESSION_TABLES
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -136,12 +161,25 @@ class Store:
                     )
                 ]
             )
+        have = await self._tables()
+        self.session_tables = tuple((t, c) for t, c in SESSION_TABLES if t in have)
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
         if interrupted:
             log.warning(
                 "%d session(s) were live at the last stop: now interrupted", len(interrupted)
             )
         return interrupted
+
+    async def _tables(self) -> set[str]:
+        """The tables of this database (each engine has its own catalogue)."""
+        if self.db.dialect == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type='table'"
+        else:  # the SQL standard's catalogue
+            sql = (
+                "SELECT table_name AS name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        return {str(r["name"]) for r in await self.db.fetch_all(sql)}
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Commit what is queued and close; gives up after `timeout_s` (default: the flush
@@ -181,6 +219,7 @@ class Store:
             reasons.append("queue_full")
         return {
             "status": "degraded" if reasons else "ok",
+            "engine": self.db.dialect,  # public: never the host, user or file path
             "reasons": reasons,
             "failed_writes": self.failed_writes,
             "failed_batches": self.failed_batches,
@@ -251,7 +290,10 @@ class Store:
 
     async def _write(self, batch: list[_Write]) -> None:
         statements = [(w.sql, w.params) for w in batch]
-        for attempt in range(1, self.write_attempts + 1):
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 await self.db.execute_batch(statements)
             except Exception as exc:
@@ -266,15 +308,24 @@ class Store:
                         await self._write([w])
                     return
                 self._note_error(exc)  # busy, locked, I/O, connection lost: may pass
-                if attempt < self.write_attempts:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if (
+                    attempt < self.write_attempts
+                    or now - first_failure < self.retry_window_s
+                ):
                     self.retried_batches += 1
                     log.warning(
-                        "store write failed (%s); attempt %d of %d",
+                        "store write failed (%s); attempt %d (at least %d, for at least "
+                        "%.0f s)",
                         exc,
                         attempt,
                         self.write_attempts,
+                        self.retry_window_s,
                     )
-                    await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(
+                        min(self.retry_max_backoff_s, self.retry_backoff_s * 2 ** (attempt - 1))
+                    )
                     continue
                 self._lose(batch, exc)
                 return
@@ -408,7 +459,7 @@ class Store:
             session_id,
             "INSERT INTO frames (session_id, idx, t, summary) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (session_id, idx) DO UPDATE SET t=excluded.t, summary=excluded.summary",
-            (session_id, index, t, _dumps(summary)),
+            (session_id, int(index), t, _dumps(summary)),
         )
 
     async def save_alert(self, session_id: str, episode: dict[str, Any]) -> None:
@@ -449,14 +500,164 @@ class Store:
             (status, end_reason, session_id),
         )
 
+    async def save_evidence(
+        self,
+        session_id: str,
+        alert_id: str,
+        created_at: float,
+        jpeg: bytes,
+        width: int,
+        height: int,
+        details: dict[str, Any],
+    ) -> None:
+        """An alert's snapshot, kept once (the first wins). Inserted only while its
+        session exists, so a snapshot rendered after the session was erased leaves
+        nothing behind."""
+        await self._put(
+            session_id,
+            "INSERT INTO evidence (alert_id, session_id, created_at, jpeg, width, height, "
+            "details) SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+            "(SELECT 1 FROM sessions WHERE id=?) ON CONFLICT (alert_id) DO NOTHING",
+            (
+                alert_id,
+                session_id,
+                created_at,
+                bytes(jpeg),
+                width,
+                height,
+                _dumps(details),
+                session_id,
+            ),
+        )
+
     async def erase_session(self, session_id: str) -> None:
-        for table, column in (
-            ("frames", "session_id"),
-            ("alerts", "session_id"),
-            ("reports", "session_id"),
-            ("sessions", "id"),
-        ):
+        """Delete everything stored about the session (SESSION_TABLES), in one batch when
+        the writer takes them together. The audit log keeps its entries."""
+        for table, column in self.session_tables:
             await self._put(session_id, f"DELETE FROM {table} WHERE {column}=?", (session_id,))
+
+    async def sessions_ended_before(self, cutoff: float, limit: int) -> list[str]:
+        """Ids of ended or interrupted sessions whose end (or, never ended, last activity)
+        is before `cutoff`, at most `limit`: the retention sweep's next batch."""
+        rows = await self._fetch_all(
+            "SELECT id FROM sessions WHERE status IN ('ended', 'interrupted') AND "
+            "((ended_at IS NOT NULL AND ended_at < ?) OR "
+            "(ended_at IS NULL AND last_activity < ?)) ORDER BY id LIMIT ?",
+            (cutoff, cutoff, limit),
+        )
+        return [str(r["id"]) for r in rows]
+
+    # --- reviews and the audit log --------------------------------------------------------
+
+    async def get_alert(self, session_id: str, alert_id: str) -> dict[str, Any] | None:
+        """One alert episode of the session as stored (None: unknown or damaged)."""
+        row = await self._fetch_one(
+            "SELECT episode FROM alerts WHERE session_id=? AND id=?", (session_id, alert_id)
+        )
+        return None if row is None else loads_object(row["episode"])
+
+    async def save_review(
+        self,
+        session_id: str,
+        alert_id: str,
+        verdict: str,
+        note: str | None,
+        actor: str,
+        at: float,
+    ) -> None:
+        """One review per alert: a later one replaces it (the audit log keeps both)."""
+        await self._put(
+            session_id,
+            "INSERT INTO alert_reviews (session_id, alert_id, verdict, note, actor, at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, alert_id) DO UPDATE SET "
+            "verdict=excluded.verdict, note=excluded.note, actor=excluded.actor, at=excluded.at",
+            (session_id, alert_id, verdict, note, actor, at),
+        )
+
+    async def reviews(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """alert id → {verdict, note, at, by} for the session's reviewed alerts."""
+        rows = await self._fetch_all(
+            "SELECT alert_id, verdict, note, actor, at FROM alert_reviews WHERE session_id=?",
+            (session_id,),
+        )
+        return {
+            str(r["alert_id"]): {
+                "verdict": r["verdict"],
+                "note": r["note"],
+                "at": r["at"],
+                "by": r["actor"],
+            }
+            for r in rows
+        }
+
+    async def review_counts(self, session_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """session id → {alerts, confirmed, dismissed} for these sessions."""
+        out: dict[str, dict[str, int]] = {
+            sid: {"alerts": 0, "confirmed": 0, "dismissed": 0} for sid in session_ids
+        }
+        if not session_ids:
+            return out
+        marks = ",".join("?" * len(session_ids))
+        for r in await self._fetch_all(
+            f"SELECT session_id, COUNT(*) AS n FROM alerts WHERE session_id IN ({marks}) "
+            "GROUP BY session_id",
+            list(session_ids),
+        ):
+            out[str(r["session_id"])]["alerts"] = int(r["n"])
+        for r in await self._fetch_all(
+            "SELECT session_id, verdict, COUNT(*) AS n FROM alert_reviews "
+            f"WHERE session_id IN ({marks}) GROUP BY session_id, verdict",
+            list(session_ids),
+        ):
+            if r["verdict"] in ("confirmed", "dismissed"):
+                out[str(r["session_id"])][str(r["verdict"])] = int(r["n"])
+        return out
+
+    async def add_audit_entry(self, entry: dict[str, Any]) -> None:
+        await self._put(
+            entry.get("session_id") or "",
+            "INSERT INTO audit_log (id, at, actor, action, session_id, details) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                entry["id"],
+                entry["at"],
+                entry["actor"],
+                entry["action"],
+                entry.get("session_id"),
+                _dumps(entry.get("details") or {}),
+            ),
+        )
+
+    async def set_audit_details(
+        self, entry_id: str, session_id: str, details: dict[str, Any]
+    ) -> None:
+        """Rewrite an entry's details (an erasure removes the notes of its reviews)."""
+        await self._put(
+            session_id, "UPDATE audit_log SET details=? WHERE id=?", (_dumps(details), entry_id)
+        )
+
+    async def audit_entries(
+        self, session_id: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """Newest first."""
+        sql = "SELECT id, at, actor, action, session_id, details FROM audit_log"
+        params: list[Any] = []
+        if session_id is not None:
+            sql += " WHERE session_id=?"
+            params.append(session_id)
+        sql += " ORDER BY at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        return [
+            {
+                "id": r["id"],
+                "at": r["at"],
+                "actor": r["actor"],
+                "action": r["action"],
+                "session_id": r["session_id"],
+                "details": loads_object(r["details"]) or {},
+            }
+            for r in await self._fetch_all(sql, params)
+        ]
 
     # --- spend caps -------------------------------------------------------------------
 
@@ -472,7 +673,7 @@ class Store:
             "",
             "INSERT INTO usage (day, kind, amount) VALUES (?, ?, ?) "
             "ON CONFLICT (day, kind) DO UPDATE SET amount = usage.amount + excluded.amount",
-            (day, kind, amount),
+            (day, kind, int(amount)),
         )
 
     async def usage_on(self, day: str) -> dict[str, int]:
@@ -606,8 +807,9 @@ class Store:
         if states:
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
             params += list(states)
-        sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
-        params += [limit, offset]
+        # `id` breaks ties: pages must not overlap on an engine that orders ties freely.
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [int(limit), int(offset)]
         rows = await self._fetch_all(sql, params)
         return [job for r in rows if (job := loads_object(r["job"])) is not None]
 
@@ -650,8 +852,8 @@ class Store:
         if status:
             sql += " WHERE status=?"
             params.append(status)
-        sql += " ORDER BY started_at DESC LIMIT ? OFFSET ?"
-        params += [limit, offset]
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [int(limit), int(offset)]
         return [self._session_row(r) for r in await self._fetch_all(sql, params)]
 
     async def scan_frames(
@@ -694,6 +896,30 @@ class Store:
             "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at", (session_id,)
         )
         return [r["episode"] for r in rows]
+
+    async def evidence_ids(self, session_id: str) -> set[str]:
+        """Ids of the session's alerts that have an evidence snapshot."""
+        rows = await self._fetch_all(
+            "SELECT alert_id FROM evidence WHERE session_id=?", (session_id,)
+        )
+        return {str(r["alert_id"]) for r in rows}
+
+    async def get_evidence(self, session_id: str, alert_id: str) -> dict[str, Any] | None:
+        """An alert's snapshot: `jpeg` (bytes), `width`, `height`, `details`, `created_at`."""
+        row = await self._fetch_one(
+            "SELECT jpeg, width, height, details, created_at FROM evidence "
+            "WHERE alert_id=? AND session_id=?",
+            (alert_id, session_id),
+        )
+        if row is None:
+            return None
+        return {
+            "jpeg": bytes(row["jpeg"]),
+            "width": row["width"],
+            "height": row["height"],
+            "details": loads_object(row["details"]),
+            "created_at": row["created_at"],
+        }
 
     async def get_report(self, session_id: str) -> dict[str, Any] | None:
         row = await self._fetch_one("SELECT report FROM reports WHERE session_id=?", (session_id,))

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from server.analysis import facts
 from server.analysis.analyser import Analyser
 from server.analysis.budget import Budget
 from server.analysis.observation import Checks, Observation
@@ -34,6 +35,7 @@ from server.media.frames import Frame, FrameError
 from server.media.latest_slot import SlotClosed
 from server.observability import Instruments, current_session
 from server.session.analyser_router import AnalyserRouter, Route
+from server.session.evidence import EvidenceJob, EvidenceWriter
 from server.session.live_session import LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.store import Store
@@ -44,14 +46,21 @@ log = logging.getLogger(__name__)
 ErrorHook = Callable[[str, BaseException, LiveSession | None], None]
 
 
-def frame_summary(obs: Observation, metrics: FrameMetrics) -> dict[str, Any]:
-    """What the store keeps per frame: numbers and names, never pixels."""
+def frame_summary(
+    obs: Observation, metrics: FrameMetrics, emotions: bool = True
+) -> dict[str, Any]:
+    """What the store keeps per frame: numbers and names, never pixels; `facts` are what
+    the alert rules read, so the session's alerts can be replayed (re-scoring).
+    `emotions` False (EMOTION_ANALYSIS=off): no emotion, not even an empty distribution."""
     face = obs.primary_face
+    distribution: dict[str, float] | None = None
+    if emotions:
+        distribution = {k: round(v, 1) for k, v in face.emotions.items()} if face else {}
     return {
         "metrics": metrics.to_json(),
         "faces": None if obs.faces is None else len(obs.faces),
-        "dominant_emotion": face.dominant_emotion if face else None,
-        "emotions": {k: round(v, 1) for k, v in face.emotions.items()} if face else {},
+        "dominant_emotion": face.dominant_emotion if face and emotions else None,
+        "emotions": distribution,
         "pose": None
         if face is None or face.pose is None
         else [round(face.pose.yaw, 1), round(face.pose.pitch, 1), round(face.pose.roll, 1)],
@@ -62,6 +71,7 @@ def frame_summary(obs: Observation, metrics: FrameMetrics) -> dict[str, Any]:
         "degraded": list(obs.degraded),
         "calls": dict(obs.calls),
         "latency_ms": round(obs.latency_ms, 2),
+        "facts": facts.encode(obs, metrics),
     }
 
 
@@ -97,6 +107,7 @@ class SessionPipeline:
         budget: Budget,
         pacing: IdlePacing,
         on_error: ErrorHook,
+        evidence: EvidenceWriter | None = None,
     ) -> None:
         self.settings = settings
         #: Picks each analysis' backend: the server's own, or the offline one for a
@@ -107,6 +118,8 @@ class SessionPipeline:
         self.budget = budget
         self.pacing = pacing
         self.on_error = on_error
+        #: Renders each onset's snapshot off the live path (None: no evidence).
+        self.evidence = evidence
 
     @property
     def analyser(self) -> Analyser:
@@ -241,6 +254,8 @@ class SessionPipeline:
         session.cadence.missed(obs.degraded)
         if session.pose_calibration is not None:
             obs = session.pose_calibration.apply(obs, frame.captured_at)
+        if not session.emotion_analysis:  # nothing inferred passes this point
+            obs = obs.without_emotions()
         metrics = session.scorer.score(obs)
         index = session.counters.analysed
         session.counters.analysed += 1
@@ -248,7 +263,7 @@ class SessionPipeline:
         session.counters.degraded += bool(obs.degraded)
         self.instruments.frames_analysed.labels(transport=session.transport).inc()
         events = session.engine.evaluate(FrameFacts(index, frame.captured_at, obs, metrics))
-        summary = frame_summary(obs, metrics)
+        summary = frame_summary(obs, metrics, session.emotion_analysis)
         session.aggregate.add(frame.captured_at, summary)
         session.touch()
 
@@ -258,6 +273,9 @@ class SessionPipeline:
         for ev in events:
             await self.store.save_alert(session.id, ev)
             if ev["status"] == "onset":
+                if self.evidence is not None:
+                    # This frame confirmed the onset: its snapshot, never waited for.
+                    self.evidence.offer(EvidenceJob(session.id, dict(ev), frame, obs))
                 self.instruments.alerts_raised.labels(type=ev["type"]).inc()
                 log.info("alert %s (%s): %s", ev["type"], ev["severity"], ev["message"],
                          extra={"session_id": session.id})
@@ -269,8 +287,10 @@ class SessionPipeline:
             "timestamp": frame.captured_at,
             "metrics": metrics.to_json(),
             "faces_count": None if obs.faces is None else len(obs.faces),
-            "dominant_emotion": face.dominant_emotion if face else None,
-            "emotions": {k: round(v, 2) for k, v in face.emotions.items()} if face else {},
+            "dominant_emotion": summary["dominant_emotion"],
+            "emotions": None
+            if not session.emotion_analysis
+            else ({k: round(v, 2) for k, v in face.emotions.items()} if face else {}),
             "pose": summary["pose"],
             "labels": None
             if obs.labels is None

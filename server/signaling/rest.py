@@ -190,7 +190,7 @@ def build_api(
             raise BadRequest("limit and offset must be integers", code="invalid_field") from None
         if not (1 <= limit <= LIST_LIMIT_MAX) or offset < 0:
             raise BadRequest(f"limit must be 1..{LIST_LIMIT_MAX}, offset ≥ 0", code="invalid_field")
-        sessions = await manager.store.list_sessions(status, limit, offset)
+        sessions = await manager.list_sessions(status, limit, offset)
         return json_response({"sessions": sessions, "count": len(sessions)})
 
     @api.route(

@@ -116,6 +116,15 @@ class Report(BaseModel):
         description="e.g. bad_frame_timestamp, corrupt_frame_row, corrupt_alert_row, "
         "store_write_failed, store_unreadable, report_failed",
     )
+    not_computed: list[str] = Field(
+        default_factory=list,
+        description="Parts this session did not compute (EMOTION_ANALYSIS=off: "
+        "facial_expression, dominant_emotion, emotion_distribution, "
+        "dominant_emotion_counts, emotion_timeline)",
+    )
+    review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
+        default=None, description="Human review of the session's alerts (each alert's review)"
+    )
 
 
 class Ended(BaseModel):
@@ -133,6 +142,11 @@ class SessionRecord(BaseModel):
     started_at: float
     ended_at: float | None
     end_reason: str | None
+    review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
+        default=None,
+        description="not_reviewed | reviewed (every alert reviewed, all dismissed) | "
+        "confirmed_alerts (at least one alert confirmed)",
+    )
 
 
 class SessionList(BaseModel):
@@ -140,8 +154,75 @@ class SessionList(BaseModel):
     count: int
 
 
+# --- review, audit, erasure (operator) ------------------------------------------------------
+
+NOTE_MAX_CHARS = 2000
+
+
+class ReviewCounts(BaseModel):
+    alerts: int
+    confirmed: int
+    dismissed: int
+
+
+class SessionDetail(SessionRecord):
+    review_counts: ReviewCounts
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: Literal["confirmed", "dismissed"]
+    note: str | None = Field(default=None, max_length=NOTE_MAX_CHARS)
+
+
+class Review(BaseModel):
+    verdict: Literal["confirmed", "dismissed"]
+    note: str | None
+    at: float = Field(description="Unix seconds")
+    by: str = Field(description="The operator token's name (API_TOKENS; API_TOKEN: operator)")
+
+
+class ReviewedAlert(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: str | None
+    severity: str | None
+    category: str | None
+    started_at: float | None
+    ended_at: float | None
+    duration_s: float | None
+    message: str | None
+    details: dict[str, Any]
+    evidence_url: str | None
+    review: Review
+
+
+class Erased(BaseModel):
+    session_id: str
+    status: Literal["erased"]
+    audit_id: str = Field(description="The audit log entry that records the erasure")
+
+
+class AuditEntry(BaseModel):
+    id: str
+    at: float = Field(description="Unix seconds")
+    actor: str = Field(description="Operator token name, or system")
+    action: str = Field(description="review | rescore | erase | retention_sweep")
+    session_id: str | None
+    details: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntry]
+    count: int
+
+
 class StoreHealth(BaseModel):
     status: Literal["ok", "degraded"]
+    engine: str = Field(
+        description="where the store lives: sqlite:PATH or postgresql://user@host:port/db "
+        "(never a password)"
+    )
     reasons: list[str] = Field(description="writes_failing, queue_full")
     failed_writes: int = Field(description="Statements lost after every retry, since start")
     failed_batches: int
@@ -192,3 +273,56 @@ class Health(BaseModel):
     )
     uptime_s: float
     version: str
+
+
+class AlertRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = Field(description="The alert episode's id (null for a re-scored one)")
+    type: str
+    severity: str
+    category: str
+    object: str | None = Field(default=None, description="suspicious_object: the label")
+    status: Literal["active", "ended"]
+    started_at: float | None
+    ended_at: float | None
+    duration_s: float | None
+    message: str | None
+    details: dict[str, Any] = Field(
+        description="The numbers that made the rule fire, beside its thresholds (face count; "
+        "yaw and pitch; label and confidence; text)"
+    )
+    evidence_url: str | None = Field(
+        description="The snapshot of the frame that raised it (operator only); null when "
+        "there is none (EVIDENCE=none, not rendered yet, or dropped)"
+    )
+    review: dict[str, Any] | None = Field(
+        default=None, description="The operator's review: {verdict, note, at}; null when none"
+    )
+
+
+class AlertList(BaseModel):
+    session_id: str
+    alerts: list[AlertRecord]
+
+
+class RescoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rules: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Per rule, the settings to change, e.g. {"looking_away": {"yaw_deg": 40}, '
+        '"text_detected": {"enabled": false}}; names as the report\'s `rules` record gives '
+        "them (onset_frames, yaw_deg, pitch_deg, engagement_below, min_confidence, labels, "
+        "second_device_labels, min_chars, dwell_s, reasons) plus `enabled`",
+    )
+
+
+class RescoreResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    session_id: str
+    alerts: list[AlertRecord] = Field(
+        description="The alert history recomputed from the stored per-frame facts; "
+        "`original_id` names the original alert that opened at the same frame"
+    )
+    original: list[AlertRecord] = Field(description="The session's own alerts (unchanged)")
+    rules: dict[str, Any] = Field(description="The rules as applied (disabled: rules off)")
+    frames: dict[str, int]

@@ -409,11 +409,11 @@ class VideoJobs:
         started = float(session["started_at"]) if session else float(record["started_at"] or 0)
         return video_report(report, record, started)
 
-    async def cancel_or_erase(self, job_id: str) -> dict[str, Any]:
+    async def cancel_or_erase(self, job_id: str, actor: str = "operator") -> dict[str, Any]:
         """Cancel a queued or running job; erase a finished or interrupted one (its
-        session, frames, alerts and report too)."""
+        session, frames, alerts and report too; audited under `actor`)."""
         if self.queue is not None and job_id not in self._running:
-            return await self._cancel_or_erase_anywhere(job_id)
+            return await self._cancel_or_erase_anywhere(job_id, actor)
         record = await self.get(job_id)
         job = self._jobs.get(job_id) or Job.from_record(record)
         if job.state == "queued":
@@ -432,6 +432,9 @@ class VideoJobs:
         await self._discard_file(job)
         if job.session_id:
             await self.manager.store.erase_session(job.session_id)
+            await self.manager.audit.record(
+                actor, "erase", job.session_id, {"video_job": job.id, "state": job.state}
+            )
         await self.manager.store.delete_video_job(job.id)
         self._jobs.pop(job.id, None)
         # Answer "erased" only once it is: a GET right after must not find the job.
@@ -442,6 +445,22 @@ class VideoJobs:
                 "the erase could not be stored yet; retry", code="store_unavailable"
             ) from exc
         return {**job.to_record(), "state": "erased"}
+
+    async def forget_session(self, session_id: str) -> None:
+        """The session is being erased (DELETE /api/sessions/{id}, retention): its job
+        stops if it runs and is forgotten; its row goes with the session's data."""
+        for job in [j for j in self._jobs.values() if j.session_id == session_id]:
+            if job.state == "queued":
+                self._finish(job, "cancelled")
+            elif job.state in RUNNING:
+                job.cancel_requested = True
+                task = self._running.get(job.id)
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(task)
+            await self._discard_file(job)
+            self._jobs.pop(job.id, None)
 
     async def resume(self, job_id: str) -> dict[str, Any]:
         record = await self.get(job_id)
@@ -815,7 +834,7 @@ class VideoJobs:
             raise JobNotFound(f"no video job with id {job_id}")
         return record
 
-    async def _cancel_or_erase_anywhere(self, job_id: str) -> dict[str, Any]:
+    async def _cancel_or_erase_anywhere(self, job_id: str, actor: str) -> dict[str, Any]:
         """A job not running on this node: cancel it in the store if queued, ask its node
         to cancel it if running (it notices at its next lease renewal), else erase it."""
         store = self.manager.store
@@ -846,6 +865,9 @@ class VideoJobs:
         await self._discard_file(job)
         if job.session_id:
             await store.erase_session(job.session_id)
+            await self.manager.audit.record(
+                actor, "erase", job.session_id, {"video_job": job.id, "state": job.state}
+            )
         await store.delete_video_job(job.id)
         try:
             await store.flush()
