@@ -1,5 +1,5 @@
-"""Shared limits of a cluster (REDIS_URL): two nodes on one real Redis and one store file
-share one Rekognition call budget (counted at the fake Rekognition, which both reach),
+"""Shared limits of a cluster (REDIS_URL): two nodes on one real Redis and one PostgreSQL
+store share one Rekognition call budget (counted at the fake Rekognition, which both reach),
 still serve live before background on each node, fall back to a local share while Redis
 is down (bounded, visible, sessions unharmed) and share again when it is back; they
 share the daily Rekognition cap and the per-address start limit, and a Redis restart does
@@ -24,7 +24,7 @@ from server.cluster.shared_budget import SharedBudget
 from server.observability import Instruments
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.fakes.rekognition import FakeRekognition
-from tests.services import RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.services import RedisServer
 from tests.test_spend_caps import assert_rate_limited, frame, json_of, metric, rest_start
 
 RATE = 12  # calls a second for the whole cluster: four frames of three calls
@@ -43,9 +43,16 @@ async def until(predicate: Callable[[], Any], timeout: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def cluster_settings(tmp_path: Path, redis: RedisServer, **overrides: Any) -> Any:
+@pytest.fixture
+def cluster(redis_server: RedisServer, postgres_url: str) -> dict[str, Any]:
+    """What every node of a test shares: Redis and a fresh PostgreSQL database."""
+    return {"redis": redis_server, "database_url": postgres_url}
+
+
+def cluster_settings(tmp_path: Path, cluster: dict[str, Any], **overrides: Any) -> Any:
     values: dict[str, Any] = {
-        "redis_url": redis.url,
+        "redis_url": cluster["redis"].url,
+        "database_url": cluster["database_url"],
         "redis_ping_interval_s": 0.2,
         "analyser_calls_per_s": RATE,
     }
@@ -124,9 +131,10 @@ async def test_two_nodes_share_one_call_budget_and_fall_back_to_a_share_without_
     tmp_path: Path,
     rekognition: FakeRekognition,
     http: aiohttp.ClientSession,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
+    cluster: dict[str, Any],
 ) -> None:
-    settings = cluster_settings(tmp_path, redis_server)
+    settings = cluster_settings(tmp_path, cluster)
     async with two_nodes(settings) as nodes:
         sessions = await start_sessions(http, nodes, 20)
         load = Load(http, sessions)
@@ -189,7 +197,7 @@ async def test_two_nodes_share_one_call_budget_and_fall_back_to_a_share_without_
 
 
 async def test_live_requests_go_first_on_a_node_and_across_nodes(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     settings = make_settings(Path("/nonexistent"), redis_url=redis_server.url)
     links = [RedisLink(settings, Instruments()) for _ in range(2)]
@@ -248,11 +256,12 @@ async def test_two_nodes_share_the_daily_rekognition_cap_across_a_redis_restart(
     tmp_path: Path,
     rekognition: FakeRekognition,
     http: aiohttp.ClientSession,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
+    cluster: dict[str, Any],
     offline: Any,
 ) -> None:
     # Every frame asks three calls: four frames, on either node, use the cap of 12.
-    settings = cluster_settings(tmp_path, redis_server, rekognition_daily_calls=12)
+    settings = cluster_settings(tmp_path, cluster, rekognition_daily_calls=12)
     async with two_nodes(settings, offline_analyser=offline) as nodes:
         (url_a, sid_a), (url_b, sid_b) = await start_sessions(http, nodes, 2)
         assert (await frame(http, url_a, sid_a))["backend"] == "rekognition"
@@ -292,9 +301,10 @@ async def test_the_start_limit_counts_every_node(
     tmp_path: Path,
     rekognition: FakeRekognition,
     http: aiohttp.ClientSession,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
+    cluster: dict[str, Any],
 ) -> None:
-    settings = cluster_settings(tmp_path, redis_server, session_starts_per_minute=3)
+    settings = cluster_settings(tmp_path, cluster, session_starts_per_minute=3)
     async with two_nodes(settings) as (a, b):
         assert (await rest_start(http, a.url)).status == 200
         assert (await rest_start(http, b.url)).status == 200

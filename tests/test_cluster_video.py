@@ -1,5 +1,7 @@
 """Recorded-video jobs on the cluster's Redis queue (REDIS_URL, arq): two nodes sharing one
-store (a SQLite file: WAL works across processes on one machine) and one real Redis.
+store and one real Redis. The store is the arbiter between the nodes, so each test runs
+on both engines: PostgreSQL (what a cluster runs) and one SQLite file (WAL works across
+processes on one machine).
 A job submitted on one node runs on some node and is readable from both; a cancel from
 the other node reaches it; a Redis restart loses the queue but not the queued job (the
 store re-enqueues it); a node SIGKILLed mid-job leaves its job `interrupted` once its
@@ -20,7 +22,7 @@ import pytest
 from server.app import REDIS
 from tests.conftest import RunningServer, serve_subprocess, start_server
 from tests.fakes.rekognition import FakeRekognition
-from tests.services import RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.services import RedisServer
 from tests.test_video_api import (
     TERMINAL,
     post_upload,
@@ -33,9 +35,20 @@ from tests.video_media import make_video
 LEASE_S = 1.5
 
 
-def node_settings(tmp_path: Path, redis: RedisServer, **overrides: Any) -> Any:
-    """Every node: the same store file, work directory and Redis."""
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store_engine(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The nodes' shared store: a fresh PostgreSQL database, or the test's SQLite file."""
+    if request.param == "postgresql":
+        return {"database_url": request.getfixturevalue("postgres_url")}
+    return {}
+
+
+def node_settings(
+    tmp_path: Path, redis: RedisServer, store_engine: dict[str, Any], **overrides: Any
+) -> Any:
+    """Every node: the same store, work directory and Redis."""
     values: dict[str, Any] = {
+        **store_engine,
         "redis_url": redis.url,
         "node_lease_s": LEASE_S,
         "redis_ping_interval_s": 0.2,
@@ -49,11 +62,12 @@ def node_settings(tmp_path: Path, redis: RedisServer, **overrides: Any) -> Any:
 async def nodes(
     tmp_path: Path,
     rekognition: FakeRekognition,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
+    store_engine: dict[str, Any],
 ) -> AsyncIterator[list[RunningServer]]:
     rekognition.faces_from_image = True
     rekognition.latency_s = 0.03
-    settings = node_settings(tmp_path, redis_server)
+    settings = node_settings(tmp_path, redis_server, store_engine)
     started = [await start_server(settings), await start_server(settings)]
     yield started
     for node in started:
@@ -147,7 +161,7 @@ async def test_a_redis_restart_loses_the_queue_but_the_store_requeues_the_job(
     nodes: list[RunningServer],
     http: aiohttp.ClientSession,
     tmp_path: Path,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     data = make_video(tmp_path / "v.mp4", [(6, "face")], fps=4).read_bytes()
     # One job per node (VIDEO_JOBS=1), so the third waits on the queue.
@@ -215,16 +229,22 @@ async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhe
     tmp_path: Path,
     rekognition: FakeRekognition,
     http: aiohttp.ClientSession,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
+    store_engine: dict[str, Any],
 ) -> None:
     rekognition.latency_s = 0.05
-    settings = node_settings(tmp_path, redis_server)
+    settings = node_settings(tmp_path, redis_server, store_engine)
+    store_env = (
+        {"DATABASE_URL": settings.database_url}
+        if settings.database_url
+        else {"DATABASE_PATH": str(settings.database_path)}
+    )
     proc, url = await serve_subprocess(
         tmp_path,
         http,
         {
             **rekognition.env(),
-            "DATABASE_PATH": str(settings.database_path),
+            **store_env,
             "VIDEO_WORK_DIR": str(settings.video_work_dir),
             "REDIS_URL": redis_server.url,
             "NODE_LEASE_S": str(LEASE_S),
