@@ -205,14 +205,9 @@ class CallBudget:
         grants, when it falls back to this one) as if made here."""
         now = time.monotonic()
         times = sorted(now - a for a in ages if 0 <= a < self.window_s)
-        merged = sorted([*self._grants, *times])[-(self._limit or 1):]
+        merged = sorted([*self._grants, *times])[-(self._limit or 1) :]
         self._grants.clear()
         self._grants.extend(merged)
-
-    def grant_ages(self, now: float | None = None) -> list[float]:
-        """How long ago each grant still in the window was made (seconds)."""
-        now = time.monotonic() if now is None else now
-        return [now - t for t in self._grants if now - t < self.window_s]
 
     def grants_in_window(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

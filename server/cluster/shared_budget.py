@@ -394,6 +394,7 @@ class SharedBudget:
             "mode": self.mode,
             "fallback_rate_per_s": round(self.fallback_rate_per_s, 3),
             "fallbacks": self.fallbacks,
+            "redis_calls": self.redis_calls,
             "granted": s.granted,
             "waited": s.waited,
             "waiting": self.waiting,

@@ -39,11 +39,6 @@ from server.session.store import Store, StoreError
 if TYPE_CHECKING:
     from server.cluster.shared_spend import SharedCounters
 
-
-
-class SharedUnavailable(Exception):
-    """The cluster's counters could not be reached (already logged and counted)."""
-
 log = logging.getLogger(__name__)
 
 Kind = Literal["rekognition_calls", "llm_tokens"]
@@ -57,6 +52,10 @@ FLUSH_INTERVAL_S = 1.0
 #: Reasons recorded when a cap is reached (report notes, llm.error, metrics' `cap`).
 REKOGNITION_CAP = "rekognition_daily_cap"
 LLM_CAP = "daily_token_cap"
+
+
+class SharedUnavailable(Exception):
+    """The cluster's counters could not be reached (already logged and counted)."""
 
 
 def utc_day(t: float | None = None) -> str:
@@ -371,9 +370,7 @@ class SpendCaps:
         if shared is not None:
             kind: Kind = "rekognition_calls"
             try:
-                ok, total = await shared.reserve(
-                    self.day, kind, calls, cap, self._stored[kind]
-                )
+                ok, total = await shared.reserve(self.day, kind, calls, cap, self._stored[kind])
             except SharedUnavailable:
                 self._redis_failed()
             else:

@@ -720,9 +720,7 @@ class Store:
                 raise StoreError(f"store write failed: {type(exc).__name__}: {exc}") from exc
             raise
 
-    async def claim_video_job(
-        self, job: dict[str, Any], owner: str, lease_until: float
-    ) -> bool:
+    async def claim_video_job(self, job: dict[str, Any], owner: str, lease_until: float) -> bool:
         """Take a `queued` job for `owner` (its record now says it runs); False when
         another node took it first, or it is no longer queued."""
         text = _dumps(job)
@@ -750,9 +748,7 @@ class Store:
         return True, bool(row["cancel_requested"])
 
     async def request_video_cancel(self, job_id: str) -> None:
-        await self._execute_now(
-            "UPDATE video_jobs SET cancel_requested=1 WHERE id=?", (job_id,)
-        )
+        await self._execute_now("UPDATE video_jobs SET cancel_requested=1 WHERE id=?", (job_id,))
 
     async def replace_video_job(
         self, job: dict[str, Any], expect_state: str, expect_owner: str | None = None
@@ -781,9 +777,7 @@ class Store:
             "AND (lease_until IS NULL OR lease_until < ?)",
             (now,),
         )
-        return [
-            (job, r["owner"]) for r in rows if (job := loads_object(r["job"])) is not None
-        ]
+        return [(job, r["owner"]) for r in rows if (job := loads_object(r["job"])) is not None]
 
     async def count_video_jobs(self, states: Sequence[str]) -> int:
         row = await self._fetch_one(

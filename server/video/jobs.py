@@ -217,7 +217,6 @@ class VideoJobs:
             queue.runner = self.run_from_queue
         self._sweeper: asyncio.Task[None] | None = None
         self.lease_s = max(1.0, settings.node_lease_s)
-        self.interrupted_lapsed = 0  # jobs this node found with a lapsed lease
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -693,7 +692,6 @@ class VideoJobs:
             if result is not None:
                 await result
 
-
     # --- the cluster (a JobQueue) --------------------------------------------------------
 
     async def run_from_queue(self, job_id: str) -> str:
@@ -791,7 +789,6 @@ class VideoJobs:
             job.updated_at = now
             if not await store.replace_video_job(job.to_record(), was, owner):
                 continue  # renewed, finished or taken by another node's sweep meanwhile
-            self.interrupted_lapsed += 1
             if job.session_id:
                 await store.mark_interrupted(job.session_id, "node_lost")
             log.warning(
