@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import socketio
 from aiohttp import web
@@ -33,6 +33,9 @@ from server.signaling.web_guard import cors_middleware, host_middleware, proxy_m
 from server.video.html_report import UPLOT_CSS, UPLOT_JS
 from server.video.jobs import VideoJobs
 
+if TYPE_CHECKING:
+    from server.cluster.redis_parts import RedisParts
+
 log = logging.getLogger(__name__)
 
 MANAGER = web.AppKey("manager", SessionManager)
@@ -42,6 +45,8 @@ SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+#: The cluster's Redis parts (REDIS_URL only).
+REDIS: web.AppKey[RedisParts] = web.AppKey("redis")
 
 
 #: The console holds the operator's token in memory: nothing but its own scripts may run
@@ -110,6 +115,11 @@ def create_app(
     access = Access(settings)
     webhooks = WebhookSender(settings, instruments)
     analyser = analyser or make_analyser(settings, instruments)
+    redis = None
+    if settings.redis_url:  # a cluster node: budget, spend caps and video jobs in Redis
+        from server.cluster.redis_parts import RedisParts
+
+        redis = RedisParts(settings, instruments)
     manager = SessionManager(
         settings,
         analyser,
@@ -118,6 +128,8 @@ def create_app(
         narrator=make_narrator(settings, instruments),
         pose_calibration_factory=pose_calibration_factory(analyser, settings),
         offline_analyser=offline_analyser,
+        budget=redis.budget if redis else None,
+        shared_counters=redis.counters if redis else None,
     )
     manager.webhooks = webhooks
     app = web.Application(
@@ -156,11 +168,14 @@ def create_app(
     sio.attach(app)
     app[SOCKETIO] = sio
 
-    api = build_api(manager, settings, instruments)
+    api = build_api(manager, settings, instruments, redis_health=redis.health if redis else None)
     rtc = RtcGateway(manager, settings, instruments)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
-    video_jobs = VideoJobs(manager, settings)
+    video_jobs = VideoJobs(manager, settings, queue=redis.queue if redis else None)
     manager.erase_hooks.append(video_jobs.forget_session)
+    if redis is not None:
+        redis.link.on_up(video_jobs.requeue_from_store)
+        app[REDIS] = redis
     register_video_routes(api, video_jobs, settings)
     register_operator_routes(api, manager)
     register_alert_routes(api, AlertService(manager.store, settings, manager.audit))
@@ -203,6 +218,9 @@ def create_app(
         await manager.start()
         await video_jobs.start()
         namespace.feeds.start()
+        if redis is not None:  # last: reaching Redis runs the spend and job resyncs
+            await redis.start()
+            log.info("cluster node %s (Redis %s)", redis.link.node_id, redis.link.display_url)
         log.info("analyser backend: %s", analyser.name)
 
     async def on_shutdown(app: web.Application) -> None:
@@ -212,6 +230,8 @@ def create_app(
         await namespace.feeds.stop()
         # Last: the session ends of the shutdown are queued for delivery by now.
         await webhooks.stop()
+        if redis is not None:
+            await redis.stop()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

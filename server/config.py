@@ -71,6 +71,20 @@ class Settings(BaseSettings):
     store_retry_max_backoff_s: float = 2.0  # the wait between attempts never exceeds this
     store_flush_timeout_s: float = 10.0  # flush() raises instead of waiting longer than this
 
+    # --- cluster (Redis) -----------------------------------------------------------------
+    # redis://[:password@]host:port/db. Set: the node joins a cluster — shared Rekognition
+    # budget and spend caps, recorded-video jobs on a Redis queue (README "Running a
+    # cluster"). Empty: one node, everything in process.
+    redis_url: str = ""
+    redis_timeout_s: float = 0.5  # a Redis command (or connect) gives up after this
+    redis_ping_interval_s: float = 1.0  # the link is checked this often (down → up noticed)
+    # Nodes expected in the cluster: while Redis is down each node's budget is
+    # ANALYSER_CALLS_PER_S divided by the larger of this and the nodes last seen, so the
+    # nodes together stay under the account's quota.
+    cluster_size_hint: int = 1
+    # A node holds a lease on what it runs (its video jobs); one that has not renewed it
+    # for this long is taken for dead, and its running jobs become `interrupted`.
+    node_lease_s: float = 15.0
     # --- review, audit and privacy ----------------------------------------------------------
     # off: no emotion or facial expression is inferred or stored (EU AI Act Art. 5(1)(f));
     # engagement then comes from eye contact alone.

@@ -18,11 +18,11 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from server.analysis.analyser import Analyser, PoseCalibration
 from server.analysis.backends import pose_calibration_factory as backend_pose_factory
-from server.analysis.budget import CallBudget, Priority
+from server.analysis.budget import Budget, CallBudget, Priority
 from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine, rules_from_settings
 from server.analysis.scoring import Scorer
@@ -56,6 +56,9 @@ from server.session.store import Store, StoreError, StoreTimeout, loads_object
 from server.session.webhooks import WebhookSender
 from server.session.worker import SessionPipeline
 
+if TYPE_CHECKING:
+    from server.cluster.shared_spend import SharedCounters
+
 log = logging.getLogger(__name__)
 
 NarratorFactory = Callable[[], Any]
@@ -77,9 +80,13 @@ class SessionManager:
         pose_calibration_factory: Callable[[], PoseCalibration] | None = None,
         *,
         offline_analyser: Analyser | None = None,
+        budget: Budget | None = None,
+        shared_counters: SharedCounters | None = None,
     ) -> None:
         """`offline_analyser`: an offline backend already started, for sessions moved off
-        a capped Rekognition (the caller owns it); default: one made when first needed."""
+        a capped Rekognition (the caller owns it); default: one made when first needed.
+        `budget`, `shared_counters`: the cluster's call budget and spend counters
+        (REDIS_URL); default: this node's own."""
         self.settings = settings
         self.analyser = analyser
         self.store = store
@@ -88,7 +95,7 @@ class SessionManager:
         self.pose_calibration_factory = pose_calibration_factory
         # Server-wide billed API calls per second (the Rekognition TPS quota), shared
         # round-robin by every session of every transport, live before background.
-        self.budget = CallBudget(settings.analyser_calls_per_s)
+        self.budget: Budget = budget or CallBudget(settings.analyser_calls_per_s)
         billed = bool(getattr(analyser, "billed", False))
         self.pacing = IdlePacing(
             billed,
@@ -96,7 +103,7 @@ class SessionManager:
             local_idle_s=settings.sampler_local_idle_interval_s,
             workers=int(getattr(analyser, "workers", 1) or 1),
         )
-        self.spend = SpendCaps(settings, store, instruments)
+        self.spend = SpendCaps(settings, store, instruments, shared_counters)
         self.router = AnalyserRouter(
             settings, analyser, self.spend, store, instruments,
             offline=offline_analyser,
@@ -237,7 +244,9 @@ class SessionManager:
                 status=413,
             )
         self._check_capacity()
-        self.spend.check_start(client_address)
+        # Checked and counted in one step (in a cluster, one Redis script for all nodes).
+        await self.spend.admit_start(client_address)
+        self._check_capacity()  # again: others may have started meanwhile
         session = self._new_session(
             secrets.token_urlsafe(16),  # 128 random bits: the session's capability
             transport,
@@ -247,7 +256,6 @@ class SessionManager:
         )
         self.router.starting(session)  # past the Rekognition cap: on the offline backend
         self._live[session.id] = session
-        await self.spend.record_start(client_address)
         await self.store.create_session(
             session.id, transport, session.backend, session.job_data, session.started_at,
             rules=self._rules_record(session),
@@ -827,7 +835,7 @@ class SessionManager:
         from server.session.narrative import Narrative, facts_from_report
 
         assert self.narrator is not None
-        if self.spend.reached("llm_tokens"):
+        if await self.spend.reached_now("llm_tokens"):
             self.spend.hit("llm_daily_tokens")
             log.warning("daily LLM token cap reached: rule-based narrative",
                         extra={"session_id": report.get("session_id")})

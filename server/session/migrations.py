@@ -177,6 +177,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX sessions_by_activity ON sessions (last_activity)",
         ),
     ),
+    Migration(
+        7,
+        "video jobs across nodes: who runs a job, until when, a cancel asked from elsewhere",
+        (
+            "ALTER TABLE video_jobs ADD COLUMN owner TEXT",  # node id + run token, while it runs
+            "ALTER TABLE video_jobs ADD COLUMN lease_until REAL",  # owner renews it (NODE_LEASE_S)
+            "ALTER TABLE video_jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+        ),
+        None,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

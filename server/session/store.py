@@ -711,6 +711,92 @@ class Store:
             (job["id"], job["created_at"], job["state"], job.get("session_id"), _dumps(job)),
         )
 
+    async def save_owned_video_job(self, job: dict[str, Any], owner: str) -> None:
+        """A running job's progress, written only while `owner` still holds it (a node
+        that lost its lease, or whose job was taken over, writes nothing)."""
+        await self._put(
+            job.get("session_id") or "",
+            "UPDATE video_jobs SET state=?, session_id=?, job=? WHERE id=? AND owner=?",
+            (job["state"], job.get("session_id"), _dumps(job), job["id"], owner),
+        )
+
+    # Coordination between nodes: run at once (not through the write queue), each one
+    # conditional UPDATE, then read back to learn whether it was this one that applied.
+
+    async def _execute_now(self, sql: str, params: Sequence[Any]) -> None:
+        try:
+            await self.db.execute_batch([(sql, params)])
+        except Exception as exc:
+            if self.db.is_read_error(exc) or self.db.is_transient(exc):
+                raise StoreError(f"store write failed: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def claim_video_job(self, job: dict[str, Any], owner: str, lease_until: float) -> bool:
+        """Take a `queued` job for `owner` (its record now says it runs); False when
+        another node took it first, or it is no longer queued."""
+        text = _dumps(job)
+        await self._execute_now(
+            "UPDATE video_jobs SET state=?, job=?, owner=?, lease_until=?, cancel_requested=0 "
+            "WHERE id=? AND state='queued'",
+            (job["state"], text, owner, lease_until, job["id"]),
+        )
+        row = await self._fetch_one("SELECT owner FROM video_jobs WHERE id=?", (job["id"],))
+        return row is not None and row["owner"] == owner
+
+    async def renew_video_lease(
+        self, job_id: str, owner: str, lease_until: float
+    ) -> tuple[bool, bool]:
+        """(still held by `owner`, cancel requested) after extending the lease."""
+        await self._execute_now(
+            "UPDATE video_jobs SET lease_until=? WHERE id=? AND owner=?",
+            (lease_until, job_id, owner),
+        )
+        row = await self._fetch_one(
+            "SELECT owner, cancel_requested FROM video_jobs WHERE id=?", (job_id,)
+        )
+        if row is None or row["owner"] != owner:
+            return False, False
+        return True, bool(row["cancel_requested"])
+
+    async def request_video_cancel(self, job_id: str) -> None:
+        await self._execute_now("UPDATE video_jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+
+    async def replace_video_job(
+        self, job: dict[str, Any], expect_state: str, expect_owner: str | None = None
+    ) -> bool:
+        """Compare and set: write `job` (and release the job: no owner, no lease) only
+        if it is still in `expect_state` (and held by `expect_owner`, when given). True
+        when this write is the one that applied."""
+        text = _dumps(job)
+        sql = (
+            "UPDATE video_jobs SET state=?, session_id=?, job=?, owner=NULL, lease_until=NULL, "
+            "cancel_requested=0 WHERE id=? AND state=?"
+        )
+        params: list[Any] = [job["state"], job.get("session_id"), text, job["id"], expect_state]
+        if expect_owner is not None:
+            sql += " AND owner=?"
+            params.append(expect_owner)
+        await self._execute_now(sql, params)
+        row = await self._fetch_one("SELECT job FROM video_jobs WHERE id=?", (job["id"],))
+        return row is not None and row["job"] == text
+
+    async def lapsed_video_jobs(self, now: float) -> list[tuple[dict[str, Any], str | None]]:
+        """Running jobs whose owner has not renewed its lease by `now` (or never had one:
+        left by a single node), with their owner."""
+        rows = await self._fetch_all(
+            "SELECT job, owner FROM video_jobs WHERE state IN ('downloading', 'analysing') "
+            "AND (lease_until IS NULL OR lease_until < ?)",
+            (now,),
+        )
+        return [(job, r["owner"]) for r in rows if (job := loads_object(r["job"])) is not None]
+
+    async def count_video_jobs(self, states: Sequence[str]) -> int:
+        row = await self._fetch_one(
+            f"SELECT COUNT(*) AS n FROM video_jobs WHERE state IN ({','.join('?' * len(states))})",
+            list(states),
+        )
+        return 0 if row is None else int(row["n"])
+
     async def delete_video_job(self, job_id: str) -> None:
         await self._put("", "DELETE FROM video_jobs WHERE id=?", (job_id,))
 

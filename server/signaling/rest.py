@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -43,7 +44,13 @@ def backend_down(result: dict[str, Any]) -> bool:
     )
 
 
-def build_api(manager: SessionManager, settings: Settings, instruments: Instruments) -> Api:
+def build_api(
+    manager: SessionManager,
+    settings: Settings,
+    instruments: Instruments,
+    redis_health: Callable[[], dict[str, Any]] | None = None,
+) -> Api:
+    """`redis_health`: the cluster's Redis block of /health (REDIS_URL), if any."""
     api = Api("Proctoring server", __version__)
     started = time.monotonic()
 
@@ -61,10 +68,13 @@ def build_api(manager: SessionManager, settings: Settings, instruments: Instrume
         # liveness probe does) would interrupt every live session without mending a disk.
         # Monitoring alerts on `status` and on proctor_internal_errors_total{where="store"}.
         store = manager.store.health()
+        redis = redis_health() if redis_health is not None else None
+        down = redis is not None and redis["status"] != "ok"
         return json_response(
             {
-                "status": store["status"],
+                "status": "degraded" if down else store["status"],
                 "store": store,
+                "redis": redis,
                 "backend": manager.analyser.name,
                 "live_sessions": manager.live_count,
                 # Whether clients need a token (the console asks before it signs in).

@@ -223,7 +223,7 @@ class RtcGateway:
                 code="too_many_peers",
             )
         if not reconnect:  # before any negotiation work (counted when the session starts)
-            self.manager.spend.check_start(client_address)
+            await self.manager.spend.check_start(client_address)
         info = inspect_offer(body.sdp)
         self._offer_seq += 1
         seq = self._offer_seq

@@ -239,11 +239,38 @@ class StoreHealth(BaseModel):
     queue_capacity: int
 
 
+class RedisHealth(BaseModel):
+    url: str = Field(description="REDIS_URL without its password")
+    status: Literal["ok", "down"]
+    node: str = Field(description="this node's id in the cluster")
+    nodes_seen: int = Field(description="nodes that pinged Redis lately (this one too)")
+    last_error: str | None
+    last_error_at: float | None
+    down_since: float | None
+    outages: int = Field(description="times this node lost Redis")
+    data_losses: int = Field(
+        description="times Redis was found without its data (a restart between two pings)"
+    )
+    budget: dict[str, Any] = Field(
+        description="the Rekognition call budget: mode shared | local-fallback, its rate, "
+        "the local share used while Redis is down, fallbacks so far"
+    )
+    spend: Literal["shared", "local-fallback"]
+    video_queue: dict[str, Any] = Field(
+        description="the Redis job queue: name, depth (entries waiting or running, as of "
+        "the last ping), jobs running on this node"
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"] = Field(
-        description="degraded while store writes fail (still HTTP 200: the server serves)"
+        description="degraded while store writes fail or Redis (REDIS_URL) is unreachable "
+        "(still HTTP 200: the server serves)"
     )
     store: StoreHealth
+    redis: RedisHealth | None = Field(
+        default=None, description="the cluster's Redis link (null without REDIS_URL)"
+    )
     backend: str
     live_sessions: int
     auth: Literal["token", "none"] = Field(
