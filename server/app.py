@@ -11,6 +11,9 @@ from aiohttp import web
 
 from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
+from server.cluster.forwarding import cluster_middleware, node_cookie_middleware
+from server.cluster.node import NodeIdentity
+from server.cluster.routing import ClusterNode
 from server.config import Settings
 from server.observability import Instruments
 from server.session.database import Database
@@ -18,7 +21,7 @@ from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
 from server.signaling import socketio_json
-from server.signaling.auth import ACCESS, Access
+from server.signaling.auth import ACCESS, Access, token_middleware
 from server.signaling.http_api import error_middleware
 from server.signaling.rest import build_api
 from server.signaling.rtc import RtcGateway
@@ -35,6 +38,8 @@ INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
+NODE = web.AppKey("node", NodeIdentity)
+CLUSTER = web.AppKey("cluster", ClusterNode)
 
 
 # Room for base64 (4/3) and the JSON around the largest allowed frame.
@@ -81,21 +86,37 @@ def create_app(
         pose_calibration_factory=pose_calibration_factory(analyser, settings),
         offline_analyser=offline_analyser,
     )
-    access = Access(settings)
+    identity = NodeIdentity.from_settings(settings)
+    manager.node_id = identity.node_id
+    cluster: ClusterNode | None = None
+    if settings.clustered:
+        # Raises ClusterConfigError (no CLUSTER_SECRET, ...) before anything starts.
+        cluster = ClusterNode(settings, identity, manager, instruments)
+        manager.clustered = True
+        manager.session_id_tag = identity.tag
+        manager.before_store_close.append(cluster.leave)
+    access = Access(settings, store=manager.store if cluster is not None else None)
+    middlewares = [proxy_middleware(settings)]
+    if cluster is not None:
+        middlewares += [
+            cluster_middleware(settings.cluster_secret),
+            node_cookie_middleware(identity.tag),
+        ]
+    middlewares += [host_middleware(settings), cors_middleware(settings), error_middleware]
+    if cluster is not None:
+        middlewares.append(token_middleware(access))
     app = web.Application(
         # App-wide ceiling; each route reads its body with its own, smaller limit.
         client_max_size=_max_body(settings),
-        middlewares=[
-            proxy_middleware(settings),
-            host_middleware(settings),
-            cors_middleware(settings),
-            error_middleware,
-        ],
+        middlewares=middlewares,
     )
     app[MANAGER] = manager
     app[SETTINGS] = settings
     app[INSTRUMENTS] = instruments
     app[ACCESS] = access
+    app[NODE] = identity
+    if cluster is not None:
+        app[CLUSTER] = cluster
 
     sio = GuardedServer(
         async_mode="aiohttp",
@@ -107,13 +128,18 @@ def create_app(
         json=socketio_json,
         logger=False,
         engineio_logger=False,
+        # Cluster: events to rooms reach their members on every node (over Redis).
+        **({"client_manager": cluster.fanout} if cluster is not None else {}),
     )
-    sio.register_namespace(ProctorNamespace(manager, settings, access))
+    namespace = ProctorNamespace(manager, settings, access, cluster=cluster)
+    sio.register_namespace(namespace)
     sio.attach(app)
     app[SOCKETIO] = sio
+    if cluster is not None:
+        manager.on_session_start.append(namespace.follow)
 
-    api = build_api(manager, settings, instruments)
-    rtc = RtcGateway(manager, settings, instruments)
+    api = build_api(manager, settings, instruments, cluster)
+    rtc = RtcGateway(manager, settings, instruments, cluster=cluster)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
     video_jobs = VideoJobs(manager, settings)
     register_video_routes(api, video_jobs, settings)
@@ -138,6 +164,8 @@ def create_app(
 
     async def on_startup(app: web.Application) -> None:
         await manager.start()
+        if cluster is not None:  # the store is open: take the lease
+            await cluster.start()
         await video_jobs.start()
         log.info("analyser backend: %s", analyser.name)
 
@@ -151,4 +179,10 @@ def create_app(
     # After the manager: sessions end first (pages get session_ended), then every peer,
     # task and decoder is released.
     app.on_shutdown.append(rtc.close)
+    if cluster is not None:
+        # Last: sessions ending above still send their events to other nodes.
+        async def close_cluster(app: web.Application) -> None:
+            await cluster.close()
+
+        app.on_shutdown.append(close_cluster)
     return app

@@ -52,6 +52,24 @@ class Settings(BaseSettings):
     store_retry_backoff_s: float = 0.1  # … this long before the 2nd, twice it before the 3rd
     store_flush_timeout_s: float = 10.0  # flush() raises instead of waiting longer than this
 
+    # --- more than one machine (README "Running a cluster") -------------------------------
+    # Set: this node joins a cluster. Socket.IO events travel between nodes over Redis,
+    # the node holds a lease on its sessions in the store, and requests for a session
+    # another node owns are forwarded to it. The store must then be shared by every node.
+    redis_url: str = ""
+    node_id: str = ""  # this node's name in the cluster; empty: host name + ":" + port
+    # How the other nodes reach this one (http://10.0.0.5:5001); empty: http://HOST:PORT,
+    # with the host name when HOST is 0.0.0.0 / ::.
+    node_address: str = ""
+    # A node renews its lease every third of this; a node silent for this long is dead and
+    # another node marks its live sessions interrupted (end_reason "node_lost").
+    node_lease_s: float = 15.0
+    # Shared by every node: signs node-to-node requests (HMAC), so only a peer may pass
+    # on a client's address. Required with REDIS_URL.
+    cluster_secret: str = ""
+    cluster_connect_timeout_s: float = 2.0  # a forwarded request's connection to its owner
+    fanout_queue_size: int = 10_000  # Socket.IO events waiting for Redis; dropped beyond
+
     # --- sessions -----------------------------------------------------------------------
     max_live_sessions: int = 200
     session_idle_timeout_s: float = 300.0
@@ -217,6 +235,10 @@ class Settings(BaseSettings):
     # shared by every session of every transport, live before recorded; cloud backends
     # only (the offline backend is bounded by its worker pool). 0 = off.
     analyser_calls_per_s: float = 25.0
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.redis_url)
 
     @property
     def secured(self) -> bool:

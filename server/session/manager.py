@@ -15,9 +15,8 @@ import contextlib
 import functools
 import json
 import logging
-import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from server.analysis.analyser import Analyser, PoseCalibration
@@ -26,6 +25,7 @@ from server.analysis.budget import CallBudget, Priority
 from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine, rules_from_settings
 from server.analysis.scoring import Scorer
+from server.cluster.node import new_session_id
 from server.config import Settings
 from server.errors import (
     BackendUnavailable,
@@ -106,6 +106,17 @@ class SessionManager:
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.interrupted_at_start: list[str] = []
+        #: This node (sessions.node_id), and in a cluster the tag its session ids carry.
+        self.node_id: str | None = None
+        self.session_id_tag: str | None = None
+        #: In a cluster the store is shared: open() interrupts only this node's sessions,
+        #: and a start is committed before it is answered (another node may be asked
+        #: about the session, or its candidate token, right after).
+        self.clustered = False
+        #: Called with each session this node starts or reopens (cluster fan-out).
+        self.on_session_start: list[Callable[[LiveSession], None]] = []
+        #: Awaited at stop once sessions have ended, before the store closes.
+        self.before_store_close: list[Callable[[], Awaitable[None]]] = []
         #: What builds reports (a subclass can be swapped in, e.g. by tests).
         self.report_builder: type[ReportBuilder] = ReportBuilder
         store.on_write_error = self._store_write_failed
@@ -114,7 +125,9 @@ class SessionManager:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.interrupted_at_start = await self.store.open()
+        self.interrupted_at_start = await self.store.open(
+            self.node_id if self.clustered else None
+        )
         await self.spend.start()
         await self.analyser.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle-sweeper")
@@ -166,6 +179,8 @@ class SessionManager:
                     await self.store.mark_interrupted(sid, "shutdown_timeout")
         self.budget.close()
         await self._close_within(self.spend.stop(), deadline, "spend counters")
+        for hook in self.before_store_close:
+            await self._close_within(hook(), deadline, "cluster lease")
         await self.store.close(timeout_s=max(0.1, deadline - loop.time()))
         await self._close_within(self.analyser.close(), deadline, "analyser")
         await self._close_within(self.router.close(), deadline, "offline analyser")
@@ -188,6 +203,10 @@ class SessionManager:
 
     def live_sessions(self) -> list[LiveSession]:
         return list(self._live.values())
+
+    def has_live(self, session_id: str) -> bool:
+        """Whether this node runs the session (live or ending) in memory."""
+        return session_id in self._live or session_id in self._ending
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -214,7 +233,7 @@ class SessionManager:
         self._check_capacity()
         self.spend.check_start(client_address)
         session = self._new_session(
-            secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+            new_session_id(self.session_id_tag),  # 128 random bits: its capability
             transport,
             dict(job_data),
             time.time() if started_at is None else started_at,
@@ -230,12 +249,26 @@ class SessionManager:
                 "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
             },
             backend_switches=session.backend_switches,
+            node_id=self.node_id,
         )
+        if self.clustered:
+            try:
+                await self.store.flush(session.id)
+            except StoreError as exc:  # the session runs; other nodes learn of it late
+                self.internal_error("store", exc, session)
         self._start_worker(session)
+        self._announce(session)
         self.instruments.sessions_started.labels(transport=transport).inc()
         log.info("session %s started (%s, backend %s)", short_id(session.id), transport,
                  session.backend, extra={"session_id": session.id})
         return session
+
+    def _announce(self, session: LiveSession) -> None:
+        for hook in self.on_session_start:
+            try:
+                hook(session)
+            except Exception as exc:
+                self.internal_error("listener", exc, session)
 
     def _check_capacity(self) -> None:
         if len(self._live) >= self.settings.max_live_sessions:
@@ -368,6 +401,7 @@ class SessionManager:
         self._live[session.id] = session
         await self.store.set_session_status(session.id, "live", None)
         self._start_worker(session)
+        self._announce(session)
         log.info("session reopened after frame %d", last_i, extra={"session_id": session.id})
         return session
 
@@ -803,6 +837,13 @@ class SessionManager:
             raise _store_unavailable() from exc
         if stored is not None:
             return stored
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+        if record is not None and record["status"] == "live":
+            # Live on another node of the cluster (this node's own are in self._live).
+            raise ReportNotReady(f"session {session_id} is still live", code="session_live")
         return await self._make_report(session_id, use_llm=True)
 
     async def _sweep_idle(self) -> None:

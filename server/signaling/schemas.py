@@ -133,6 +133,7 @@ class SessionRecord(BaseModel):
     started_at: float
     ended_at: float | None
     end_reason: str | None
+    node_id: str | None = Field(default=None, description="The node that runs (ran) it")
 
 
 class SessionList(BaseModel):
@@ -165,3 +166,9 @@ class Health(BaseModel):
     )
     uptime_s: float
     version: str
+    cluster: dict[str, Any] | None = Field(
+        default=None,
+        description="With REDIS_URL: this node (node_id, address, tag), redis ok|down, its "
+        "lease (state held|lapsed|conflict, age_s, expires_in_s) and peers (alive, "
+        "lease_age_s); status is degraded while Redis is down or the lease is not held",
+    )
