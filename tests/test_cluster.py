@@ -258,3 +258,50 @@ async def test_events_flow_again_after_redis_restarts(
     finally:
         for w in (local, remote):
             await w.sio.disconnect()
+
+
+async def test_an_offer_for_another_node_s_session_reaches_its_owner(
+    cluster: Cluster, rekognition: FakeRekognition
+) -> None:
+    """The page reconnects through the other node: the offer is forwarded, the owner
+    answers with its own ICE candidates, so the media goes to the owner."""
+    from tests.netns import require_netns
+    from tests.rtc_client import RtcTestClient, SyntheticCamera, face_blank_scenes
+
+    require_netns()
+    rekognition.faces_from_image = True
+    cluster.env.update({
+        "API_TOKEN": "",  # the test client posts offers without a token
+        "RTC_HOST_ADDRESSES": '["127.0.0.1"]',
+        "RTC_REMOTE_CANDIDATE_ADDRESSES": '["127.0.0.1"]',
+        "RTC_RECONNECT_GRACE_S": "30",
+    })
+    a, b = await cluster.start_all("node-a", "node-b")
+    first = RtcTestClient(a.url, SyntheticCamera(face_blank_scenes(), "face"))
+    try:
+        answer = await first.connect(job_data={"jobTitle": "SRE"})
+        sid = answer["session_id"]
+        assert sid.endswith("." + a.tag)
+        await first.opened()
+        await first.wait_for("frame_analysis", within=15)
+    finally:
+        await first.close()
+
+    again = RtcTestClient(b.url, SyntheticCamera(face_blank_scenes(), "face"))
+    try:
+        answer = await again.connect(session_id=sid)
+        assert answer["session_id"] == sid
+        await again.opened()
+        m = await again.wait_for("frame_analysis", within=15)
+        assert m["session_id"] == sid
+    finally:
+        await again.close()
+    assert await cluster.metric(b, "proctor_cluster_forwarded_total", kind="offer",
+                                outcome="2xx") == 1
+    assert await cluster.metric(b, "proctor_sessions_started_total", transport="webrtc") == 0
+    # A junk offer naming the session gets the owner's own refusal through B.
+    status, body = await cluster.call("POST", f"{b.url}/api/rtc/offer", None,
+                                      {"sdp": "v=0 junk", "type": "offer", "session_id": sid})
+    assert status == 400 and body["error"]["code"] == "malformed_sdp"
+    assert await cluster.metric(b, "proctor_cluster_forwarded_total", kind="offer",
+                                outcome="4xx") == 1

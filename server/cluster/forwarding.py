@@ -42,8 +42,6 @@ H_HOP = "X-Proctor-Hop"
 CLUSTER_HEADERS = (H_NODE, H_SIGNATURE, H_CLIENT, H_VIA, H_HOP)
 #: A signature older (or newer) than this is refused: node clocks must agree within it.
 MAX_SKEW_S = 60.0
-#: Where a verified forwarding lives on the request.
-FORWARDED_KEY = "proctor_forwarded"
 VIAS = frozenset({"rest", "socketio"})
 
 HOP_BY_HOP = frozenset(
@@ -91,6 +89,10 @@ class Forwarded:
     hop: int
 
 
+#: Where a verified forwarding lives on the request.
+FORWARDED_KEY = web.RequestKey("proctor_forwarded", Forwarded)
+
+
 @dataclass(frozen=True)
 class Claims:
     forwarded: Forwarded
@@ -100,8 +102,7 @@ class Claims:
 
 
 def forwarded(request: web.Request) -> Forwarded | None:
-    value = request.get(FORWARDED_KEY)
-    return value if isinstance(value, Forwarded) else None
+    return request.get(FORWARDED_KEY)
 
 
 def _message(
