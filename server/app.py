@@ -3,6 +3,7 @@ and wires the transports (REST, Socket.IO, static pages) onto one aiohttp applic
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -179,6 +180,22 @@ def create_app(
     # After the manager: sessions end first (pages get session_ended), then every peer,
     # task and decoder is released.
     app.on_shutdown.append(rtc.close)
+
+    async def close_sockets(app: web.Application) -> None:
+        # Sessions have ended (clients got session_ended): close every Socket.IO client, so
+        # no long-poll GET or websocket handler holds the stop for its ping interval.
+        # (Without waiting for each client to fetch its close packet: no new poll can
+        # reach a server that has stopped listening.)
+        for socket in list(sio.eio.sockets.values()):
+            try:
+                async with asyncio.timeout(1.0):
+                    await socket.close(wait=False)
+                socket.queue.put_nowait(None)  # ends a websocket's writer: it closes
+            except Exception:
+                log.exception("closing a Socket.IO client at shutdown failed")
+        sio.eio.sockets.clear()
+
+    app.on_shutdown.append(close_sockets)
     if cluster is not None:
         # Last: sessions ending above still send their events to other nodes.
         async def close_cluster(app: web.Application) -> None:

@@ -63,10 +63,42 @@ def candidate_room(session_id: str) -> str:
     return f"candidate:{session_id}"
 
 
+class _WholeBody:
+    """engine.io reads a long-polling POST with one `read(Content-Length)`, which on
+    aiohttp's stream returns only what has arrived so far: a packet that reaches us in
+    pieces (through a proxy, or a slow network) was cut short and refused as bad JSON.
+    This reads until it has all the bytes (or the stream ends)."""
+
+    def __init__(self, content: Any) -> None:
+        self._content = content
+
+    async def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return bytes(await self._content.read())
+        try:
+            return bytes(await self._content.readexactly(n))
+        except asyncio.IncompleteReadError as exc:
+            return bytes(exc.partial)
+
+
 class GuardedServer(socketio.AsyncServer):
     """python-socketio's server, with event packets shaped before dispatch: its own code
     indexes `data[0]` (a crash on `42{}` or `42[]`) and dispatches a client-sent `connect`
-    or `disconnect` event to the connection handlers. Those become `REJECTED_EVENT`."""
+    or `disconnect` event to the connection handlers. Those become `REJECTED_EVENT`.
+    Long-polling bodies are read whole (`_WholeBody`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        drivers = dict(self.eio._async)  # the module's own dict: copied, not changed
+        translate = drivers["translate_request"]
+
+        def translate_request(request: Any) -> dict[str, Any]:
+            environ = dict(translate(request))
+            environ["wsgi.input"] = _WholeBody(environ["wsgi.input"])
+            return environ
+
+        drivers["translate_request"] = translate_request
+        self.eio._async = drivers
 
     async def _handle_event(self, eio_sid: str, namespace: str, id: Any, data: Any) -> None:
         if not isinstance(data, list) or not data or not isinstance(data[0], str):
