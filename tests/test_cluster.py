@@ -35,7 +35,7 @@ def store_env(tmp_path: Path) -> dict[str, str]:
 async def cluster(
     tmp_path: Path,
     http: aiohttp.ClientSession,
-    redis_server: RedisServer,
+    redis_server: RedisServer,  # noqa: F811
     rekognition: FakeRekognition,
     store_env: dict[str, str],
 ) -> AsyncIterator[Cluster]:
@@ -218,7 +218,7 @@ async def test_a_restarted_node_interrupts_only_its_own_sessions(cluster: Cluste
 
 
 async def test_events_flow_again_after_redis_restarts(
-    cluster: Cluster, redis_server: RedisServer
+    cluster: Cluster, redis_server: RedisServer,  # noqa: F811
 ) -> None:
     a, b = await cluster.start_all("node-a", "node-b")
     sid = (await cluster.start_session(a))["session_id"]
