@@ -125,7 +125,8 @@ class Nginx:
     def start(self, timeout_s: float = 10.0) -> None:
         self.check()
         self.proc = subprocess.Popen([*self._args(), "-g", "daemon off;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
