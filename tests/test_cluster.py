@@ -73,11 +73,16 @@ async def test_a_session_of_one_node_is_listed_watched_fed_and_reported_on_the_o
     health = await cluster.health(a)
     assert health["cluster"]["node"]["tag"] == a.tag and health["cluster"]["redis"] == "ok"
 
-    # Listed on B, from the shared store, with its owner.
+    # Listed on B, from the shared store, with its owner; its report not before its end.
     status, listing = await cluster.call("GET", f"{b.url}/api/sessions")
     assert status == 200
     [row] = [s for s in listing["sessions"] if s["session_id"] == sid]
     assert row["status"] == "live" and row["node_id"] == "node-a"
+    for node in (a, b):
+        status, body = await cluster.call("GET", f"{node.url}/api/sessions/{sid}/report")
+        assert status == 409 and body["error"]["code"] == "session_live", node.name
+    status, body = await cluster.call("GET", f"{b.url}/api/sessions/nope.{a.tag}/metrics")
+    assert status == 404 and body["error"]["code"] == "session_not_found"
 
     # Watched on B: naming the session joins its room there; live metrics come from A.
     watch = await watcher(b.url)
@@ -143,16 +148,6 @@ async def test_a_session_of_one_node_is_listed_watched_fed_and_reported_on_the_o
                                 outcome="2xx") == 1
     assert await cluster.metric(a, "proctor_cluster_forwarded_total", kind="frame",
                                 outcome="2xx") == 0
-
-
-async def test_a_live_report_is_refused_on_every_node(cluster: Cluster) -> None:
-    a, b = await cluster.start_all("node-a", "node-b")
-    sid = (await cluster.start_session(a))["session_id"]
-    for node in (a, b):
-        status, body = await cluster.call("GET", f"{node.url}/api/sessions/{sid}/report")
-        assert status == 409 and body["error"]["code"] == "session_live", node.name
-    status, body = await cluster.call("GET", f"{b.url}/api/sessions/nope.{a.tag}/metrics")
-    assert status == 404 and body["error"]["code"] == "session_not_found"
 
 
 async def test_a_killed_node_has_its_sessions_interrupted_by_the_other(

@@ -113,8 +113,14 @@ class Access:
         """A candidate token for the session, usable on every node once this returns."""
         token = self.issue_candidate_token(session_id)
         if self._store is not None:
+            from server.session.store import StoreError
+
             await self._store.save_candidate_token(_digest(token).hex(), session_id)
-            await self._store.flush(session_id)
+            try:
+                await self._store.flush(session_id)
+            except StoreError as exc:  # valid here; other nodes will not know it
+                log.error("candidate token %s of session %s not stored: %s",
+                          fingerprint(token), short_id(session_id), exc)
         return token
 
     async def resolve(self, token: str | None) -> None:
