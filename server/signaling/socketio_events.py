@@ -212,7 +212,7 @@ class ProctorNamespace(socketio.AsyncNamespace):
         from server.session.store import StoreError
 
         token = None
-        if isinstance(data, str):
+        if isinstance(data, str) and '"token"' in data:  # a JSON.stringify()'d payload
             try:
                 data = safe_json.loads(data)
             except safe_json.JsonRejected:
