@@ -14,16 +14,18 @@ from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
 from server.cluster.forwarding import cluster_middleware, node_cookie_middleware
 from server.cluster.node import NodeIdentity
-from server.cluster.routing import ClusterNode
+from server.cluster.routing import CLUSTER, ClusterNode, check_cluster_settings
 from server.config import Settings
 from server.observability import Instruments
 from server.session.database import Database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
+from server.session.webhooks import WebhookSender
 from server.signaling import socketio_json
 from server.signaling.auth import ACCESS, Access, token_middleware
 from server.signaling.http_api import error_middleware
+from server.signaling.operator_api import register_operator_routes
 from server.signaling.rest import build_api
 from server.signaling.rtc import RtcGateway
 from server.signaling.socketio_events import GuardedServer, ProctorNamespace
@@ -40,7 +42,7 @@ SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
 NODE = web.AppKey("node", NodeIdentity)
-CLUSTER = web.AppKey("cluster", ClusterNode)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 
 
 # Room for base64 (4/3) and the JSON around the largest allowed frame.
@@ -74,9 +76,16 @@ def create_app(
     offline_analyser: Analyser | None = None,
 ) -> web.Application:
     """`offline_analyser`: a started offline backend for sessions past the Rekognition
-    cap (owned by the caller); default: one is made when first needed."""
+    cap (owned by the caller); default: one is made when first needed. Raises
+    ConfigError for settings the server refuses (operator tokens, webhooks)."""
     settings = settings or Settings()
     instruments = Instruments()
+    # Settings checked before anything is built: a refusal leaves nothing to close.
+    access = Access(settings)
+    webhooks = WebhookSender(settings, instruments)
+    identity = NodeIdentity.from_settings(settings)
+    if settings.clustered:
+        check_cluster_settings(settings)
     analyser = analyser or make_analyser(settings, instruments)
     manager = SessionManager(
         settings,
@@ -87,16 +96,15 @@ def create_app(
         pose_calibration_factory=pose_calibration_factory(analyser, settings),
         offline_analyser=offline_analyser,
     )
-    identity = NodeIdentity.from_settings(settings)
+    manager.webhooks = webhooks
     manager.node_id = identity.node_id
     cluster: ClusterNode | None = None
     if settings.clustered:
-        # Raises ClusterConfigError (no CLUSTER_SECRET, ...) before anything starts.
         cluster = ClusterNode(settings, identity, manager, instruments)
         manager.clustered = True
         manager.session_id_tag = identity.tag
         manager.before_store_close.append(cluster.leave)
-    access = Access(settings, store=manager.store if cluster is not None else None)
+        access.share_candidate_tokens(manager.store)
     middlewares = [proxy_middleware(settings)]
     if cluster is not None:
         middlewares += [
@@ -118,6 +126,7 @@ def create_app(
     app[NODE] = identity
     if cluster is not None:
         app[CLUSTER] = cluster
+    app[WEBHOOKS] = webhooks
 
     sio = GuardedServer(
         async_mode="aiohttp",
@@ -143,7 +152,9 @@ def create_app(
     rtc = RtcGateway(manager, settings, instruments, cluster=cluster)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
     video_jobs = VideoJobs(manager, settings)
+    manager.erase_hooks.append(video_jobs.forget_session)
     register_video_routes(api, video_jobs, settings)
+    register_operator_routes(api, manager)
     api.attach(app)
     app[RTC] = rtc
     app[VIDEO_JOBS] = video_jobs
@@ -164,6 +175,7 @@ def create_app(
         app.router.add_static("/static", settings.public_dir)
 
     async def on_startup(app: web.Application) -> None:
+        await webhooks.start()
         await manager.start()
         if cluster is not None:  # the store is open: take the lease
             await cluster.start()
@@ -174,6 +186,8 @@ def create_app(
         # Jobs first: a running video becomes `interrupted` (resumable), not ended.
         await video_jobs.stop()
         await manager.stop()
+        # Last: the session ends of the shutdown are queued for delivery by now.
+        await webhooks.stop()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

@@ -36,12 +36,12 @@ def serve(args: argparse.Namespace) -> int:
         overrides["analyser_backend"] = args.backend
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_level)
-    if not is_loopback(settings.host) and not settings.api_token:
+    if not is_loopback(settings.host) and not settings.secured:
         if not settings.allow_insecure:
             log.error(
-                "refusing to listen on %s without API_TOKEN: anyone who could reach it could "
-                "start sessions and read every report. Set API_TOKEN, bind to 127.0.0.1, or "
-                "set ALLOW_INSECURE=true to accept that.",
+                "refusing to listen on %s without API_TOKEN (or API_TOKENS): anyone who "
+                "could reach it could start sessions and read every report. Set API_TOKEN, "
+                "bind to 127.0.0.1, or set ALLOW_INSECURE=true to accept that.",
                 settings.host,
             )
             return 2
@@ -51,8 +51,13 @@ def serve(args: argparse.Namespace) -> int:
             settings.host,
         )
     from server.app import MANAGER, create_app
+    from server.config import ConfigError
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # the message names the setting, never a secret
+        log.error("refusing to start: %s", exc)
+        return 2
 
     async def announce_ready(app: web.Application) -> None:  # after the models are loaded
         host = "localhost" if is_loopback(settings.host) else settings.host

@@ -9,10 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "rekognition", "local"]
+
+
+class ConfigError(ValueError):
+    """A setting the server refuses to start with; the message names the setting (never
+    a secret's value)."""
 
 
 class Settings(BaseSettings):
@@ -30,6 +35,12 @@ class Settings(BaseSettings):
     api_token: str = Field(
         default="",
         description="Operator token; when set the server runs in secured mode (roles).",
+    )
+    # Named operator tokens, "name:token,name:token" (beside API_TOKEN, whose holder is
+    # "operator"): reviews, re-scorings and erasures are audited under the name.
+    api_tokens: str = Field(
+        default="",
+        description="Named operator tokens (name:token,...); any set: secured mode.",
     )
     # What a candidate token's holder receives back: the brief's payloads or state only.
     # Empty: "status" in secured mode, "results" in development mode.
@@ -69,6 +80,27 @@ class Settings(BaseSettings):
     cluster_secret: str = ""
     cluster_connect_timeout_s: float = 2.0  # a forwarded request's connection to its owner
     fanout_queue_size: int = 10_000  # Socket.IO events waiting for Redis; dropped beyond
+
+    # --- review, audit and privacy ----------------------------------------------------------
+    # off: no emotion or facial expression is inferred or stored (EU AI Act Art. 5(1)(f));
+    # engagement then comes from eye contact alone.
+    emotion_analysis: bool = True
+    # Ended/interrupted sessions (frames, alerts, evidence, reviews, report) older than this
+    # are erased by a periodic sweep; 0 or empty: kept forever.
+    retention_days: float = 0.0
+    retention_sweep_interval_s: float = 3600.0
+    retention_batch_sessions: int = 100  # sessions erased per store batch by the sweep
+    # Webhooks: JSON POSTs signed with HMAC-SHA256 of WEBHOOK_SECRET (README "Webhooks").
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    webhook_events: list[str] = Field(default_factory=lambda: ["alert", "session_ended"])
+    webhook_alert_severities: list[str] = Field(default_factory=lambda: ["critical"])
+    webhook_queue_size: int = 1000  # deliveries waiting; beyond it new ones are dropped
+    webhook_timeout_s: float = 5.0  # per attempt
+    webhook_max_attempts: int = 6  # attempts in all for one delivery
+    webhook_retry_backoff_s: float = 1.0  # before the 2nd attempt; doubles, with jitter …
+    webhook_retry_max_backoff_s: float = 60.0  # … up to this
+    webhook_shutdown_drain_s: float = 2.0  # a stop waits this long for queued deliveries
 
     # --- sessions -----------------------------------------------------------------------
     max_live_sessions: int = 200
@@ -236,13 +268,19 @@ class Settings(BaseSettings):
     # only (the offline backend is bounded by its worker pool). 0 = off.
     analyser_calls_per_s: float = 25.0
 
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _empty_is_forever(cls, value: Any) -> Any:
+        return 0.0 if isinstance(value, str) and not value.strip() else value
+
     @property
     def clustered(self) -> bool:
         return bool(self.redis_url)
 
     @property
     def secured(self) -> bool:
-        return bool(self.api_token)
+        """An operator token is configured (API_TOKEN or API_TOKENS): roles apply."""
+        return bool(self.api_token or self.api_tokens.strip())
 
     @property
     def resolved_candidate_view(self) -> Literal["results", "status"]:

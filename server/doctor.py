@@ -249,7 +249,7 @@ def check_listen(s: Settings) -> Check:
                    f"{where or 'no address'}")
     else:
         summary = f"{url}: reachable from other machines that can route to {s.host}"
-    if not s.api_token:
+    if not s.secured:
         return Check("listen", "problem", summary + ", with no API_TOKEN: anyone who can reach "
                      "it can list sessions and read every report",
                      fix="set API_TOKEN in .env, or HOST=127.0.0.1")

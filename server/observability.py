@@ -124,3 +124,27 @@ class Instruments:
         self.usage_cap = Gauge(
             "proctor_usage_cap", "Daily cap per kind of spend (0 = none)", ["kind"], registry=r
         )
+        self.webhook_deliveries = Counter(
+            "proctor_webhook_deliveries",
+            "Webhook deliveries by final outcome: delivered, rejected (a 4xx or redirect, "
+            "not retried), failed (attempts exhausted), dropped (queue full), abandoned "
+            "(still queued at shutdown)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "proctor_webhook_attempts",
+            "Webhook POST attempts by result: ok, rejected, http_5xx, http_429, timeout, "
+            "connection_error",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_queue_depth = Gauge(
+            "proctor_webhook_queue_depth", "Webhook deliveries waiting to be sent", registry=r
+        )
+        self.sessions_erased = Counter(
+            "proctor_sessions_erased",
+            "Sessions erased: by an operator (request) or the retention sweep (retention)",
+            ["reason"],
+            registry=r,
+        )

@@ -183,6 +183,25 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
             {"none": 401, "candidate": 403, "other": 403, "operator": 404},
         ),
         (
+            "GET",
+            f"/api/sessions/{sid}",
+            None,
+            {"none": 401, "candidate": 403, "other": 403, "operator": 200},
+        ),
+        (
+            "POST",
+            f"/api/sessions/{sid}/alerts/no-such-alert/review",
+            {"verdict": "dismissed"},  # authorised first, then the alert is unknown
+            {"none": 401, "candidate": 403, "other": 403, "operator": 404},
+        ),
+        ("GET", "/api/audit", None, {"none": 401, "candidate": 403, "other": 403, "operator": 200}),
+        (
+            "DELETE",
+            f"/api/sessions/{sid}",
+            None,
+            {"none": 401, "candidate": 403, "other": 403},  # the operator's erase follows
+        ),
+        (
             "POST",
             f"/api/sessions/{sid}/end",
             None,
@@ -197,7 +216,12 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
             for method in ops
         }
     covered = {
-        (m, p.replace(sid, "{session_id}").replace("nope", "{job_id}"))
+        (
+            m,
+            p.replace(sid, "{session_id}")
+            .replace("nope", "{job_id}")
+            .replace("no-such-alert", "{alert_id}"),
+        )
         for m, p, _b, _r in expected
     }
     assert declared <= covered, sorted(declared - covered)
@@ -231,6 +255,13 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
     # A candidate token of an unknown session id is still forbidden (no probing of ids).
     got, _ = await call(http, "GET", f"{base}/api/sessions/unknown/metrics", cand)
     assert got == 403
+    # The operator erases a session; its candidate may not, even its own.
+    got, _ = await call(http, "DELETE", f"{base}/api/sessions/{sid}", cand)
+    assert got == 403
+    got, data = await call(http, "DELETE", f"{base}/api/sessions/{sid}", OPERATOR)
+    assert got == 200 and data["status"] == "erased", data
+    got, _ = await call(http, "GET", f"{base}/api/sessions/{sid}", OPERATOR)
+    assert got == 404
 
 
 async def test_candidate_view_status_by_default_in_secured_mode(

@@ -347,7 +347,7 @@ async def test_restart_resumes_queued_and_interrupted_jobs(
 async def test_secured_mode_needs_the_operator_token(
     tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
 ) -> None:
-    running = await start_server(video_settings(tmp_path, api_token="op-token"))
+    running = await start_server(video_settings(tmp_path, api_token="op-token-0123456789"))
     try:
         async with http.get(f"{running.url}/api/videos") as r:
             assert (r.status, (await r.json())["error"]["code"]) == (401, "unauthorized")
@@ -359,7 +359,7 @@ async def test_secured_mode_needs_the_operator_token(
             assert r.status == 401  # an unknown token is no token
         async with http.post(
             f"{running.url}/api/sessions/start", json={},
-            headers={"Authorization": "Bearer op-token"},
+            headers={"Authorization": "Bearer op-token-0123456789"},
         ) as r:
             candidate = (await r.json())["candidate_token"]
         async with http.get(
@@ -367,7 +367,7 @@ async def test_secured_mode_needs_the_operator_token(
         ) as r:
             assert (r.status, (await r.json())["error"]["code"]) == (403, "forbidden")
         async with http.get(
-            f"{running.url}/api/videos", headers={"Authorization": "Bearer op-token"}
+            f"{running.url}/api/videos", headers={"Authorization": "Bearer op-token-0123456789"}
         ) as r:
             assert r.status == 200 and (await r.json())["jobs"] == []
     finally:

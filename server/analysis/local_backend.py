@@ -22,6 +22,9 @@ models once, at `start()`, and warms them up; nothing is loaded per frame.
   burst costs some slow answers, never face latency. The three kinds of work for one
   frame run concurrently.
 
+With EMOTION_ANALYSIS=off the expression model is never loaded nor run: faces carry no
+emotions and no smile.
+
 Degradation. A model whose package or file is missing, or that fails to load, is logged
 once and its capability is reported in `Observation.degraded` ("pose:unavailable",
 "expression:unavailable", "labels:unavailable", "text:unavailable"); without the face
@@ -367,11 +370,12 @@ class LocalAnalyser:
             faces = CascadeFaces()  # ships with OpenCV itself
             missing.append("pose")  # and eyes/mouth: no landmarks
         expression: ExpressionModel | None = None
-        try:
-            expression = ExpressionModel()
-        except _LOAD_ERRORS as exc:
-            self._load_failed("expression", exc)
-            missing.append("expression")
+        if self.settings.emotion_analysis:  # off: no expression is ever inferred
+            try:
+                expression = ExpressionModel()
+            except _LOAD_ERRORS as exc:
+                self._load_failed("expression", exc)
+                missing.append("expression")
         models = _FaceModels(faces, expression, tuple(missing))
         self._missing.update(missing)
         self._local.models = models

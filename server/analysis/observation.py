@@ -10,7 +10,7 @@ angles are degrees, boxes are ratios of the frame (0–1), emotion names are Rek
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 EMOTIONS: tuple[str, ...] = (
@@ -138,6 +138,14 @@ class Observation:
     @property
     def insufficient(self) -> bool:
         return bool(self.quality and self.quality.insufficient)
+
+    def without_emotions(self) -> Observation:
+        """The same observation with no emotion or smile on any face (EMOTION_ANALYSIS
+        off: whatever a backend inferred goes no further)."""
+        if not self.faces or not any(f.emotions or f.smile is not None for f in self.faces):
+            return self
+        faces = tuple(replace(f, emotions={}, smile=None) for f in self.faces)
+        return replace(self, faces=faces)
 
     def to_json(self) -> dict[str, Any]:
         """The whole observation as JSON (crosses process boundaries in tests; per-frame

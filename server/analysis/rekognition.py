@@ -1,6 +1,11 @@
 """The AWS Rekognition backend: DetectFaces (all attributes), DetectLabels and DetectText
 through boto3.
 
+With EMOTION_ANALYSIS=off DetectFaces asks only for what the product then uses — the
+default attributes (box, confidence, pose, quality, landmarks) plus EYE_DIRECTION,
+EYES_OPEN and MOUTH_OPEN (`FACE_ATTRIBUTES_NO_EMOTION`) — so the service infers no
+emotion or smile at all; any that came back anyway would be ignored.
+
 boto3 is blocking, so every call runs in a bounded thread pool. One `asyncio.Semaphore`
 with as many slots as the pool has threads is held from submission until the thread is
 done (not merely until the awaiting coroutine is cancelled), so the pool's own queue never
@@ -184,7 +189,19 @@ def frame_quality(pixels: Quality | None, faces: tuple[Face, ...] | None) -> Qua
     )
 
 
-def parse_faces(response: dict[str, Any], min_confidence: float) -> tuple[Face, ...]:
+#: DetectFaces attributes with EMOTION_ANALYSIS=off: no EMOTIONS, no SMILE (nor ALL).
+FACE_ATTRIBUTES_NO_EMOTION: tuple[str, ...] = (
+    "DEFAULT",
+    "EYE_DIRECTION",
+    "EYES_OPEN",
+    "MOUTH_OPEN",
+)
+
+
+def parse_faces(
+    response: dict[str, Any], min_confidence: float, emotions: bool = True
+) -> tuple[Face, ...]:
+    """`emotions`: False drops Emotions and Smile whatever the service sent."""
     faces = []
     for fd in response.get("FaceDetails", []):
         confidence = float(fd.get("Confidence", 0.0))
@@ -206,12 +223,12 @@ def parse_faces(response: dict[str, Any], min_confidence: float) -> tuple[Face, 
                 # The service may add "UNKNOWN"; observations carry only the eight emotions.
                 emotions={
                     e["Type"]: float(e.get("Confidence", 0.0))
-                    for e in fd.get("Emotions", [])
+                    for e in (fd.get("Emotions", []) if emotions else ())
                     if e.get("Type") in EMOTIONS
                 },
                 eyes_open=_flag(fd, "EyesOpen"),
                 mouth_open=_flag(fd, "MouthOpen"),
-                smile=_flag(fd, "Smile"),
+                smile=_flag(fd, "Smile") if emotions else None,
             )
         )
     return tuple(faces)
@@ -437,8 +454,11 @@ class RekognitionAnalyser:
         if client is None:
             raise AnalyserClosed("analyser closed while the frame waited")
         if name == "faces":
+            attributes = (
+                ["ALL"] if self._settings.emotion_analysis else list(FACE_ATTRIBUTES_NO_EMOTION)
+            )
             call = functools.partial(
-                client.detect_faces, Image={"Bytes": image}, Attributes=["ALL"]
+                client.detect_faces, Image={"Bytes": image}, Attributes=attributes
             )
         elif name == "labels":
             call = functools.partial(
@@ -464,7 +484,11 @@ class RekognitionAnalyser:
 
         self._count(operation, "ok", _retries(response))
         if name == "faces":
-            value: Any = parse_faces(response, self._settings.rekognition_min_face_confidence)
+            value: Any = parse_faces(
+                response,
+                self._settings.rekognition_min_face_confidence,
+                self._settings.emotion_analysis,
+            )
         elif name == "labels":
             value = parse_labels(response)
         else:

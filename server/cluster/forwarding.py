@@ -34,11 +34,11 @@ from server.errors import ProctorError
 
 log = logging.getLogger(__name__)
 
-H_NODE = "X-Proctor-Node"
-H_SIGNATURE = "X-Proctor-Signature"
-H_CLIENT = "X-Proctor-Client"
-H_VIA = "X-Proctor-Via"
-H_HOP = "X-Proctor-Hop"
+H_NODE = "X-Proctor-Peer"
+H_SIGNATURE = "X-Proctor-Peer-Signature"
+H_CLIENT = "X-Proctor-Peer-Client"
+H_VIA = "X-Proctor-Peer-Via"
+H_HOP = "X-Proctor-Peer-Hop"
 CLUSTER_HEADERS = (H_NODE, H_SIGNATURE, H_CLIENT, H_VIA, H_HOP)
 #: A signature older (or newer) than this is refused: node clocks must agree within it.
 MAX_SKEW_S = 60.0
@@ -179,7 +179,7 @@ def cluster_middleware(secret: str) -> Any:
                 {
                     "error": {
                         "code": "forwarding_refused",
-                        "message": "X-Proctor-* headers are for nodes of this cluster only",
+                        "message": "X-Proctor-Peer-* headers are for nodes of this cluster only",
                     }
                 },
                 status=403,

@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from server.config import Settings
+from server.config import ConfigError, Settings
 
 TAG_CHARS = 8
 _TAG = re.compile(r"\.([0-9a-f]{" + str(TAG_CHARS) + r"})\Z")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ConfigError):
     """A cluster setting that cannot work (the message names it)."""
 
 

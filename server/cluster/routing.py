@@ -31,6 +31,7 @@ from server.cluster.node import ClusterConfigError, NodeIdentity
 from server.config import Settings
 from server.observability import Instruments
 from server.session.store import StoreError
+from server.signaling.http_api import DEFAULT_BODY_MAX, read_body
 
 if TYPE_CHECKING:
     from server.session.manager import SessionManager
@@ -38,6 +39,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OWNER_CACHE_MAX = 100_000
+
+
+def check_cluster_settings(settings: Settings) -> None:
+    """Raises ClusterConfigError (a ConfigError) for cluster settings that cannot work."""
+    if not settings.cluster_secret:
+        raise ClusterConfigError(
+            "REDIS_URL is set but CLUSTER_SECRET is not: every node needs the same "
+            "CLUSTER_SECRET to sign the requests it forwards to the others"
+        )
+    if settings.node_lease_s < 0.3:
+        raise ClusterConfigError("NODE_LEASE_S must be at least 0.3 s")
 
 
 class ClusterNode:
@@ -48,13 +60,7 @@ class ClusterNode:
         manager: SessionManager,
         instruments: Instruments,
     ) -> None:
-        if not settings.cluster_secret:
-            raise ClusterConfigError(
-                "REDIS_URL is set but CLUSTER_SECRET is not: every node needs the same "
-                "CLUSTER_SECRET to sign the requests it forwards to the others"
-            )
-        if settings.node_lease_s < 0.3:
-            raise ClusterConfigError("NODE_LEASE_S must be at least 0.3 s")
+        check_cluster_settings(settings)
         self.settings = settings
         self.identity = identity
         self.manager = manager
@@ -150,11 +156,30 @@ class ClusterNode:
         s = self.settings
         if kind == "frame":
             return s.analyser_timeout_s + s.store_flush_timeout_s + 5.0
-        if kind == "end":  # stop the worker, build the report, the LLM's narrative
+        if kind in ("end", "erase"):  # stop the worker, build the report (and narrative)
             return s.analyser_timeout_s + s.llm_timeout_s + 2 * s.store_flush_timeout_s + 10.0
         if kind == "offer":
             return 30.0
         return 10.0
+
+    async def forward(
+        self,
+        request: web.Request,
+        kind: str,
+        max_body: int = DEFAULT_BODY_MAX,
+        too_large_code: str = "request_too_large",
+    ) -> web.Response | None:
+        """The owner's answer to a REST request naming a session (`{session_id}` in its
+        path) another node runs, its body read under the route's own limit first; None:
+        answer here. Call it after authorising the request."""
+        session_id = request.match_info.get("session_id")
+        if not session_id or self.manager.has_live(session_id):
+            return None
+        peer = await self.owner_of(session_id, request)
+        if peer is None:
+            return None
+        body = await read_body(request, max_body, too_large_code)
+        return await self.proxy(request, peer, body, kind)
 
     async def proxy(
         self, request: web.Request, peer: Peer, body: bytes | None, kind: str
@@ -198,3 +223,20 @@ class ClusterNode:
             "peers_alive": sum(1 for p in lease["peers"] if p["alive"]),
             "healthy": redis_ok and lease["state"] == "held",
         }
+
+
+CLUSTER = web.AppKey("cluster", ClusterNode)
+
+
+async def forward_to_owner(
+    request: web.Request,
+    kind: str,
+    max_body: int = DEFAULT_BODY_MAX,
+    too_large_code: str = "request_too_large",
+) -> web.Response | None:
+    """For a handler of a route with `{session_id}`, after it has authorised the request:
+    the owner's answer when another node of the cluster runs that session, else None."""
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        return None
+    return await cluster.forward(request, kind, max_body, too_large_code)

@@ -100,6 +100,8 @@ class LiveSession:
     #: Moves to another backend (a spend cap): [{"at", "from", "to", "reason"}]; once
     #: moved, the session stays on the offline backend.
     backend_switches: list[dict[str, Any]] = field(default_factory=list)
+    #: EMOTION_ANALYSIS: off, nothing about emotions or expressions is inferred or kept.
+    emotion_analysis: bool = True
     aggregate: SessionAggregate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -157,7 +159,9 @@ class LiveSession:
             "duration_s": round(time.time() - self.started_at, 3),
             "metrics": self.aggregate.scores_json(),
             **self.counters.to_json(),
-            "emotion_distribution": self.aggregate.emotion_distribution(),
+            "emotion_distribution": self.aggregate.emotion_distribution()
+            if self.emotion_analysis
+            else None,
             "active_alerts": [ep.event("onset") for ep in self.engine.active()],
             "pending_alerts": self.engine.pending(),
             "analyser_calls": dict(self.aggregate.calls),

@@ -38,6 +38,7 @@ from server.errors import (
 from server.media.frames import Frame
 from server.observability import Instruments, current_session, short_id
 from server.session.analyser_router import AnalyserRouter
+from server.session.audit import SYSTEM, AuditLog
 from server.session.live_session import DROPPED, LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.report import (
@@ -47,13 +48,18 @@ from server.session.report import (
     fallback_report,
     mark_partial,
 )
+from server.session.reviews import VERDICTS, apply_reviews, public_alert, review_status
 from server.session.spend import LLM_CAP, SpendCaps
 from server.session.store import Store, StoreError, StoreTimeout, loads_object
+from server.session.webhooks import WebhookSender
 from server.session.worker import SessionPipeline
 
 log = logging.getLogger(__name__)
 
 NarratorFactory = Callable[[], Any]
+#: Told that a session is about to be erased (after it was found, before its rows go):
+#: e.g. the video jobs stop and forget the session's job.
+EraseHook = Callable[[str], Awaitable[None]]
 #: Transports whose frames the server samples itself: rules and cadences follow capture
 #: time there (SPEC "Alerts").
 CAPTURE_CLOCK_TRANSPORTS = frozenset({"webrtc", "video"})
@@ -104,7 +110,13 @@ class SessionManager:
         # One report build per ended/interrupted session id, shared by concurrent requests.
         self._reports: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        #: Who did what (reviews, re-scorings, erasures, retention sweeps).
+        self.audit = AuditLog(store)
+        #: Set by the app (which owns its sender task): sessions' alerts and ends go out.
+        self.webhooks: WebhookSender | None = None
+        self.erase_hooks: list[EraseHook] = []
         self.interrupted_at_start: list[str] = []
         #: This node (sessions.node_id), and in a cluster the tag its session ids carry.
         self.node_id: str | None = None
@@ -131,6 +143,10 @@ class SessionManager:
         await self.spend.start()
         await self.analyser.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle-sweeper")
+        if self.settings.retention_days > 0:
+            self._retention = asyncio.create_task(
+                self._sweep_retention(), name="retention-sweeper"
+            )
 
     async def stop(self) -> None:
         """Ends every live session concurrently (each gets its report, without the LLM,
@@ -140,9 +156,10 @@ class SessionManager:
         loop = asyncio.get_running_loop()
         timeout_s = self.settings.shutdown_timeout_s
         deadline = loop.time() + timeout_s
-        if self._sweeper:
-            self._sweeper.cancel()
-            await asyncio.wait({self._sweeper}, timeout=1.0)
+        for sweeper in (self._sweeper, self._retention):
+            if sweeper is not None:
+                sweeper.cancel()
+                await asyncio.wait({sweeper}, timeout=1.0)
         for task in list(self._grace.values()):
             task.cancel()  # ending now: no reconnect to wait for
         live = list(self._live)
@@ -247,6 +264,8 @@ class SessionManager:
             rules={
                 **session.engine.describe(),
                 "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
+                # Off: the report lists what was not computed (EMOTION_ANALYSIS).
+                "emotion_analysis": self.settings.emotion_analysis,
             },
             backend_switches=session.backend_switches,
             node_id=self.node_id,
@@ -315,8 +334,11 @@ class SessionManager:
             else None,
             clock="capture" if capture_clock else "arrival",
             priority=priority,
+            emotion_analysis=s.emotion_analysis,
         )
         session.on_error = functools.partial(self._listener_failed, session)
+        if self.webhooks is not None and self.webhooks.enabled:
+            session.subscribe(functools.partial(self.webhooks.on_session_event, session_id))
         return session
 
     def _start_worker(self, session: LiveSession) -> None:
@@ -767,6 +789,7 @@ class SessionManager:
 
         if use_llm and self.narrator is not None:
             await self._narrate(report, live)
+        await self._with_reviews(session_id, report)
         mark = self.store.mark()
         try:
             await self.store.save_report(session_id, report)
@@ -822,7 +845,17 @@ class SessionManager:
             )
             self._reports[session_id] = task
             task.add_done_callback(functools.partial(self._report_done, session_id))
-        return await asyncio.shield(task)
+        # Reviews are read afresh: a report stored before a review shows it too.
+        return await self._with_reviews(session_id, await asyncio.shield(task))
+
+    async def _with_reviews(self, session_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        try:
+            reviews = await self.store.reviews(session_id)
+        except StoreError as exc:  # the report stands without them
+            log.warning("reviews of %s unreadable: %s", short_id(session_id), exc)
+            mark_partial(report, ["reviews_unreadable"])
+            return report
+        return apply_reviews(report, reviews)
 
     def _report_done(self, session_id: str, task: asyncio.Task[dict[str, Any]]) -> None:
         if self._reports.get(session_id) is task:
@@ -846,6 +879,183 @@ class SessionManager:
             raise ReportNotReady(f"session {session_id} is still live", code="session_live")
         return await self._make_report(session_id, use_llm=True)
 
+    # --- review, erasure, retention ----------------------------------------------------
+
+    async def _settled(self, session_id: str) -> None:
+        """Wait until every write queued so far (e.g. an alert just raised) is committed,
+        without raising for writes lost before (those were counted already)."""
+        try:
+            await self.store.flush(session_id, since=self.store.mark())
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+
+    async def session_record(self, session_id: str) -> dict[str, Any]:
+        """The stored session with its review status; 404 for an unknown id."""
+        await self._settled(session_id)
+        try:
+            record = await self.store.get_session(session_id)
+            counts = (await self.store.review_counts([session_id]))[session_id]
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+        if record is None:
+            raise SessionNotFound(f"no session with id {session_id}")
+        live = self._live.get(session_id)
+        if live is not None:
+            record["counters"] = live.counters.to_json()  # newer than the stored ones
+        return {**record, "review_status": review_status(counts), "review_counts": counts}
+
+    async def list_sessions(
+        self, status: str | None, limit: int, offset: int
+    ) -> list[dict[str, Any]]:
+        """Stored sessions (newest first), each with its review status."""
+        try:
+            sessions = await self.store.list_sessions(status, limit, offset)
+            counts = await self.store.review_counts([s["session_id"] for s in sessions])
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+        for record in sessions:
+            c = counts[record["session_id"]]
+            record["review_status"] = review_status(c)
+            record["review_counts"] = c
+        return sessions
+
+    async def review_alert(
+        self, session_id: str, alert_id: str, verdict: str, note: str | None, actor: str
+    ) -> dict[str, Any]:
+        """Record an operator's verdict on one alert of a live or ended session (a later
+        review replaces it; the audit log keeps both). Returns the alert with its review,
+        once stored. 404 `session_not_found` / `alert_not_found`."""
+        if verdict not in VERDICTS:
+            raise ProctorError(f"verdict must be one of {', '.join(VERDICTS)}",
+                               code="invalid_field", status=400)
+        await self._settled(session_id)  # an alert just raised is found
+        try:
+            if await self.store.get_session(session_id) is None:
+                raise SessionNotFound(f"no session with id {session_id}")
+            episode = await self.store.get_alert(session_id, alert_id)
+            previous = (await self.store.reviews(session_id)).get(alert_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+        if episode is None:
+            raise ProctorError(f"session {session_id} has no alert {alert_id}",
+                               code="alert_not_found", status=404)
+        at = time.time()
+        review = {"verdict": verdict, "note": note, "at": at, "by": actor}
+        mark = self.store.mark()
+        await self.store.save_review(session_id, alert_id, verdict, note, actor, at)
+        await self.audit.record(actor, "review", session_id, {
+            "alert_id": alert_id,
+            "alert_type": episode.get("type"),
+            "verdict": verdict,
+            "note": note,
+            "previous_verdict": previous["verdict"] if previous else None,
+        })
+        try:
+            await self.store.flush(session_id, since=mark)
+        except StoreError as exc:
+            raise BackendUnavailable(
+                "the review could not be stored; retry", code="store_unavailable"
+            ) from exc
+        log.info("alert %s %s by %s", episode.get("type"), verdict, actor,
+                 extra={"session_id": session_id})
+        return public_alert(episode, review)
+
+    async def erase_session(self, session_id: str, actor: str) -> dict[str, Any]:
+        """Erase a session: a live one is ended first (without the LLM: its report is
+        erased at once), then its frames, alerts, evidence, reviews, report, video job and
+        the session itself are deleted, committed before this returns. The audit entry
+        (no personal data) is what remains. 404 for an unknown id."""
+        if session_id not in self._live and session_id not in self._ending:
+            await self._settled(session_id)
+            try:
+                found = await self.store.get_session(session_id)
+            except StoreError as exc:
+                raise _store_unavailable() from exc
+            if found is None:
+                raise SessionNotFound(f"no session with id {session_id}")
+        was_live = session_id in self._live
+        await self._erase_one(session_id, "erased")
+        try:
+            await self.store.flush(session_id, since=self.store.mark())  # its end, if live
+            record = await self.store.get_session(session_id)
+        except StoreError:
+            record = None  # the audit entry says less; the erasure goes on
+        mark = self.store.mark()
+        await self.store.erase_session(session_id)
+        await self.audit.forget_notes(session_id)
+        entry = await self.audit.record(actor, "erase", session_id, {
+            "was_live": was_live,
+            **_erased_facts(record),
+        })
+        try:
+            await self.store.flush(session_id, since=mark)
+        except StoreError as exc:
+            raise BackendUnavailable(
+                "the erasure could not be stored yet; retry", code="store_unavailable"
+            ) from exc
+        self.instruments.sessions_erased.labels(reason="request").inc()
+        log.info("session erased by %s", actor, extra={"session_id": session_id})
+        return {"session_id": session_id, "status": "erased", "audit_id": entry["id"]}
+
+    async def _erase_one(self, session_id: str, reason: str) -> None:
+        """What must happen before a session's rows are deleted: its owners let go (video
+        job), a live session ends, a report being built is finished (it would write the
+        report back)."""
+        for hook in list(self.erase_hooks):
+            await hook(session_id)
+        if session_id in self._live:
+            await self._end_quietly(session_id, reason, use_llm=False, where="erase")
+        for tasks in (self._ending, self._reports):
+            task = tasks.get(session_id)
+            if task is not None:
+                await asyncio.wait({task})
+
+    async def sweep_retention(self, now: float | None = None) -> int:
+        """Erase the ended and interrupted sessions older than RETENTION_DAYS, in batches
+        of RETENTION_BATCH_SESSIONS (each committed before the next, so a backlog never
+        fills the write queue); never a live one. Returns how many were erased."""
+        days = self.settings.retention_days
+        if days <= 0:
+            return 0
+        cutoff = (time.time() if now is None else now) - days * 86_400.0
+        batch = max(1, self.settings.retention_batch_sessions)
+        erased = 0
+        while True:
+            ids = [
+                sid
+                for sid in await self.store.sessions_ended_before(cutoff, batch)
+                if sid not in self._live and sid not in self._ending
+            ]
+            if not ids:
+                break
+            mark = self.store.mark()
+            for sid in ids:
+                await self._erase_one(sid, "retention")
+                await self.store.erase_session(sid)
+                await self.audit.forget_notes(sid)
+                await self.audit.record(SYSTEM, "retention_sweep", sid, {
+                    "retention_days": days, "cutoff": round(cutoff, 3),
+                })
+            await self.store.flush(since=mark)  # raises if lost: the next sweep retries
+            erased += len(ids)
+            self.instruments.sessions_erased.labels(reason="retention").inc(len(ids))
+            if len(ids) < batch:
+                break
+        if erased:
+            log.info("retention sweep: %d session(s) older than %g day(s) erased", erased, days)
+        return erased
+
+    async def _sweep_retention(self) -> None:
+        interval = self.settings.retention_sweep_interval_s
+        # The first sweep soon after start (not an interval later), once start-up is over.
+        await asyncio.sleep(min(interval, 10.0))
+        while True:
+            try:
+                await self.sweep_retention()
+            except Exception as exc:  # the sweeper must keep sweeping
+                self.internal_error("retention_sweeper", exc)
+            await asyncio.sleep(interval)
+
     async def _sweep_idle(self) -> None:
         while True:
             await asyncio.sleep(self.settings.idle_sweep_interval_s)
@@ -867,3 +1077,18 @@ class SessionManager:
 
 def _store_unavailable() -> BackendUnavailable:
     return BackendUnavailable("the session store cannot be read", code="store_unavailable")
+
+
+def _erased_facts(record: dict[str, Any] | None) -> dict[str, Any]:
+    """What an erasure's audit entry keeps of the session: its shape, never its content
+    (no job data)."""
+    if record is None:
+        return {}
+    counters = record.get("counters") or {}
+    return {
+        "status": record.get("status"),
+        "transport": record.get("transport"),
+        "started_at": record.get("started_at"),
+        "ended_at": record.get("ended_at"),
+        "frames_analysed": counters.get("frames_analysed"),
+    }

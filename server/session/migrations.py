@@ -123,6 +123,33 @@ MIGRATIONS: tuple[Migration, ...] = (
         lambda conn: _column(conn, "sessions", "backend_switches") and _table(conn, "usage"),
     ),
     Migration(
+        6,
+        "alert reviews, the audit log, session indexes for the retention sweep",
+        (
+            """CREATE TABLE alert_reviews (
+                session_id TEXT NOT NULL,
+                alert_id TEXT NOT NULL,    -- the alert episode's id
+                verdict TEXT NOT NULL,     -- confirmed | dismissed
+                note TEXT,
+                actor TEXT NOT NULL,       -- the operator token's name
+                at REAL NOT NULL,
+                PRIMARY KEY (session_id, alert_id)
+            )""",
+            """CREATE TABLE audit_log (
+                id TEXT PRIMARY KEY,       -- a random uuid (portable: no autoincrement)
+                at REAL NOT NULL,
+                actor TEXT NOT NULL,       -- an operator token's name, or "system"
+                action TEXT NOT NULL,      -- review | rescore | erase | retention_sweep
+                session_id TEXT,
+                details TEXT NOT NULL      -- JSON object, never the session's job data
+            )""",
+            "CREATE INDEX audit_log_by_time ON audit_log (at)",
+            "CREATE INDEX audit_log_by_session ON audit_log (session_id, at)",
+            "CREATE INDEX sessions_by_end ON sessions (ended_at)",
+            "CREATE INDEX sessions_by_activity ON sessions (last_activity)",
+        ),
+    ),
+    Migration(
         7,
         "cluster: session owners, node leases, candidate tokens shared by every node",
         (

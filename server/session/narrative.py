@@ -130,6 +130,11 @@ def facts_from_report(report: dict[str, Any]) -> dict[str, Any]:
     summary = _scalars(report.get("summary"))
     scores = report.get("behavioural_scores")
     scores = scores if isinstance(scores, dict) else {}
+    # EMOTION_ANALYSIS=off: the model hears nothing of emotions, not even their absence
+    # as a number (the prompt says they were not analysed).
+    emotions_off = "emotion_distribution" in (report.get("not_computed") or ())
+    if emotions_off:
+        scores = {k: v for k, v in scores.items() if k != "facial_expression"}
     facts: dict[str, Any] = {
         "job_data": _scalars(report.get("job_data"), MAX_JOB_STR),
         "summary": summary,
@@ -139,8 +144,10 @@ def facts_from_report(report: dict[str, Any]) -> dict[str, Any]:
             if isinstance(stat, dict)
         },
     }
+    if emotions_off:
+        facts["emotion_analysis"] = False
     emotions = report.get("emotion_distribution") or {}
-    if isinstance(emotions, dict):
+    if isinstance(emotions, dict) and not emotions_off:
         ranked = sorted(
             ((str(k), float(v)) for k, v in emotions.items() if isinstance(v, int | float)),
             key=lambda kv: -kv[1],
@@ -178,7 +185,10 @@ def facts_from_report(report: dict[str, Any]) -> dict[str, Any]:
     if len(alerts) > len(trimmed):
         facts["alerts_omitted"] = len(alerts) - len(trimmed)
     if isinstance(report.get("body_language"), dict):
-        facts["body_language"] = _scalars(report["body_language"])
+        body = _scalars(report["body_language"])
+        if emotions_off:
+            body.pop("expression", None)
+        facts["body_language"] = body
     return facts
 
 
@@ -210,6 +220,31 @@ Reply with only a JSON object, no markdown: \
 {"summary": "<3 to 6 sentences>", "cultural_fit": "<2 to 4 sentences>"}"""
 
 
+def _no_emotion_prompt() -> str:
+    lines = []
+    for line in SYSTEM_PROMPT.split("\n"):
+        if line.startswith("- Scores are"):
+            line = (
+                "- Scores are 0-100 and computed from video frames: eye_contact from head "
+                "orientation, engagement from eye contact alone, posture is head stability, "
+                "confidence is the face detector's confidence (a measurement quality, not the "
+                "candidate's self-confidence)."
+            )
+        elif line.startswith("- Emotion names are"):
+            line = (
+                "- Emotion and facial-expression analysis was switched off for this session: "
+                "nothing about emotions, expressions, moods or feelings was measured. Do not "
+                "mention, guess or infer any of them."
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+#: The system prompt for a session analysed with EMOTION_ANALYSIS=off: the scores bullet
+#: names no expression, and the emotion bullet becomes a ban on the subject.
+SYSTEM_PROMPT_NO_EMOTION = _no_emotion_prompt()
+
+
 def _job_title(facts: dict[str, Any]) -> str:
     job = facts.get("job_data") or {}
     for key in ("jobTitle", "job_title", "title", "position", "role"):
@@ -227,7 +262,10 @@ def _quoted(value: Any) -> str:
 def build_prompt(facts: dict[str, Any]) -> tuple[str, str]:
     """(system, user) messages for a trimmed `facts` dict (see `facts_from_report`). The
     job data comes from the operator and is quoted as data, apart from the measured facts."""
-    measured = {k: v for k, v in facts.items() if k != "job_data"}
+    system = SYSTEM_PROMPT if facts.get("emotion_analysis") is not False else (
+        SYSTEM_PROMPT_NO_EMOTION
+    )
+    measured = {k: v for k, v in facts.items() if k not in ("job_data", "emotion_analysis")}
     body = json.dumps(measured, ensure_ascii=False, separators=(",", ":"), default=str)
     user = (
         f"Role applied for (quoted): {_quoted(_job_title(facts))}\n"
@@ -236,7 +274,7 @@ def build_prompt(facts: dict[str, Any]) -> tuple[str, str]:
         f"Session facts (JSON, measured by the server):\n{body}\n\n"
         'Write the JSON object with "summary" and "cultural_fit" now.'
     )
-    return SYSTEM_PROMPT, user
+    return system, user
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)

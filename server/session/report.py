@@ -24,6 +24,26 @@ log = logging.getLogger(__name__)
 
 TIMELINE_MAX_POINTS = 120
 REPORT_VERSION = 1
+#: What a session with EMOTION_ANALYSIS=off never computed (the report's `not_computed`).
+EMOTION_PARTS: tuple[str, ...] = (
+    "facial_expression",
+    "dominant_emotion",
+    "emotion_distribution",
+    "dominant_emotion_counts",
+    "emotion_timeline",
+)
+EMOTION_NOTE = "Emotions are apparent facial expressions, not inner states."
+NO_EMOTION_NOTE = (
+    "Emotion analysis was off (EMOTION_ANALYSIS=off): no emotion or facial expression was "
+    "inferred or stored; engagement is computed from eye contact alone."
+)
+
+
+def emotion_analysis_of(session: dict[str, Any]) -> bool:
+    """Whether the session was analysed with emotions (sessions stored before the
+    setting existed were)."""
+    rules = session.get("rules")
+    return not (isinstance(rules, dict) and rules.get("emotion_analysis") is False)
 #: Frame and alert times outside this range (Unix seconds) are damaged data: 9999-12-31
 #: is the last instant a datetime can show.
 TIMESTAMP_RANGE = (0.0, 253402300799.0)
@@ -113,7 +133,7 @@ class EmotionTimeline:
         return out
 
 
-def body_language(agg: SessionAggregate) -> dict[str, Any]:
+def body_language(agg: SessionAggregate, emotions: bool = True) -> dict[str, Any]:
     avg = {name: stat.average for name, stat in agg.metrics.items()}
     parts = []
     eye = avg["eye_contact"]
@@ -136,7 +156,7 @@ def body_language(agg: SessionAggregate) -> dict[str, Any]:
             }[_band(posture)]
             + f" (posture {posture:.0f}/100)"
         )
-    expr = avg["facial_expression"]
+    expr = avg["facial_expression"] if emotions else None
     if expr is not None:
         parts.append(
             {
@@ -158,7 +178,7 @@ def body_language(agg: SessionAggregate) -> dict[str, Any]:
         "face_visible_share": round(face_share, 3),
         "eye_contact": _band(eye),
         "posture": _band(posture),
-        "expression": _band(expr),
+        "expression": _band(expr) if emotions else "not computed",
         "engagement": _band(avg["engagement"]),
     }
 
@@ -366,6 +386,8 @@ class ReportBuilder:
             value = _number(counters.get(name))
             return default if value is None else int(value)
 
+        emotions = emotion_analysis_of(session)
+
         report: dict[str, Any] = {
             "report_version": REPORT_VERSION,
             "session_id": session.get("session_id"),
@@ -393,7 +415,7 @@ class ReportBuilder:
             "behavioural_scores": self._part("scores", agg.scores_json, {}),
             "body_language": self._part(
                 "body_language",
-                lambda: body_language(agg),
+                lambda: body_language(agg, emotions),
                 {"source": "rules", "assessment": "Body language could not be assessed."},
             ),
             "cultural_fit": self._part(
@@ -408,7 +430,9 @@ class ReportBuilder:
                 lambda: [] if self.timeline is None else self.timeline.to_json(),
                 [],
             ),
-            "emotion_note": "Emotions are apparent facial expressions, not inner states.",
+            "emotion_note": EMOTION_NOTE,
+            # Metrics this session never computed (EMOTION_ANALYSIS=off); [] otherwise.
+            "not_computed": [],
             "alerts": alerts,
             "alert_summary": self._part("alert_summary", lambda: alert_summary(alerts), {}),
             # The settings the alerts were judged with (None for sessions stored before).
@@ -431,6 +455,8 @@ class ReportBuilder:
             },
             "generated_at": datetime.now(UTC).isoformat(),
         }
+        if not emotions:
+            without_emotions(report)
         if self._aggregate is not None:
             self.note("frames_from_memory")
         replaced = _finite_only(report)
@@ -444,6 +470,20 @@ class ReportBuilder:
         except Exception as exc:
             self._unexpected(f"{name}_failed", exc)
             return fallback
+
+
+def without_emotions(report: dict[str, Any]) -> dict[str, Any]:
+    """A report of a session analysed with EMOTION_ANALYSIS=off: the emotion parts are
+    empty (null, or [] for the timeline) and `not_computed` names them. In place."""
+    scores = report.get("behavioural_scores")
+    if isinstance(scores, dict) and "facial_expression" in scores:
+        scores["facial_expression"] = None
+    report["emotion_distribution"] = None
+    report["dominant_emotion_counts"] = None
+    report["emotion_timeline"] = []
+    report["emotion_note"] = NO_EMOTION_NOTE
+    report["not_computed"] = list(EMOTION_PARTS)
+    return report
 
 
 def _switches(value: Any) -> list[dict[str, Any]]:
@@ -481,6 +521,7 @@ def fallback_report(session: dict[str, Any], reasons: Iterable[str]) -> dict[str
                     "ended_at",
                     "end_reason",
                     "backend_switches",
+                    "rules",  # EMOTION_ANALYSIS=off still says what was not computed
                 )
             }
         ).finish([])

@@ -24,6 +24,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    # Erased sessions (DELETE /api/sessions/{id}, retention) are overwritten with zeros,
+    # not left readable in free pages of the file.
+    conn.execute("PRAGMA secure_delete=ON")
     conn.row_factory = sqlite3.Row
     return conn
 

@@ -60,6 +60,22 @@ class FrameSpan:
     rows: int
 
 
+#: Every table holding a session's data, with the column naming the session: erasure
+#: (DELETE /api/sessions/{id}, the retention sweep) deletes from each, the session row
+#: last. A table the database does not have (its migration is on another branch, or a
+#: newer one) is skipped: `open()` finds out which exist. A new per-session table is
+#: added here, in one place.
+SESSION_TABLES: tuple[tuple[str, str], ...] = (
+    ("frames", "session_id"),
+    ("alerts", "session_id"),
+    ("evidence", "session_id"),
+    ("alert_reviews", "session_id"),
+    ("reports", "session_id"),
+    ("video_jobs", "session_id"),
+    ("candidate_tokens", "session_id"),
+    ("sessions", "id"),
+)
+
 #: Receives (exception, ids of the sessions whose writes were lost, statements lost).
 WriteErrorHook = Callable[[BaseException, set[str], int], None]
 
@@ -114,6 +130,8 @@ class Store:
         self.retried_batches = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        #: SESSION_TABLES this database has (known once opened).
+        self.session_tables: tuple[tuple[str, str], ...] = SESSION_TABLES
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -148,12 +166,25 @@ class Store:
                     for sid in interrupted
                 ]
             )
+        have = await self._tables()
+        self.session_tables = tuple((t, c) for t, c in SESSION_TABLES if t in have)
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
         if interrupted:
             log.warning(
                 "%d session(s) were live at the last stop: now interrupted", len(interrupted)
             )
         return interrupted
+
+    async def _tables(self) -> set[str]:
+        """The tables of this database (each engine has its own catalogue)."""
+        if self.db.dialect == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type='table'"
+        else:  # the SQL standard's catalogue
+            sql = (
+                "SELECT table_name AS name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        return {str(r["name"]) for r in await self.db.fetch_all(sql)}
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Commit what is queued and close; gives up after `timeout_s` (default: the flush
@@ -466,14 +497,133 @@ class Store:
         )
 
     async def erase_session(self, session_id: str) -> None:
-        for table, column in (
-            ("frames", "session_id"),
-            ("alerts", "session_id"),
-            ("reports", "session_id"),
-            ("candidate_tokens", "session_id"),
-            ("sessions", "id"),
-        ):
+        """Delete everything stored about the session (SESSION_TABLES), in one batch when
+        the writer takes them together. The audit log keeps its entries."""
+        for table, column in self.session_tables:
             await self._put(session_id, f"DELETE FROM {table} WHERE {column}=?", (session_id,))
+
+    async def sessions_ended_before(self, cutoff: float, limit: int) -> list[str]:
+        """Ids of ended or interrupted sessions whose end (or, never ended, last activity)
+        is before `cutoff`, at most `limit`: the retention sweep's next batch."""
+        rows = await self._fetch_all(
+            "SELECT id FROM sessions WHERE status IN ('ended', 'interrupted') AND "
+            "((ended_at IS NOT NULL AND ended_at < ?) OR "
+            "(ended_at IS NULL AND last_activity < ?)) ORDER BY id LIMIT ?",
+            (cutoff, cutoff, limit),
+        )
+        return [str(r["id"]) for r in rows]
+
+    # --- reviews and the audit log --------------------------------------------------------
+
+    async def get_alert(self, session_id: str, alert_id: str) -> dict[str, Any] | None:
+        """One alert episode of the session as stored (None: unknown or damaged)."""
+        row = await self._fetch_one(
+            "SELECT episode FROM alerts WHERE session_id=? AND id=?", (session_id, alert_id)
+        )
+        return None if row is None else loads_object(row["episode"])
+
+    async def save_review(
+        self,
+        session_id: str,
+        alert_id: str,
+        verdict: str,
+        note: str | None,
+        actor: str,
+        at: float,
+    ) -> None:
+        """One review per alert: a later one replaces it (the audit log keeps both)."""
+        await self._put(
+            session_id,
+            "INSERT INTO alert_reviews (session_id, alert_id, verdict, note, actor, at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, alert_id) DO UPDATE SET "
+            "verdict=excluded.verdict, note=excluded.note, actor=excluded.actor, at=excluded.at",
+            (session_id, alert_id, verdict, note, actor, at),
+        )
+
+    async def reviews(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """alert id → {verdict, note, at, by} for the session's reviewed alerts."""
+        rows = await self._fetch_all(
+            "SELECT alert_id, verdict, note, actor, at FROM alert_reviews WHERE session_id=?",
+            (session_id,),
+        )
+        return {
+            str(r["alert_id"]): {
+                "verdict": r["verdict"],
+                "note": r["note"],
+                "at": r["at"],
+                "by": r["actor"],
+            }
+            for r in rows
+        }
+
+    async def review_counts(self, session_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """session id → {alerts, confirmed, dismissed} for these sessions."""
+        out: dict[str, dict[str, int]] = {
+            sid: {"alerts": 0, "confirmed": 0, "dismissed": 0} for sid in session_ids
+        }
+        if not session_ids:
+            return out
+        marks = ",".join("?" * len(session_ids))
+        for r in await self._fetch_all(
+            f"SELECT session_id, COUNT(*) AS n FROM alerts WHERE session_id IN ({marks}) "
+            "GROUP BY session_id",
+            list(session_ids),
+        ):
+            out[str(r["session_id"])]["alerts"] = int(r["n"])
+        for r in await self._fetch_all(
+            "SELECT session_id, verdict, COUNT(*) AS n FROM alert_reviews "
+            f"WHERE session_id IN ({marks}) GROUP BY session_id, verdict",
+            list(session_ids),
+        ):
+            if r["verdict"] in ("confirmed", "dismissed"):
+                out[str(r["session_id"])][str(r["verdict"])] = int(r["n"])
+        return out
+
+    async def add_audit_entry(self, entry: dict[str, Any]) -> None:
+        await self._put(
+            entry.get("session_id") or "",
+            "INSERT INTO audit_log (id, at, actor, action, session_id, details) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                entry["id"],
+                entry["at"],
+                entry["actor"],
+                entry["action"],
+                entry.get("session_id"),
+                _dumps(entry.get("details") or {}),
+            ),
+        )
+
+    async def set_audit_details(
+        self, entry_id: str, session_id: str, details: dict[str, Any]
+    ) -> None:
+        """Rewrite an entry's details (an erasure removes the notes of its reviews)."""
+        await self._put(
+            session_id, "UPDATE audit_log SET details=? WHERE id=?", (_dumps(details), entry_id)
+        )
+
+    async def audit_entries(
+        self, session_id: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """Newest first."""
+        sql = "SELECT id, at, actor, action, session_id, details FROM audit_log"
+        params: list[Any] = []
+        if session_id is not None:
+            sql += " WHERE session_id=?"
+            params.append(session_id)
+        sql += " ORDER BY at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        return [
+            {
+                "id": r["id"],
+                "at": r["at"],
+                "actor": r["actor"],
+                "action": r["action"],
+                "session_id": r["session_id"],
+                "details": loads_object(r["details"]) or {},
+            }
+            for r in await self._fetch_all(sql, params)
+        ]
 
     # --- cluster: owners, leases, candidate tokens ----------------------------------------
 

@@ -44,14 +44,20 @@ log = logging.getLogger(__name__)
 ErrorHook = Callable[[str, BaseException, LiveSession | None], None]
 
 
-def frame_summary(obs: Observation, metrics: FrameMetrics) -> dict[str, Any]:
-    """What the store keeps per frame: numbers and names, never pixels."""
+def frame_summary(
+    obs: Observation, metrics: FrameMetrics, emotions: bool = True
+) -> dict[str, Any]:
+    """What the store keeps per frame: numbers and names, never pixels. `emotions`
+    False (EMOTION_ANALYSIS=off): no emotion, not even an empty distribution."""
     face = obs.primary_face
+    distribution: dict[str, float] | None = None
+    if emotions:
+        distribution = {k: round(v, 1) for k, v in face.emotions.items()} if face else {}
     return {
         "metrics": metrics.to_json(),
         "faces": None if obs.faces is None else len(obs.faces),
-        "dominant_emotion": face.dominant_emotion if face else None,
-        "emotions": {k: round(v, 1) for k, v in face.emotions.items()} if face else {},
+        "dominant_emotion": face.dominant_emotion if face and emotions else None,
+        "emotions": distribution,
         "pose": None
         if face is None or face.pose is None
         else [round(face.pose.yaw, 1), round(face.pose.pitch, 1), round(face.pose.roll, 1)],
@@ -241,6 +247,8 @@ class SessionPipeline:
         session.cadence.missed(obs.degraded)
         if session.pose_calibration is not None:
             obs = session.pose_calibration.apply(obs, frame.captured_at)
+        if not session.emotion_analysis:  # nothing inferred passes this point
+            obs = obs.without_emotions()
         metrics = session.scorer.score(obs)
         index = session.counters.analysed
         session.counters.analysed += 1
@@ -248,7 +256,7 @@ class SessionPipeline:
         session.counters.degraded += bool(obs.degraded)
         self.instruments.frames_analysed.labels(transport=session.transport).inc()
         events = session.engine.evaluate(FrameFacts(index, frame.captured_at, obs, metrics))
-        summary = frame_summary(obs, metrics)
+        summary = frame_summary(obs, metrics, session.emotion_analysis)
         session.aggregate.add(frame.captured_at, summary)
         session.touch()
 
@@ -269,8 +277,10 @@ class SessionPipeline:
             "timestamp": frame.captured_at,
             "metrics": metrics.to_json(),
             "faces_count": None if obs.faces is None else len(obs.faces),
-            "dominant_emotion": face.dominant_emotion if face else None,
-            "emotions": {k: round(v, 2) for k, v in face.emotions.items()} if face else {},
+            "dominant_emotion": summary["dominant_emotion"],
+            "emotions": None
+            if not session.emotion_analysis
+            else ({k: round(v, 2) for k, v in face.emotions.items()} if face else {}),
             "pose": summary["pose"],
             "labels": None
             if obs.labels is None

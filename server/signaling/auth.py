@@ -1,18 +1,21 @@
 """Who may do what (SPEC "Access and roles"): one authorisation function for every
 transport — REST, Socket.IO and the WebRTC offer.
 
-Secured mode (an operator token, `API_TOKEN`, is configured): the operator token may do
-everything; a candidate token, issued when the operator starts a session, may only send
-that session's frames or media, read its live metrics and end it (403 `forbidden` for
-anything else); no token, or one we do not know, is 401 `unauthorized`.
+Secured mode (an operator token is configured: `API_TOKEN`, whose holder is named
+"operator", and/or named ones in `API_TOKENS=name:token,...`): an operator token may do
+everything, and what it does is audited under its name; a candidate token, issued when
+the operator starts a session, may only send that session's frames or media, read its
+live metrics and end it (403 `forbidden` for anything else); no token, or one we do not
+know, is 401 `unauthorized`.
 
-Development mode (no `API_TOKEN`): the brief's open behaviour — a request without a token
+Development mode (no operator token): the brief's open behaviour — a request without a token
 acts as the operator. A valid candidate token still binds its holder to its session, so
 the candidate page and its views behave the same in both modes.
 
-Tokens are compared as SHA-256 digests: the operator's with `hmac.compare_digest`,
-candidates' by dictionary lookup of the digest (timing reveals nothing about a token
-whose hash is not known). Only a short fingerprint of a token ever reaches a log.
+Tokens are compared as SHA-256 digests: operators' with `hmac.compare_digest` against
+every configured one (no early exit), candidates' by dictionary lookup of the digest
+(timing reveals nothing about a token whose hash is not known). Only a short
+fingerprint of a token ever reaches a log.
 
 In a cluster a candidate token issued by one node must work on every node: tokens are
 then also stored (as digests, committed before the start is answered) and a node loads a
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from server.config import Settings
+from server.config import ConfigError, Settings
 from server.errors import ProctorError, Unauthorized
 
 if TYPE_CHECKING:
@@ -47,6 +51,12 @@ log = logging.getLogger(__name__)
 Action = Literal["start", "frame", "live_metrics", "end", "operator"]
 CANDIDATE_ACTIONS: frozenset[str] = frozenset({"frame", "live_metrics", "end"})
 Role = Literal["operator", "candidate"]
+#: The name API_TOKEN's holder is audited under; a development-mode request without a
+#: token is "anonymous".
+DEFAULT_OPERATOR = "operator"
+ANONYMOUS = "anonymous"
+TOKEN_MIN_CHARS = 16
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 class Forbidden(ProctorError):
@@ -56,6 +66,44 @@ class Forbidden(ProctorError):
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def operator_tokens(settings: Settings) -> dict[str, str]:
+    """name → token from API_TOKEN ("operator") and API_TOKENS ("name:token,..."). Raises
+    ConfigError, naming the entry but never showing a token, for an empty name or token,
+    a name that is not [A-Za-z0-9_.@-] (64 at most), a duplicate name or token, or a
+    token shorter than TOKEN_MIN_CHARS."""
+    entries: list[tuple[str, str, str]] = []  # (where, name, token)
+    if settings.api_token:
+        entries.append(("API_TOKEN", DEFAULT_OPERATOR, settings.api_token))
+    raw = settings.api_tokens.strip()
+    if raw:
+        for i, part in enumerate(raw.split(","), 1):
+            where = f"API_TOKENS entry {i}"
+            name, sep, token = part.strip().partition(":")
+            name, token = name.strip(), token.strip()
+            if not sep or not name or not token:
+                raise ConfigError(f"{where}: expected name:token with both parts non-empty")
+            if not _NAME.fullmatch(name):
+                raise ConfigError(
+                    f"{where}: the name {name[:64]!r} may use only letters, digits and _ . @ - "
+                    "(64 at most, starting with a letter or digit)"
+                )
+            entries.append((where, name, token))
+    names: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    for where, name, token in entries:
+        if len(token) < TOKEN_MIN_CHARS:
+            raise ConfigError(
+                f"{where}: the token of {name!r} is shorter than {TOKEN_MIN_CHARS} characters"
+            )
+        if name in names:
+            raise ConfigError(f"{where}: the name {name!r} is also used by {names[name]}")
+        if token in tokens:
+            raise ConfigError(f"{where}: the token of {name!r} is also {tokens[token]}'s")
+        names[name] = where
+        tokens[token] = name
+    return {name: token for token, name in tokens.items()}
 
 
 def fingerprint(token: str | None) -> str:
@@ -74,6 +122,9 @@ class Principal:
     session_id: str | None = None  # the candidate's own session
     fingerprint: str = "-"
     anonymous: bool = False  # development mode, no token presented
+    #: Who an operator is, for the audit log: API_TOKENS' name, "operator" for API_TOKEN,
+    #: "anonymous" in development mode without a token; None for a candidate.
+    name: str | None = None
 
     @property
     def is_operator(self) -> bool:
@@ -85,19 +136,35 @@ class Principal:
 
 
 class Access:
-    """The operator token and the candidate tokens issued so far (hashed, bounded)."""
+    """The operator tokens and the candidate tokens issued so far (hashed, bounded).
+    Raises ConfigError for a malformed API_TOKEN / API_TOKENS (see `operator_tokens`)."""
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         """`store`: in a cluster, where candidate tokens are shared between nodes."""
         self.settings = settings
-        self._operator = _digest(settings.api_token) if settings.api_token else None
+        self._operators = [
+            (_digest(token), name) for name, token in operator_tokens(settings).items()
+        ]
         self._candidates: OrderedDict[bytes, str] = OrderedDict()
         self._store = store
         self._unknown: OrderedDict[bytes, None] = OrderedDict()
 
     @property
     def secured(self) -> bool:
-        return self._operator is not None
+        return bool(self._operators)
+
+    @property
+    def operator_names(self) -> list[str]:
+        return [name for _d, name in self._operators]
+
+    def _operator_name(self, digest: bytes) -> str | None:
+        # Every configured token is compared, whichever matches: the time taken says
+        # nothing about which one (or how much of one) a caller guessed.
+        found = None
+        for known, name in self._operators:
+            if hmac.compare_digest(digest, known) and found is None:
+                found = name
+        return found
 
     def issue_candidate_token(self, session_id: str) -> str:
         token = secrets.token_urlsafe(24)
@@ -108,6 +175,10 @@ class Access:
             "candidate token %s issued for session %s", fingerprint(token), short_id(session_id)
         )
         return token
+
+    def share_candidate_tokens(self, store: Store) -> None:
+        """Cluster: keep candidate tokens in the shared store too (see `issue`, `resolve`)."""
+        self._store = store
 
     async def issue(self, session_id: str) -> str:
         """A candidate token for the session, usable on every node once this returns."""
@@ -132,7 +203,7 @@ class Access:
         digest = _digest(token)
         if digest in self._candidates or digest in self._unknown:
             return
-        if self._operator is not None and hmac.compare_digest(digest, self._operator):
+        if self._operator_name(digest) is not None:
             return
         session_id = await self._store.candidate_token_session(digest.hex())
         if session_id is None:
@@ -148,8 +219,9 @@ class Access:
     def identify(self, token: str | None) -> Principal:
         if token:
             digest = _digest(token)
-            if self._operator is not None and hmac.compare_digest(digest, self._operator):
-                return Principal("operator", fingerprint=fingerprint(token))
+            name = self._operator_name(digest)
+            if name is not None:
+                return Principal("operator", fingerprint=fingerprint(token), name=name)
             session_id = self._candidates.get(digest)
             if session_id is not None:
                 return Principal("candidate", session_id, fingerprint(token))
@@ -161,7 +233,7 @@ class Access:
                 "this server needs a token (Authorization: Bearer <token>, or Socket.IO "
                 "auth: {token})"
             )
-        return Principal("operator", anonymous=True)
+        return Principal("operator", anonymous=True, name=ANONYMOUS)
 
     def authorize(self, token: str | None, action: Action, session_id: object = None) -> Principal:
         """The principal behind `token` if it may do `action` (on `session_id`); raises

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.cluster.forwarding import forwarded
-from server.cluster.routing import ClusterNode
+from server.cluster.routing import ClusterNode, forward_to_owner
 from server.config import Settings
 from server.errors import BackendUnavailable, BadRequest
 from server.observability import Instruments
@@ -23,7 +23,6 @@ from server.signaling.http_api import (
     Api,
     json_response,
     parse_body,
-    read_body,
 )
 from server.signaling.schemas import (
     FrameRequest,
@@ -67,15 +66,7 @@ def build_api(
         max_body: int = DEFAULT_BODY_MAX,
         too_large_code: str = "request_too_large",
     ) -> web.Response | None:
-        """The owner's answer when another node runs the session (its body read under
-        the route's own limit first); None: answer here."""
-        if cluster is None or manager.has_live(request.match_info["session_id"]):
-            return None
-        peer = await cluster.owner_of(request.match_info["session_id"], request)
-        if peer is None:
-            return None
-        body = await read_body(request, max_body, too_large_code)
-        return await cluster.proxy(request, peer, body, kind)
+        return await forward_to_owner(request, kind, max_body, too_large_code)
 
     # Room for base64 (4/3) and the JSON around the largest allowed frame.
     frame_body_max = settings.max_frame_bytes * 4 // 3 + 4096
@@ -232,7 +223,7 @@ def build_api(
             raise BadRequest("limit and offset must be integers", code="invalid_field") from None
         if not (1 <= limit <= LIST_LIMIT_MAX) or offset < 0:
             raise BadRequest(f"limit must be 1..{LIST_LIMIT_MAX}, offset ≥ 0", code="invalid_field")
-        sessions = await manager.store.list_sessions(status, limit, offset)
+        sessions = await manager.list_sessions(status, limit, offset)
         return json_response({"sessions": sessions, "count": len(sessions)})
 
     @api.route(

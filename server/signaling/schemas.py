@@ -116,6 +116,15 @@ class Report(BaseModel):
         description="e.g. bad_frame_timestamp, corrupt_frame_row, corrupt_alert_row, "
         "store_write_failed, store_unreadable, report_failed",
     )
+    not_computed: list[str] = Field(
+        default_factory=list,
+        description="Parts this session did not compute (EMOTION_ANALYSIS=off: "
+        "facial_expression, dominant_emotion, emotion_distribution, "
+        "dominant_emotion_counts, emotion_timeline)",
+    )
+    review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
+        default=None, description="Human review of the session's alerts (each alert's review)"
+    )
 
 
 class Ended(BaseModel):
@@ -134,10 +143,78 @@ class SessionRecord(BaseModel):
     ended_at: float | None
     end_reason: str | None
     node_id: str | None = Field(default=None, description="The node that runs (ran) it")
+    review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
+        default=None,
+        description="not_reviewed | reviewed (every alert reviewed, all dismissed) | "
+        "confirmed_alerts (at least one alert confirmed)",
+    )
 
 
 class SessionList(BaseModel):
     sessions: list[SessionRecord]
+    count: int
+
+
+# --- review, audit, erasure (operator) ------------------------------------------------------
+
+NOTE_MAX_CHARS = 2000
+
+
+class ReviewCounts(BaseModel):
+    alerts: int
+    confirmed: int
+    dismissed: int
+
+
+class SessionDetail(SessionRecord):
+    review_counts: ReviewCounts
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: Literal["confirmed", "dismissed"]
+    note: str | None = Field(default=None, max_length=NOTE_MAX_CHARS)
+
+
+class Review(BaseModel):
+    verdict: Literal["confirmed", "dismissed"]
+    note: str | None
+    at: float = Field(description="Unix seconds")
+    by: str = Field(description="The operator token's name (API_TOKENS; API_TOKEN: operator)")
+
+
+class ReviewedAlert(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: str | None
+    severity: str | None
+    category: str | None
+    started_at: float | None
+    ended_at: float | None
+    duration_s: float | None
+    message: str | None
+    details: dict[str, Any]
+    evidence_url: str | None
+    review: Review
+
+
+class Erased(BaseModel):
+    session_id: str
+    status: Literal["erased"]
+    audit_id: str = Field(description="The audit log entry that records the erasure")
+
+
+class AuditEntry(BaseModel):
+    id: str
+    at: float = Field(description="Unix seconds")
+    actor: str = Field(description="Operator token name, or system")
+    action: str = Field(description="review | rescore | erase | retention_sweep")
+    session_id: str | None
+    details: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntry]
     count: int
 
 

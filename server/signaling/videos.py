@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.config import Settings
 from server.errors import BadRequest
 from server.safe_json import JsonRejected, loads
-from server.signaling.auth import authorize_request
+from server.signaling.auth import Principal, authorize_request
 from server.signaling.http_api import Api, json_response, validate
 from server.video.errors import VideoTooLarge
 from server.video.fetch import save_stream
@@ -70,8 +70,8 @@ async def _part_chunks(part: BodyPartReader) -> Any:
 
 
 def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None:
-    def operator(request: web.Request) -> None:
-        authorize_request(request, "operator")
+    def operator(request: web.Request) -> Principal:
+        return authorize_request(request, "operator")
 
     async def upload(request: web.Request) -> dict[str, Any]:
         length = request.content_length
@@ -206,8 +206,9 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
         operator=True,
     )
     async def delete_video_job(request: web.Request) -> web.Response:
-        operator(request)
-        return json_response(public_job(await jobs.cancel_or_erase(request.match_info["job_id"])))
+        who = operator(request)
+        erased = await jobs.cancel_or_erase(request.match_info["job_id"], who.name or "operator")
+        return json_response(public_job(erased))
 
     @api.route(
         "POST",

@@ -322,9 +322,9 @@ class VideoJobs:
         started = float(session["started_at"]) if session else float(record["started_at"] or 0)
         return video_report(report, record, started)
 
-    async def cancel_or_erase(self, job_id: str) -> dict[str, Any]:
+    async def cancel_or_erase(self, job_id: str, actor: str = "operator") -> dict[str, Any]:
         """Cancel a queued or running job; erase a finished or interrupted one (its
-        session, frames, alerts and report too)."""
+        session, frames, alerts and report too; audited under `actor`)."""
         record = await self.get(job_id)
         job = self._jobs.get(job_id) or Job.from_record(record)
         if job.state == "queued":
@@ -343,6 +343,9 @@ class VideoJobs:
         await self._discard_file(job)
         if job.session_id:
             await self.manager.store.erase_session(job.session_id)
+            await self.manager.audit.record(
+                actor, "erase", job.session_id, {"video_job": job.id, "state": job.state}
+            )
         await self.manager.store.delete_video_job(job.id)
         self._jobs.pop(job.id, None)
         # Answer "erased" only once it is: a GET right after must not find the job.
@@ -353,6 +356,22 @@ class VideoJobs:
                 "the erase could not be stored yet; retry", code="store_unavailable"
             ) from exc
         return {**job.to_record(), "state": "erased"}
+
+    async def forget_session(self, session_id: str) -> None:
+        """The session is being erased (DELETE /api/sessions/{id}, retention): its job
+        stops if it runs and is forgotten; its row goes with the session's data."""
+        for job in [j for j in self._jobs.values() if j.session_id == session_id]:
+            if job.state == "queued":
+                self._finish(job, "cancelled")
+            elif job.state in RUNNING:
+                job.cancel_requested = True
+                task = self._running.get(job.id)
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(task)
+            await self._discard_file(job)
+            self._jobs.pop(job.id, None)
 
     async def resume(self, job_id: str) -> dict[str, Any]:
         record = await self.get(job_id)

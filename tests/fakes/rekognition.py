@@ -43,6 +43,21 @@ FAKE_ACCESS_KEY = "AKIAFAKEFAKEFAKEFAKE"
 FAKE_SECRET_KEY = "fake-secret-key-for-local-tests-only"
 
 FaceSpec = dict[str, Any]  # a Rekognition FaceDetail, as built by `fake_face()`
+#: DetectFaces `Attributes` values beyond DEFAULT / ALL, and the FaceDetail key of each.
+FACE_ATTRIBUTES = {
+    "AGE_RANGE": "AgeRange",
+    "BEARD": "Beard",
+    "EMOTIONS": "Emotions",
+    "EYE_DIRECTION": "EyeDirection",
+    "EYEGLASSES": "Eyeglasses",
+    "EYES_OPEN": "EyesOpen",
+    "GENDER": "Gender",
+    "MOUTH_OPEN": "MouthOpen",
+    "MUSTACHE": "Mustache",
+    "FACE_OCCLUDED": "FaceOccluded",
+    "SMILE": "Smile",
+    "SUNGLASSES": "Sunglasses",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +418,9 @@ class FakeRekognition:
         if self._arrived is not None:
             async with self._arrived:
                 self._arrived.notify_all()
+        unknown = set(params.get("Attributes") or ()) - {"DEFAULT", "ALL", *FACE_ATTRIBUTES}
+        if operation == "DetectFaces" and unknown:
+            return self._error("ValidationException", f"unknown attributes {sorted(unknown)}")
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
 
@@ -434,9 +452,11 @@ class FakeRekognition:
             if self.faces_from_image:
                 textured = await asyncio.to_thread(_has_texture, raw, self.texture_threshold)
                 faces = (faces or [fake_face()]) if textured else []
-            if params.get("Attributes") not in (["ALL"], ["DEFAULT", "ALL"]):
-                # Without ALL, Rekognition returns only the default attributes.
-                keep = ("BoundingBox", "Confidence", "Landmarks", "Pose", "Quality")
+            asked = params.get("Attributes") or ["DEFAULT"]
+            if "ALL" not in asked:
+                # Without ALL, Rekognition returns the default attributes plus those asked.
+                keep = {"BoundingBox", "Confidence", "Landmarks", "Pose", "Quality"}
+                keep |= {FACE_ATTRIBUTES[a] for a in asked if a in FACE_ATTRIBUTES}
                 faces = [{k: f[k] for k in keep if k in f} for f in faces]
             return {"FaceDetails": faces}
         if operation == "DetectLabels":
