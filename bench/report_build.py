@@ -1,8 +1,11 @@
 """Time and peak memory of building one long session's report from the store, the path
 `GET /api/sessions/{id}/report` takes for an interrupted session: frame rows streamed from
-the SQLite cursor through the report builder in the reader thread.
+the database cursor through the report builder in the reader thread.
 
-    .venv/bin/python bench/report_build.py [--frames 100000]
+    .venv/bin/python bench/report_build.py [--frames 100000] [--postgres]
+
+`--postgres`: on a private PostgreSQL cluster this script starts (tests/services.py's
+PostgresServer) instead of a SQLite file.
 
 Peak memory is measured with tracemalloc (every thread), which slows the build: the time
 is measured on a separate run without it.
@@ -20,8 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from server.session.database import Database
+from server.session.postgres_database import PostgresDatabase
 from server.session.report import TIMESTAMP_RANGE, ReportBuilder
+from server.session.sqlite_database import SQLiteDatabase
 from server.session.store import Store
+from tests.services import PostgresServer
 
 SUMMARY = {
     "metrics": {
@@ -53,8 +60,21 @@ async def build(store: Store) -> dict[str, object]:
     return builder.finish(await store.alert_rows("s"))
 
 
-async def main(frames: int) -> None:
-    store = Store(Path(tempfile.mkdtemp()) / "bench.sqlite3", queue_size=100_000)
+async def main(frames: int, postgres: bool) -> None:
+    pg = PostgresServer(fsync=False) if postgres else None
+    try:
+        if pg is not None:
+            pg.start()
+            await run(PostgresDatabase(pg.create_database("bench")), frames)
+        else:
+            await run(SQLiteDatabase(Path(tempfile.mkdtemp()) / "bench.sqlite3"), frames)
+    finally:
+        if pg is not None:
+            pg.destroy()
+
+
+async def run(db: Database, frames: int) -> None:
+    store = Store(db, queue_size=100_000)
     await store.open()
     try:
         await store.create_session("s", "rest", "local", {}, 1000.0)
@@ -70,7 +90,8 @@ async def main(frames: int) -> None:
         tracemalloc.stop()
         summary = report["summary"]
         assert isinstance(summary, dict) and summary["frames_analysed"] == frames
-        print(f"{frames} frames: report built in {elapsed:.2f} s, peak memory {peak / 1e6:.1f} MB")
+        print(f"{db.dialect}, {frames} frames: report built in {elapsed:.2f} s, "
+              f"peak memory {peak / 1e6:.1f} MB")
     finally:
         await store.close()
 
@@ -78,4 +99,6 @@ async def main(frames: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100_000)
-    asyncio.run(main(parser.parse_args().frames))
+    parser.add_argument("--postgres", action="store_true", help="on PostgreSQL, not SQLite")
+    args = parser.parse_args()
+    asyncio.run(main(args.frames, args.postgres))

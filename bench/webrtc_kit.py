@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fakes.rekognition import FakeRekognition, fake_face
+from tests.fakes.rekognition import FakeRekognition, fake_face, fake_label
 from tests.media import astronaut_bgr
 from tests.netns import in_loopback_only_netns
 from tests.rtc_client import (
@@ -209,7 +209,10 @@ def build_clips(w: int = W, h: int = H, frames: int = 30, noise: float = 3.0,
 SCENE_ANSWERS: dict[str, dict[str, Any]] = {
     "face": {"faces": [fake_face()], "labels": [], "text": []},
     "covered": {"faces": [fake_face()], "labels": [], "text": []},
-    "phone": {"faces": [fake_face()], "labels": [("Mobile Phone", 93.0)], "text": []},
+    # The phone boxed where scene_images draws it (evidence snapshots box it).
+    "phone": {"faces": [fake_face()],
+              "labels": [fake_label("Mobile Phone", 93.0, boxes=[(0.47, 0.6, 0.13, 0.32)])],
+              "text": []},
     "two_faces": {"faces": [fake_face(), fake_face(box=(0.6, 0.2, 0.25, 0.4))],
                   "labels": [("Person", 97.0, 2)], "text": []},
     "away": {"faces": [fake_face(yaw=48.0)], "labels": [], "text": []},

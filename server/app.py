@@ -17,12 +17,14 @@ from server.cluster.node import NodeIdentity
 from server.cluster.routing import CLUSTER, ClusterNode, check_cluster_settings
 from server.config import Settings
 from server.observability import Instruments
-from server.session.database import Database
+from server.session.alerts import AlertService
+from server.session.database import Database, make_database
 from server.session.manager import SessionManager
 from server.session.narrative import make_narrator
 from server.session.store import Store
 from server.session.webhooks import WebhookSender
 from server.signaling import socketio_json
+from server.signaling.alerts_api import register_alert_routes
 from server.signaling.auth import ACCESS, Access, token_middleware
 from server.signaling.http_api import error_middleware
 from server.signaling.operator_api import register_operator_routes
@@ -59,11 +61,15 @@ def _file(path: Path) -> web.StreamResponse:
 def make_store(
     settings: Settings, cls: type[Store] = Store, database: Database | None = None
 ) -> Store:
+    """The store on `database`, else on the one `DATABASE_URL` names (SQLite at
+    `DATABASE_PATH` when it is empty, or PostgreSQL)."""
     return cls(
-        database or settings.database_path,
+        database or make_database(settings),
         settings.store_queue_size,
         write_attempts=settings.store_write_attempts,
         retry_backoff_s=settings.store_retry_backoff_s,
+        retry_window_s=settings.store_retry_window_s,
+        retry_max_backoff_s=settings.store_retry_max_backoff_s,
         flush_timeout_s=settings.store_flush_timeout_s,
     )
 
@@ -155,6 +161,7 @@ def create_app(
     manager.erase_hooks.append(video_jobs.forget_session)
     register_video_routes(api, video_jobs, settings)
     register_operator_routes(api, manager)
+    register_alert_routes(api, AlertService(manager.store, settings, manager.audit))
     api.attach(app)
     app[RTC] = rtc
     app[VIDEO_JOBS] = video_jobs

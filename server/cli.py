@@ -13,11 +13,14 @@ import sys
 
 from aiohttp import web
 from dotenv import load_dotenv
+from pydantic import ValidationError
 
 from server import doctor, sample_frame
 from server.config import Settings
 from server.doctor import is_loopback
 from server.observability import configure_logging
+from server.session.database import StoreError
+from server.session.migrations import SchemaTooNew
 from server.video import analyze_command
 
 log = logging.getLogger("proctor")
@@ -72,7 +75,11 @@ def serve(args: argparse.Namespace) -> int:
     app.on_shutdown.insert(0, announce_shutdown)
     log.info("starting on %s:%d (backend %s)", settings.host, settings.port,
              settings.resolved_backend)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    except (StoreError, SchemaTooNew) as exc:  # the database is unreachable or too new
+        log.error("cannot start: %s", exc)
+        return 1
     log.info("stopped")
     return 0
 
@@ -93,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ValidationError as exc:  # a setting the server cannot run with: say which
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"proctor {args.command}: {name}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

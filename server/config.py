@@ -57,10 +57,18 @@ class Settings(BaseSettings):
     node_modules_dir: Path = Path(__file__).resolve().parent.parent / "node_modules"
 
     # --- storage ------------------------------------------------------------------------
+    # Empty: SQLite at DATABASE_PATH. sqlite:///path: SQLite there. postgresql://user:pw@
+    # host:port/db (or postgres://): PostgreSQL, which several nodes can share.
+    database_url: str = ""
     database_path: Path = Path("data/proctor.sqlite3")
+    database_pool_min_size: int = 1  # PostgreSQL connections kept open per node …
+    database_pool_max_size: int = 10  # … and at most
+    database_timeout_s: float = 10.0  # PostgreSQL: connecting, and each statement, give up after
     store_queue_size: int = 10_000  # writes waiting for the writer thread; producers wait beyond
     store_write_attempts: int = 3  # a failed write batch is tried this many times in all …
     store_retry_backoff_s: float = 0.1  # … this long before the 2nd, twice it before the 3rd
+    store_retry_window_s: float = 30.0  # … and for at least this long (a database restart)
+    store_retry_max_backoff_s: float = 2.0  # the wait between attempts never exceeds this
     store_flush_timeout_s: float = 10.0  # flush() raises instead of waiting longer than this
 
     # --- more than one machine (README "Running a cluster") -------------------------------
@@ -198,6 +206,16 @@ class Settings(BaseSettings):
     # Rekognition's EyeDirection counts in eye_contact from this confidence (0-100) up.
     eye_direction_min_confidence: float = 50.0
 
+    # --- alert evidence (operator only) ----------------------------------------------------
+    # "snapshot": each alert onset keeps a JPEG of the frame that raised it, boxes drawn;
+    # "none": no image is rendered or stored.
+    evidence: Literal["snapshot", "none"] = "snapshot"
+    evidence_max_bytes: int = Field(default=80_000, ge=8_000)  # quality, then size, shrink
+    evidence_max_width: int = Field(default=640, ge=160, le=640)
+    evidence_queue_size: int = Field(default=8, ge=1)  # waiting to render; beyond: dropped
+    evidence_max_per_session: int = Field(default=200, ge=0)  # a flapping rule cannot fill a disk
+    rescore_max_concurrent: int = Field(default=2, ge=1)  # re-scoring replays at once; more wait
+
     # --- LLM narrative -------------------------------------------------------------------------
     openai_api_key: str = ""
     anthropic_api_key: str = ""
@@ -267,6 +285,14 @@ class Settings(BaseSettings):
     # shared by every session of every transport, live before recorded; cloud backends
     # only (the offline backend is bounded by its worker pool). 0 = off.
     analyser_calls_per_s: float = 25.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        from server.session.database import database_kind
+
+        database_kind(value)  # refuses an unknown scheme at start, with what is accepted
+        return value.strip()
 
     @field_validator("retention_days", mode="before")
     @classmethod

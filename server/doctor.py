@@ -18,6 +18,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import load_dotenv
@@ -166,8 +167,50 @@ def check_llm(s: Settings) -> Check:
     return Check("llm", "ok", f"{provider}, model {model} (at the end of each session)", details)
 
 
+def _schema(have: list[int], legacy: bool = False) -> tuple[Status, str, str | None]:
+    """What the store's schema version means for this code: (status, words, fix)."""
+    from server.session.migrations import LATEST, MIGRATIONS
+
+    if not have:
+        if legacy:
+            return "ok", f"from before versioned migrations: migrated to v{LATEST} at start", None
+        return "ok", f"empty: the schema (v{LATEST}) is created at the first start", None
+    unknown = set(have) - {m.version for m in MIGRATIONS}
+    if unknown:
+        return (
+            "problem",
+            f"schema v{max(have)}, newer than this server's v{LATEST} (it has "
+            f"{', '.join(f'v{v}' for v in sorted(unknown))}): the server will refuse to start",
+            "run the newer server it was migrated by, or point DATABASE_URL elsewhere",
+        )
+    missing = sorted({m.version for m in MIGRATIONS} - set(have))
+    if missing:
+        to_apply = ", ".join(f"v{v}" for v in missing)
+        return "ok", f"schema v{max(have)}: {to_apply} applied at the next start", None
+    return "ok", f"schema v{LATEST} (this server's)", None
+
+
+def _sqlite_versions(path: os.PathLike[str]) -> tuple[list[int], bool]:
+    """(versions, legacy) of a SQLite file, read-only."""
+    import sqlite3
+
+    from server.session.migrations import _table, applied_versions
+
+    conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True, timeout=5)
+    try:
+        return applied_versions(conn), _table(conn, "sessions")
+    finally:
+        conn.close()
+
+
 def check_database(s: Settings) -> Check:
-    path = s.database_path.expanduser().resolve()
+    from server.session.database import database_kind
+
+    kind, where = database_kind(s.database_url)
+    if kind == "postgresql":
+        return _check_postgres(s, where)
+    path = (Path(where) if where else s.database_path).expanduser().resolve()
+    setting = "DATABASE_URL" if where else "DATABASE_PATH"
     parent = path.parent
     existing = parent
     while not existing.exists() and existing != existing.parent:
@@ -175,13 +218,55 @@ def check_database(s: Settings) -> Check:
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
             return Check("database", "problem", f"SQLite {path}: not readable and writable",
-                         fix="fix its permissions, or set DATABASE_PATH elsewhere")
+                         fix=f"fix its permissions, or set {setting} elsewhere")
         size = path.stat().st_size
-        return Check("database", "ok", f"SQLite {path} ({size / 1e6:.1f} MB, kept across restarts)")
+        try:
+            status, schema, fix = _schema(*_sqlite_versions(path))
+        except Exception as exc:  # sqlite3.Error: not a database, locked, damaged
+            return Check("database", "problem", f"SQLite {path}: cannot read it: {exc}",
+                         fix=f"restore it from a backup, or set {setting} elsewhere")
+        return Check("database", status,
+                     f"SQLite {path} ({size / 1e6:.1f} MB, kept across restarts); {schema}",
+                     fix=fix)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return Check("database", "problem", f"SQLite {path}: cannot create it under {existing}",
-                     fix="set DATABASE_PATH to a file in a writable directory")
+                     fix=f"set {setting} to a file in a writable directory")
     return Check("database", "ok", f"SQLite {path} (created at the first start)")
+
+
+def _check_postgres(s: Settings, url: str) -> Check:
+    import asyncpg
+
+    from server.session.migrations import postgres_versions
+    from server.session.postgres_database import redact
+
+    where = f"PostgreSQL {redact(url)}"
+
+    async def probe() -> tuple[str, list[int]]:
+        conn = await asyncpg.connect(url, timeout=s.database_timeout_s,
+                                     command_timeout=s.database_timeout_s)
+        try:
+            version = str(await conn.fetchval("SHOW server_version"))
+            return version, await postgres_versions(conn)
+        finally:
+            await conn.close()
+
+    try:
+        version, have = asyncio.run(probe())
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        return Check("database", "problem", f"{where}: refused the login: {exc}",
+                     fix="fix the user and password in DATABASE_URL (or pg_hba.conf)")
+    except asyncpg.InvalidCatalogNameError as exc:
+        return Check("database", "problem", f"{where}: {exc}",
+                     fix="create it (createdb, or CREATE DATABASE) or fix DATABASE_URL")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return Check("database", "problem",
+                     f"{where}: cannot connect: {type(exc).__name__}: {exc}",
+                     fix="start PostgreSQL, or fix the host and port in DATABASE_URL")
+    status, schema, fix = _schema(have)
+    return Check("database", status, f"{where} (server {version}); {schema}",
+                 [f"pool of {s.database_pool_min_size}-{s.database_pool_max_size} connections "
+                  "(DATABASE_POOL_MIN_SIZE, DATABASE_POOL_MAX_SIZE)"], fix=fix)
 
 
 def _bind_error(host: str, port: int) -> OSError | None:

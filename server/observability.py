@@ -148,3 +148,23 @@ class Instruments:
             ["reason"],
             registry=r,
         )
+        self.evidence = Counter(
+            "proctor_evidence",
+            "Alert evidence snapshots by outcome: stored, dropped (writer queue full), "
+            "session_limit (EVIDENCE_MAX_PER_SESSION reached), too_large (could not fit "
+            "EVIDENCE_MAX_BYTES), failed",
+            ["outcome"],
+            registry=r,
+        )
+        self.evidence_bytes = Histogram(
+            "proctor_evidence_bytes",
+            "Size of the stored evidence snapshots",
+            buckets=(5e3, 10e3, 20e3, 40e3, 60e3, 80e3, 120e3, 200e3),
+            registry=r,
+        )
+        self.evidence_render = Histogram(
+            "proctor_evidence_render_seconds",
+            "Time to render one evidence snapshot (in the evidence thread)",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )

@@ -22,6 +22,9 @@ from server.config import Settings
 from server.session.manager import SessionManager
 from tests.fakes.rekognition import FakeRekognition
 
+# Private PostgreSQL and Redis instances (started only by the tests that ask for them).
+pytest_plugins = ["tests.services"]
+
 
 @dataclass
 class RunningServer:

@@ -189,6 +189,24 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
             {"none": 401, "candidate": 403, "other": 403, "operator": 200},
         ),
         (
+            "GET",
+            f"/api/sessions/{sid}/alerts",
+            None,
+            {"none": 401, "candidate": 403, "other": 403, "operator": 200},
+        ),
+        (
+            "GET",
+            f"/api/sessions/{sid}/alerts/noalert/evidence",
+            None,  # authorised first, then the unknown alert is not found
+            {"none": 401, "candidate": 403, "other": 403, "operator": 404},
+        ),
+        (
+            "POST",
+            f"/api/sessions/{sid}/rescore",
+            {"rules": {"looking_away": {"yaw_deg": 40}}},
+            {"none": 401, "candidate": 403, "other": 403, "operator": 200},
+        ),
+        (
             "POST",
             f"/api/sessions/{sid}/alerts/no-such-alert/review",
             {"verdict": "dismissed"},  # authorised first, then the alert is unknown
@@ -220,7 +238,8 @@ async def test_rest_role_matrix(server: RunningServer, http: aiohttp.ClientSessi
             m,
             p.replace(sid, "{session_id}")
             .replace("nope", "{job_id}")
-            .replace("no-such-alert", "{alert_id}"),
+            .replace("no-such-alert", "{alert_id}")
+            .replace("noalert", "{alert_id}"),
         )
         for m, p, _b, _r in expected
     }

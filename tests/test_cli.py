@@ -172,3 +172,34 @@ def test_sample_frame_refuses_a_terminal_and_bad_sizes(tmp_path: Path) -> None:
         os.close(follower)
         os.close(leader)
     assert tty.returncode == 2 and "proctor sample-frame > face.jpg" in tty.stderr
+
+
+def test_doctor_reads_the_sqlite_schema_version(tmp_path: Path) -> None:
+    import sqlite3
+
+    from server.doctor import check_database
+    from server.session.migrations import LATEST, migrate
+
+    path = tmp_path / "proctor.sqlite3"
+    settings = Settings(_env_file=None, database_path=path)  # type: ignore[call-arg]
+    conn = sqlite3.connect(path)
+    migrate(conn)
+    conn.close()
+    current = check_database(settings)
+    assert current.status == "ok" and f"schema v{LATEST} (this server's)" in current.summary
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 0, 0)", (LATEST + 1,))
+    conn.commit()
+    conn.close()
+    newer = check_database(settings)
+    assert newer.status == "problem" and "will refuse to start" in newer.summary
+    path.write_bytes(b"not a database" * 100)
+    damaged = check_database(settings)
+    assert damaged.status == "problem" and "cannot read it" in damaged.summary
+
+
+def test_an_unknown_database_url_is_refused_at_start(tmp_path: Path) -> None:
+    refused = proctor(["serve"], tmp_path, DATABASE_URL="mysql://app@db/proctor")
+    assert refused.returncode == 2
+    assert "DATABASE_URL" in refused.stderr and "postgresql://" in refused.stderr
+    assert "Traceback" not in refused.stderr

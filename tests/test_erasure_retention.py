@@ -177,24 +177,20 @@ async def test_erasing_a_live_session_ends_it_first(
     assert erase["details"]["status"] == "ended"  # it was ended, then erased
 
 
-async def test_evidence_rows_are_erased_when_the_database_has_them(
+async def test_evidence_rows_are_erased_with_their_session(
     tmp_path: Path, rekognition: FakeRekognition, http: aiohttp.ClientSession
 ) -> None:
     settings = make_settings(tmp_path, api_tokens=f"alice:{ALICE}")
-    store = Store(settings.database_path)
-    await store.open()
-    await store.close()
-    with sqlite3.connect(settings.database_path) as conn:  # as the evidence migration makes it
-        conn.execute(
-            "CREATE TABLE evidence (session_id TEXT NOT NULL, alert_id TEXT NOT NULL, "
-            "jpeg BLOB NOT NULL)"
-        )
     srv = await start_server(settings)
     try:
         sid = await run_session(srv, http, rekognition)
         with sqlite3.connect(settings.database_path) as conn:
-            conn.execute("INSERT INTO evidence VALUES (?, 'a', x'ffd8ffd9')", (sid,))
-            conn.execute("INSERT INTO evidence VALUES ('someone-else', 'b', x'ffd8ffd9')")
+            for session, alert in ((sid, "a"), ("someone-else", "b")):
+                conn.execute(
+                    "INSERT INTO evidence (alert_id, session_id, created_at, jpeg) "
+                    "VALUES (?, ?, 1.0, x'ffd8ffd9')",
+                    (alert, session),
+                )
         status, _ = await call(http, "DELETE", f"{srv.url}/api/sessions/{sid}")
         assert status == 200
         with sqlite3.connect(settings.database_path) as conn:

@@ -193,6 +193,9 @@ def test_objects_on_real_photos() -> None:
     assert "Person" not in coffee
     people = {lb.name: lb for lb in detector.labels(astronaut())}
     assert people["Person"].confidence > 60 and people["Person"].instances == 1
+    [person] = people["Person"].boxes  # the astronaut: a large box around the middle
+    assert 0.2 < person.width < 1.0 and 0.3 < person.height <= 1.0
+    assert person.left < 0.5 < person.left + person.width
     assert detector.labels(np.full((480, 640, 3), 128, np.uint8)) == ()
 
 
@@ -208,6 +211,11 @@ def test_ocr_reads_rendered_text_exactly() -> None:
     lines = TextReader().read(frame)
     assert [ln.text for ln in lines] == ["Answer key page 7", "x = 42"]
     assert all(ln.confidence > 80 for ln in lines)
+    # Each line's box (ratios of the frame) holds the baseline the text was drawn at.
+    for line, baseline_y in zip(lines, (200, 300), strict=True):
+        assert line.box is not None
+        assert line.box.top < baseline_y / 480 < line.box.top + line.box.height + 0.02
+        assert line.box.left == pytest.approx(40 / 640, abs=0.03)
 
 
 # --- quality ----------------------------------------------------------------------------

@@ -344,6 +344,7 @@ async def store_server(
 ) -> tuple[RunningServer, Any]:
     """A server on a store of class `cls` over a database of class `database_cls`;
     returns the server and the database (or the store, when `cls` is not `Store`)."""
+    overrides.setdefault("store_retry_window_s", 0.0)  # lose after the attempts, no window
     settings = make_settings(tmp_path, store_retry_backoff_s=0.01, **overrides)
     db = database_cls(settings.database_path)
     store = make_store(settings, cls, database=db)

@@ -216,6 +216,12 @@ async def test_labels_with_instances(fake: FakeRekognition, make_analyser: MakeA
         ("Mobile Phone", 92.5, 2),
         ("Person", 99.1, 1),
     ]
+    # Each instance's BoundingBox reaches the observation (evidence snapshots box them).
+    phone = obs.labels[0]
+    assert [(b.left, b.top, b.width, b.height) for b in phone.boxes] == [
+        pytest.approx((0.0, 0.6, 0.1, 0.1)),
+        pytest.approx((0.1, 0.6, 0.1, 0.1)),
+    ]
     assert obs.faces is None and obs.text is None
     assert obs.calls == {"DetectLabels": 1}
     assert fake.count() == 1 and fake.count("DetectLabels") == 1
@@ -232,6 +238,10 @@ async def test_text_keeps_lines_only(fake: FakeRekognition, make_analyser: MakeA
         ("ANSWER KEY QUESTION 3", 98.0),
         ("x = 42", 91.0),
     ]
+    box = obs.text[0].box  # the LINE's Geometry.BoundingBox
+    assert box is not None and (box.left, box.top, box.width, box.height) == pytest.approx(
+        (0.1, 0.1, 0.3, 0.05)
+    )
     assert obs.calls == {"DetectText": 1}
     assert fake.count("DetectText") == 1
 

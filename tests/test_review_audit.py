@@ -122,6 +122,35 @@ async def test_reviews_replace_each_other_and_show_in_status_report_and_audit(
     assert len({e["id"] for e in audit["entries"]}) == len(audit["entries"])
 
 
+async def test_the_alert_list_shows_reviews_and_rescoring_is_audited(
+    server: RunningServer, http: aiohttp.ClientSession, rekognition: FakeRekognition
+) -> None:
+    sid, alert_id = await session_with_alert(server, http, rekognition, ALICE)
+    base = f"{server.url}/api/sessions/{sid}"
+    status, listed = await call(http, "GET", f"{base}/alerts", BOB)
+    assert status == 200 and [a["review"] for a in listed["alerts"]] == [None]
+
+    status, reviewed = await call(
+        http, "POST", f"{base}/alerts/{alert_id}/review", BOB, {"verdict": "dismissed"}
+    )
+    assert status == 200 and reviewed["evidence_url"] == listed["alerts"][0]["evidence_url"]
+    status, listed = await call(http, "GET", f"{base}/alerts", ALICE)
+    assert status == 200
+    (alert,) = listed["alerts"]
+    assert alert["id"] == alert_id
+    assert alert["review"]["verdict"] == "dismissed" and alert["review"]["by"] == "bob"
+
+    rules = {"multiple_faces_detected": {"enabled": False}}
+    status, rescored = await call(http, "POST", f"{base}/rescore", ALICE, {"rules": rules})
+    assert status == 200 and rescored["alerts"] == []
+    assert rescored["original"][0]["review"]["verdict"] == "dismissed"
+    status, audit = await call(http, "GET", f"{server.url}/api/audit?session_id={sid}", BOB)
+    assert status == 200
+    entry = next(e for e in audit["entries"] if e["action"] == "rescore")
+    assert entry["actor"] == "alice" and entry["details"]["overrides"] == rules
+    assert entry["details"]["counts"]["rescored"] == {}
+
+
 async def test_a_review_after_the_report_was_stored_shows_in_it(
     server: RunningServer, http: aiohttp.ClientSession, rekognition: FakeRekognition
 ) -> None:

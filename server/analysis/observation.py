@@ -46,6 +46,15 @@ class Box:
     height: float
 
 
+def box_json(box: Box) -> dict[str, float]:
+    return {
+        "left": round(box.left, 4),
+        "top": round(box.top, 4),
+        "width": round(box.width, 4),
+        "height": round(box.height, 4),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Pose:
     yaw: float
@@ -86,12 +95,14 @@ class Label:
     name: str
     confidence: float
     instances: int = 0  # how many boxed instances the backend found (0 = not boxed)
+    boxes: tuple[Box, ...] = ()  # where those instances are (evidence snapshots box them)
 
 
 @dataclass(frozen=True, slots=True)
 class TextLine:
     text: str
     confidence: float
+    box: Box | None = None  # where the line is, when the backend says
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +164,7 @@ class Observation:
 
         def face_json(f: Face) -> dict[str, Any]:
             return {
-                "box": {
-                    "left": round(f.box.left, 4),
-                    "top": round(f.box.top, 4),
-                    "width": round(f.box.width, 4),
-                    "height": round(f.box.height, 4),
-                },
+                "box": box_json(f.box),
                 "confidence": round(f.confidence, 2),
                 "pose": None
                 if f.pose is None
@@ -187,7 +193,12 @@ class Observation:
             "labels": None
             if self.labels is None
             else [
-                {"name": lb.name, "confidence": round(lb.confidence, 2), "instances": lb.instances}
+                {
+                    "name": lb.name,
+                    "confidence": round(lb.confidence, 2),
+                    "instances": lb.instances,
+                    "boxes": [box_json(b) for b in lb.boxes],
+                }
                 for lb in self.labels
             ],
             "text": None

@@ -240,6 +240,11 @@ def parse_labels(response: dict[str, Any]) -> tuple[Label, ...]:
             name=str(lb.get("Name", "")),
             confidence=float(lb.get("Confidence", 0.0)),
             instances=len(lb.get("Instances") or ()),
+            boxes=tuple(
+                _box(inst["BoundingBox"])
+                for inst in lb.get("Instances") or ()
+                if isinstance(inst, dict) and isinstance(inst.get("BoundingBox"), dict)
+            ),
         )
         for lb in response.get("Labels", [])
     )
@@ -248,10 +253,20 @@ def parse_labels(response: dict[str, Any]) -> tuple[Label, ...]:
 def parse_text(response: dict[str, Any]) -> tuple[TextLine, ...]:
     # Every WORD is also inside its LINE; keeping both would count text twice.
     return tuple(
-        TextLine(text=str(td.get("DetectedText", "")), confidence=float(td.get("Confidence", 0.0)))
+        TextLine(
+            text=str(td.get("DetectedText", "")),
+            confidence=float(td.get("Confidence", 0.0)),
+            box=_text_box(td),
+        )
         for td in response.get("TextDetections", [])
         if td.get("Type") == "LINE"
     )
+
+
+def _text_box(detection: dict[str, Any]) -> Box | None:
+    geometry = detection.get("Geometry")
+    bb = geometry.get("BoundingBox") if isinstance(geometry, dict) else None
+    return _box(bb) if isinstance(bb, dict) else None
 
 
 def classify(exc: BaseException) -> str:

@@ -84,7 +84,7 @@ class NoFaceRule:
         obs = facts.observation
         if not _judgeable_faces(obs):
             return {"": (None, {})}
-        return {"": (len(obs.faces or ()) == 0, {})}
+        return {"": (len(obs.faces or ()) == 0, {"faces": 0})}
 
     def message(self, key: str, details: dict[str, Any]) -> str:
         if "required_dwell_s" in details:
@@ -108,7 +108,7 @@ class MultipleFacesRule:
         if obs.faces is None:
             return {"": (None, {})}
         count = len(obs.faces)
-        return {"": (count > 1, {"faces": count})}
+        return {"": (count > 1, {"faces": count, "min_faces": 2})}
 
     def message(self, key: str, details: dict[str, Any]) -> str:
         return f"{details.get('faces', 'More than one')} faces in view"
@@ -136,7 +136,18 @@ class LookingAwayRule:
             return {"": (None, {})}
         yaw, pitch = face.pose.yaw, face.pose.pitch
         away = abs(yaw) > self.yaw_deg or abs(pitch) > self.pitch_deg
-        return {"": (away, {"yaw": round(yaw, 1), "pitch": round(pitch, 1)})}
+        # The numbers that made it fire, beside the thresholds they crossed.
+        return {
+            "": (
+                away,
+                {
+                    "yaw": round(yaw, 1),
+                    "pitch": round(pitch, 1),
+                    "yaw_threshold_deg": self.yaw_deg,
+                    "pitch_threshold_deg": self.pitch_deg,
+                },
+            )
+        }
 
     def message(self, key: str, details: dict[str, Any]) -> str:
         return (
@@ -161,7 +172,8 @@ class LowEngagementRule:
         value = facts.metrics.engagement
         if value is None or facts.observation.insufficient:
             return {"": (None, {})}
-        return {"": (value < self.threshold, {"engagement": round(value, 1)})}
+        details = {"engagement": round(value, 1), "engagement_below": self.threshold}
+        return {"": (value < self.threshold, details)}
 
     def message(self, key: str, details: dict[str, Any]) -> str:
         return f"Engagement below {self.threshold:g} (now {details.get('engagement')})"
@@ -196,6 +208,7 @@ class SuspiciousObjectRule:
             details: dict[str, Any] = {
                 "object": label.name,
                 "confidence": round(label.confidence, 1),
+                "min_confidence": self.min_confidence,
             }
             if label.name in self.labels and label.name != "Person":
                 out[label.name] = (True, details)
@@ -239,7 +252,13 @@ class TextDetectedRule:
             return {"": (None, {})}
         confident = [t.text.strip() for t in lines if t.confidence >= self.min_confidence]
         chars = sum(len(t) for t in confident)
-        return {"": (chars >= self.min_chars, {"lines": confident[:10], "chars": chars})}
+        details = {
+            "lines": confident[:10],
+            "chars": chars,
+            "min_chars": self.min_chars,
+            "min_confidence": self.min_confidence,
+        }
+        return {"": (chars >= self.min_chars, details)}
 
     def message(self, key: str, details: dict[str, Any]) -> str:
         return f"Text visible in the frame ({details.get('chars')} characters)"

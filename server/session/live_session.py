@@ -27,6 +27,10 @@ from server.session.aggregate import SessionAggregate
 
 log = logging.getLogger(__name__)
 
+#: Transports whose frames the server samples itself: rules and cadences follow capture
+#: time there (SPEC "Alerts").
+CAPTURE_CLOCK_TRANSPORTS = frozenset({"webrtc", "video"})
+
 #: A transport's subscriber: receives (event name, payload) — the Socket.IO event names.
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
 #: Told about a listener that raised: (where, exception, event being published).

@@ -37,9 +37,11 @@ from server.errors import (
 )
 from server.media.frames import Frame
 from server.observability import Instruments, current_session, short_id
+from server.session.alerts import evidence_url, public_alert
 from server.session.analyser_router import AnalyserRouter
 from server.session.audit import SYSTEM, AuditLog
-from server.session.live_session import DROPPED, LiveSession, PendingFrame
+from server.session.evidence import EvidenceWriter
+from server.session.live_session import CAPTURE_CLOCK_TRANSPORTS, DROPPED, LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.report import (
     TIMESTAMP_RANGE,
@@ -48,7 +50,7 @@ from server.session.report import (
     fallback_report,
     mark_partial,
 )
-from server.session.reviews import VERDICTS, apply_reviews, public_alert, review_status
+from server.session.reviews import VERDICTS, apply_reviews, review_status
 from server.session.spend import LLM_CAP, SpendCaps
 from server.session.store import Store, StoreError, StoreTimeout, loads_object
 from server.session.webhooks import WebhookSender
@@ -60,9 +62,6 @@ NarratorFactory = Callable[[], Any]
 #: Told that a session is about to be erased (after it was found, before its rows go):
 #: e.g. the video jobs stop and forget the session's job.
 EraseHook = Callable[[str], Awaitable[None]]
-#: Transports whose frames the server samples itself: rules and cadences follow capture
-#: time there (SPEC "Alerts").
-CAPTURE_CLOCK_TRANSPORTS = frozenset({"webrtc", "video"})
 
 class SessionManager:
     def __init__(
@@ -100,9 +99,11 @@ class SessionManager:
             offline=offline_analyser,
             pose_calibration_factory=lambda a: backend_pose_factory(a, settings),
         )
+        #: Alert evidence snapshots, rendered in their own thread (EVIDENCE).
+        self.evidence = EvidenceWriter(settings, store, instruments, self.internal_error)
         self.pipeline = SessionPipeline(
             settings, self.router, store, instruments, self.budget, self.pacing,
-            self.internal_error,
+            self.internal_error, self.evidence,
         )
         self._live: dict[str, LiveSession] = {}
         self._grace: dict[str, asyncio.Task[None]] = {}
@@ -142,6 +143,7 @@ class SessionManager:
         )
         await self.spend.start()
         await self.analyser.start()
+        self.evidence.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle-sweeper")
         if self.settings.retention_days > 0:
             self._retention = asyncio.create_task(
@@ -195,6 +197,8 @@ class SessionManager:
                 async with asyncio.timeout_at(deadline):
                     await self.store.mark_interrupted(sid, "shutdown_timeout")
         self.budget.close()
+        # Snapshots still queued get what is left of a second, then are given up.
+        await self.evidence.stop(timeout_s=max(0.0, min(1.0, deadline - loop.time() - reserve / 2)))
         await self._close_within(self.spend.stop(), deadline, "spend counters")
         for hook in self.before_store_close:
             await self._close_within(hook(), deadline, "cluster lease")
@@ -693,6 +697,7 @@ class SessionManager:
     def _release(self, session: LiveSession) -> None:
         if self._live.pop(session.id, None) is not None:
             self.instruments.live_sessions.set(len(self._live))
+            self.evidence.forget(session.id)
 
     async def _stop_worker(self, session: LiveSession) -> None:
         leftover = session.slot.close()
@@ -958,7 +963,14 @@ class SessionManager:
             ) from exc
         log.info("alert %s %s by %s", episode.get("type"), verdict, actor,
                  extra={"session_id": session_id})
-        return public_alert(episode, review)
+        try:
+            has_evidence = self.settings.evidence != "none" and (
+                await self.store.get_evidence(session_id, alert_id)
+            ) is not None
+        except StoreError:
+            has_evidence = False  # the review is stored; only the link is missing
+        url = evidence_url(session_id, alert_id) if has_evidence else None
+        return public_alert(episode, evidence=url, review=dict(review))
 
     async def erase_session(self, session_id: str, actor: str) -> dict[str, Any]:
         """Erase a session: a live one is ended first (without the LLM: its report is

@@ -56,22 +56,3 @@ def apply_reviews(report: dict[str, Any], reviews: dict[str, Review]) -> dict[st
     report["review_counts"] = counts
     return report
 
-
-def public_alert(
-    episode: dict[str, Any], review: Review | None, evidence_url: str | None = None
-) -> dict[str, Any]:
-    """An alert (a stored episode) as the operator's endpoints show it (SPEC "Evidence,
-    review and re-scoring"); `evidence_url`: where its snapshot is, if it has one."""
-    return {
-        "id": episode.get("episode_id"),
-        "type": episode.get("type"),
-        "severity": episode.get("severity"),
-        "category": episode.get("category", "behaviour"),
-        "started_at": episode.get("started_at"),
-        "ended_at": episode.get("ended_at"),
-        "duration_s": episode.get("duration_s"),
-        "message": episode.get("message"),
-        "details": episode.get("details") or {},
-        "evidence_url": evidence_url,
-        "review": review,
-    }

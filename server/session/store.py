@@ -1,11 +1,13 @@
-"""The store: sessions, per-frame summaries, alert episodes, reports, jobs and usage.
+"""The store: sessions, per-frame summaries, alert episodes and their evidence, reports,
+jobs and usage.
 
 Writes go through one bounded queue to one writer task that commits each batch as it
 comes, so the event loop never waits on the database and a crash loses at most the batch
 in flight (well under a second). A batch that fails is retried with backoff, then counted
 as lost; `flush()` raises for lost writes and never waits forever; `health()` says whether
 writes are failing. The SQL here is portable; a driver (`database.py`) runs it on SQLite
-(the embedded default) or another engine.
+(the embedded default) or PostgreSQL. PostgreSQL checks parameter types strictly: values
+bound to INTEGER columns are ints (`int(...)`), to REAL columns ints or floats.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class Store:
         *,
         write_attempts: int = 3,
         retry_backoff_s: float = 0.1,
+        retry_window_s: float = 0.0,
+        retry_max_backoff_s: float = 2.0,
         flush_timeout_s: float = 10.0,
     ) -> None:
         self.db: Database = (
@@ -116,6 +120,10 @@ class Store:
         )
         self.write_attempts = max(1, write_attempts)
         self.retry_backoff_s = retry_backoff_s
+        # A transient failure is retried for at least `write_attempts` attempts and at
+        # least `retry_window_s` (a database restart or failover takes seconds).
+        self.retry_window_s = max(0.0, retry_window_s)
+        self.retry_max_backoff_s = retry_max_backoff_s
         self.flush_timeout_s = flush_timeout_s
         self.on_write_error: WriteErrorHook | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
@@ -224,6 +232,7 @@ class Store:
             reasons.append("queue_full")
         return {
             "status": "degraded" if reasons else "ok",
+            "engine": self.db.dialect,  # public: never the host, user or file path
             "reasons": reasons,
             "failed_writes": self.failed_writes,
             "failed_batches": self.failed_batches,
@@ -294,7 +303,10 @@ class Store:
 
     async def _write(self, batch: list[_Write]) -> None:
         statements = [(w.sql, w.params) for w in batch]
-        for attempt in range(1, self.write_attempts + 1):
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 await self.db.execute_batch(statements)
             except Exception as exc:
@@ -309,15 +321,24 @@ class Store:
                         await self._write([w])
                     return
                 self._note_error(exc)  # busy, locked, I/O, connection lost: may pass
-                if attempt < self.write_attempts:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if (
+                    attempt < self.write_attempts
+                    or now - first_failure < self.retry_window_s
+                ):
                     self.retried_batches += 1
                     log.warning(
-                        "store write failed (%s); attempt %d of %d",
+                        "store write failed (%s); attempt %d (at least %d, for at least "
+                        "%.0f s)",
                         exc,
                         attempt,
                         self.write_attempts,
+                        self.retry_window_s,
                     )
-                    await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(
+                        min(self.retry_max_backoff_s, self.retry_backoff_s * 2 ** (attempt - 1))
+                    )
                     continue
                 self._lose(batch, exc)
                 return
@@ -455,7 +476,7 @@ class Store:
             session_id,
             "INSERT INTO frames (session_id, idx, t, summary) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (session_id, idx) DO UPDATE SET t=excluded.t, summary=excluded.summary",
-            (session_id, index, t, _dumps(summary)),
+            (session_id, int(index), t, _dumps(summary)),
         )
 
     async def save_alert(self, session_id: str, episode: dict[str, Any]) -> None:
@@ -494,6 +515,36 @@ class Store:
             session_id,
             "UPDATE sessions SET status=?, end_reason=?, ended_at=NULL WHERE id=?",
             (status, end_reason, session_id),
+        )
+
+    async def save_evidence(
+        self,
+        session_id: str,
+        alert_id: str,
+        created_at: float,
+        jpeg: bytes,
+        width: int,
+        height: int,
+        details: dict[str, Any],
+    ) -> None:
+        """An alert's snapshot, kept once (the first wins). Inserted only while its
+        session exists, so a snapshot rendered after the session was erased leaves
+        nothing behind."""
+        await self._put(
+            session_id,
+            "INSERT INTO evidence (alert_id, session_id, created_at, jpeg, width, height, "
+            "details) SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+            "(SELECT 1 FROM sessions WHERE id=?) ON CONFLICT (alert_id) DO NOTHING",
+            (
+                alert_id,
+                session_id,
+                created_at,
+                bytes(jpeg),
+                width,
+                height,
+                _dumps(details),
+                session_id,
+            ),
         )
 
     async def erase_session(self, session_id: str) -> None:
@@ -757,7 +808,7 @@ class Store:
             "",
             "INSERT INTO usage (day, kind, amount) VALUES (?, ?, ?) "
             "ON CONFLICT (day, kind) DO UPDATE SET amount = usage.amount + excluded.amount",
-            (day, kind, amount),
+            (day, kind, int(amount)),
         )
 
     async def usage_on(self, day: str) -> dict[str, int]:
@@ -799,8 +850,9 @@ class Store:
         if states:
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
             params += list(states)
-        sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
-        params += [limit, offset]
+        # `id` breaks ties: pages must not overlap on an engine that orders ties freely.
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [int(limit), int(offset)]
         rows = await self._fetch_all(sql, params)
         return [job for r in rows if (job := loads_object(r["job"])) is not None]
 
@@ -844,8 +896,8 @@ class Store:
         if status:
             sql += " WHERE status=?"
             params.append(status)
-        sql += " ORDER BY started_at DESC LIMIT ? OFFSET ?"
-        params += [limit, offset]
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ? OFFSET ?"
+        params += [int(limit), int(offset)]
         return [self._session_row(r) for r in await self._fetch_all(sql, params)]
 
     async def scan_frames(
@@ -888,6 +940,30 @@ class Store:
             "SELECT episode FROM alerts WHERE session_id=? ORDER BY started_at", (session_id,)
         )
         return [r["episode"] for r in rows]
+
+    async def evidence_ids(self, session_id: str) -> set[str]:
+        """Ids of the session's alerts that have an evidence snapshot."""
+        rows = await self._fetch_all(
+            "SELECT alert_id FROM evidence WHERE session_id=?", (session_id,)
+        )
+        return {str(r["alert_id"]) for r in rows}
+
+    async def get_evidence(self, session_id: str, alert_id: str) -> dict[str, Any] | None:
+        """An alert's snapshot: `jpeg` (bytes), `width`, `height`, `details`, `created_at`."""
+        row = await self._fetch_one(
+            "SELECT jpeg, width, height, details, created_at FROM evidence "
+            "WHERE alert_id=? AND session_id=?",
+            (alert_id, session_id),
+        )
+        if row is None:
+            return None
+        return {
+            "jpeg": bytes(row["jpeg"]),
+            "width": row["width"],
+            "height": row["height"],
+            "details": loads_object(row["details"]),
+            "created_at": row["created_at"],
+        }
 
     async def get_report(self, session_id: str) -> dict[str, Any] | None:
         row = await self._fetch_one("SELECT report FROM reports WHERE session_id=?", (session_id,))

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from server.analysis import facts
 from server.analysis.analyser import Analyser
 from server.analysis.budget import CallBudget
 from server.analysis.observation import Checks, Observation
@@ -34,6 +35,7 @@ from server.media.frames import Frame, FrameError
 from server.media.latest_slot import SlotClosed
 from server.observability import Instruments, current_session
 from server.session.analyser_router import AnalyserRouter, Route
+from server.session.evidence import EvidenceJob, EvidenceWriter
 from server.session.live_session import LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.store import Store
@@ -47,8 +49,9 @@ ErrorHook = Callable[[str, BaseException, LiveSession | None], None]
 def frame_summary(
     obs: Observation, metrics: FrameMetrics, emotions: bool = True
 ) -> dict[str, Any]:
-    """What the store keeps per frame: numbers and names, never pixels. `emotions`
-    False (EMOTION_ANALYSIS=off): no emotion, not even an empty distribution."""
+    """What the store keeps per frame: numbers and names, never pixels; `facts` are what
+    the alert rules read, so the session's alerts can be replayed (re-scoring).
+    `emotions` False (EMOTION_ANALYSIS=off): no emotion, not even an empty distribution."""
     face = obs.primary_face
     distribution: dict[str, float] | None = None
     if emotions:
@@ -68,6 +71,7 @@ def frame_summary(
         "degraded": list(obs.degraded),
         "calls": dict(obs.calls),
         "latency_ms": round(obs.latency_ms, 2),
+        "facts": facts.encode(obs, metrics),
     }
 
 
@@ -103,6 +107,7 @@ class SessionPipeline:
         budget: CallBudget,
         pacing: IdlePacing,
         on_error: ErrorHook,
+        evidence: EvidenceWriter | None = None,
     ) -> None:
         self.settings = settings
         #: Picks each analysis' backend: the server's own, or the offline one for a
@@ -113,6 +118,8 @@ class SessionPipeline:
         self.budget = budget
         self.pacing = pacing
         self.on_error = on_error
+        #: Renders each onset's snapshot off the live path (None: no evidence).
+        self.evidence = evidence
 
     @property
     def analyser(self) -> Analyser:
@@ -266,6 +273,9 @@ class SessionPipeline:
         for ev in events:
             await self.store.save_alert(session.id, ev)
             if ev["status"] == "onset":
+                if self.evidence is not None:
+                    # This frame confirmed the onset: its snapshot, never waited for.
+                    self.evidence.offer(EvidenceJob(session.id, dict(ev), frame, obs))
                 self.instruments.alerts_raised.labels(type=ev["type"]).inc()
                 log.info("alert %s (%s): %s", ev["type"], ev["severity"], ev["message"],
                          extra={"session_id": session.id})

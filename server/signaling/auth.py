@@ -257,6 +257,11 @@ class Access:
 ACCESS = web.AppKey("access", Access)
 
 
+def actor_of(who: Principal) -> str:
+    """The name an operator's actions are audited under."""
+    return who.name or "operator"
+
+
 def presented_token(request: web.Request) -> str | None:
     """The token of a REST request: `Authorization: Bearer` (or X-API-Token, kept for
     clients written before roles)."""

@@ -10,7 +10,7 @@ from server.cluster.routing import forward_to_owner
 from server.errors import BackendUnavailable, BadRequest
 from server.session.manager import SessionManager
 from server.session.store import StoreError
-from server.signaling.auth import authorize_request
+from server.signaling.auth import actor_of, authorize_request
 from server.signaling.http_api import Api, json_response, parse_body
 from server.signaling.schemas import (
     AuditList,
@@ -23,10 +23,6 @@ from server.signaling.schemas import (
 AUDIT_LIMIT_MAX = 1000
 #: A review's body: a note of NOTE_MAX_CHARS, each character possibly a 6-byte escape.
 REVIEW_BODY_MAX = 16 * 1024
-
-
-def _actor(name: str | None) -> str:
-    return name or "operator"
 
 
 def register_operator_routes(api: Api, manager: SessionManager) -> None:
@@ -48,7 +44,7 @@ def register_operator_routes(api: Api, manager: SessionManager) -> None:
             request.match_info["alert_id"],
             body.verdict,
             body.note or None,
-            _actor(who.name),
+            actor_of(who),
         )
         return json_response(alert)
 
@@ -82,7 +78,7 @@ def register_operator_routes(api: Api, manager: SessionManager) -> None:
         # A live session is ended first, by the node that runs it.
         if (remote := await forward_to_owner(request, "erase")) is not None:
             return remote
-        erased = await manager.erase_session(request.match_info["session_id"], _actor(who.name))
+        erased = await manager.erase_session(request.match_info["session_id"], actor_of(who))
         return json_response(erased)
 
     @api.route(

@@ -220,6 +220,10 @@ class AuditList(BaseModel):
 
 class StoreHealth(BaseModel):
     status: Literal["ok", "degraded"]
+    engine: str = Field(
+        description="where the store lives: sqlite:PATH or postgresql://user@host:port/db "
+        "(never a password)"
+    )
     reasons: list[str] = Field(description="writes_failing, queue_full")
     failed_writes: int = Field(description="Statements lost after every retry, since start")
     failed_batches: int
@@ -249,3 +253,56 @@ class Health(BaseModel):
         "lease (state held|lapsed|conflict, age_s, expires_in_s) and peers (alive, "
         "lease_age_s); status is degraded while Redis is down or the lease is not held",
     )
+
+
+class AlertRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = Field(description="The alert episode's id (null for a re-scored one)")
+    type: str
+    severity: str
+    category: str
+    object: str | None = Field(default=None, description="suspicious_object: the label")
+    status: Literal["active", "ended"]
+    started_at: float | None
+    ended_at: float | None
+    duration_s: float | None
+    message: str | None
+    details: dict[str, Any] = Field(
+        description="The numbers that made the rule fire, beside its thresholds (face count; "
+        "yaw and pitch; label and confidence; text)"
+    )
+    evidence_url: str | None = Field(
+        description="The snapshot of the frame that raised it (operator only); null when "
+        "there is none (EVIDENCE=none, not rendered yet, or dropped)"
+    )
+    review: dict[str, Any] | None = Field(
+        default=None, description="The operator's review: {verdict, note, at}; null when none"
+    )
+
+
+class AlertList(BaseModel):
+    session_id: str
+    alerts: list[AlertRecord]
+
+
+class RescoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rules: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Per rule, the settings to change, e.g. {"looking_away": {"yaw_deg": 40}, '
+        '"text_detected": {"enabled": false}}; names as the report\'s `rules` record gives '
+        "them (onset_frames, yaw_deg, pitch_deg, engagement_below, min_confidence, labels, "
+        "second_device_labels, min_chars, dwell_s, reasons) plus `enabled`",
+    )
+
+
+class RescoreResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    session_id: str
+    alerts: list[AlertRecord] = Field(
+        description="The alert history recomputed from the stored per-frame facts; "
+        "`original_id` names the original alert that opened at the same frame"
+    )
+    original: list[AlertRecord] = Field(description="The session's own alerts (unchanged)")
+    rules: dict[str, Any] = Field(description="The rules as applied (disabled: rules off)")
+    frames: dict[str, int]

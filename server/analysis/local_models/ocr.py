@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from server.analysis.local_models import ModelUnavailable, package_file
-from server.analysis.observation import TextLine
+from server.analysis.observation import Box, TextLine
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,30 @@ class TextReader:
         result = self._ocr(bgr)
         texts = getattr(result, "txts", None) or ()
         scores = getattr(result, "scores", None) or ()
+        boxes = getattr(result, "boxes", None)
+        quads = list(boxes) if boxes is not None else []
+        height, width = bgr.shape[:2]
         return tuple(
-            TextLine(str(text).strip(), float(score) * 100.0)
-            for text, score in zip(texts, scores, strict=False)
+            TextLine(
+                str(text).strip(),
+                float(score) * 100.0,
+                _box(quads[i], width, height) if i < len(quads) else None,
+            )
+            for i, (text, score) in enumerate(zip(texts, scores, strict=False))
             if str(text).strip()
         )
+
+
+def _box(quad: Any, width: int, height: int) -> Box | None:
+    """A line's four corners in pixels → its bounding box as ratios of the image."""
+    try:
+        points = np.asarray(quad, dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError):
+        return None
+    if points.size == 0 or width <= 0 or height <= 0:
+        return None
+    left = min(1.0, max(0.0, float(points[:, 0].min()) / width))
+    top = min(1.0, max(0.0, float(points[:, 1].min()) / height))
+    right = min(1.0, max(0.0, float(points[:, 0].max()) / width))
+    bottom = min(1.0, max(0.0, float(points[:, 1].max()) / height))
+    return Box(left, top, max(0.0, right - left), max(0.0, bottom - top))
