@@ -1,5 +1,5 @@
 """Two nodes of a cluster (SPEC "More than one machine") as real processes on loopback,
-sharing one store and a private redis-server: sessions are seen, watched, fed, ended and
+sharing a private PostgreSQL (one test also a SQLite file) and a private redis-server: sessions are seen, watched, fed, ended and
 reported from either node whichever node runs them; a node killed with SIGKILL has its
 sessions marked interrupted by the other, everything they stored kept; Redis restarted
 mid-session: events flow between the nodes again."""
@@ -18,7 +18,12 @@ import pytest
 from tests.cluster_kit import OPERATOR, Cluster, Node, eventually
 from tests.fakes.rekognition import FakeRekognition, fake_face, fake_label
 from tests.media import face_data_url
-from tests.services import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.services import (  # noqa: F401 (fixtures)
+    RedisServer,
+    postgres_cluster,
+    postgres_url,
+    redis_server,
+)
 from tests.test_socketio import Client
 
 pytestmark = pytest.mark.slow
@@ -26,9 +31,12 @@ LEASE_S = 2.0
 
 
 @pytest.fixture
-def store_env(tmp_path: Path) -> dict[str, str]:
-    """Where both nodes keep their data."""
-    return {"DATABASE_PATH": str(tmp_path / "shared.sqlite3")}
+def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Where both nodes keep their data: a database of the private PostgreSQL cluster, or
+    (parametrized "sqlite") one SQLite file, which nodes on one machine may share."""
+    if getattr(request, "param", "postgresql") == "sqlite":
+        return {"DATABASE_PATH": str(tmp_path / "shared.sqlite3")}
+    return {"DATABASE_URL": request.getfixturevalue("postgres_url")}
 
 
 @pytest.fixture
@@ -150,6 +158,7 @@ async def test_a_session_of_one_node_is_listed_watched_fed_and_reported_on_the_o
                                 outcome="2xx") == 0
 
 
+@pytest.mark.parametrize("store_env", ["postgresql", "sqlite"], indirect=True)
 async def test_a_killed_node_has_its_sessions_interrupted_by_the_other(
     cluster: Cluster, rekognition: FakeRekognition
 ) -> None:

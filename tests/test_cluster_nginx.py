@@ -20,7 +20,13 @@ from tests.cluster_kit import Cluster, Node
 from tests.conftest import free_port
 from tests.fakes.rekognition import FakeRekognition, fake_face
 from tests.media import face_data_url
-from tests.services import RedisServer, need_binary, redis_server  # noqa: F401 (fixture)
+from tests.services import (  # noqa: F401 (fixtures)
+    RedisServer,
+    need_binary,
+    postgres_cluster,
+    postgres_url,
+    redis_server,
+)
 from tests.test_socketio import EVENTS, Client
 
 pytestmark = pytest.mark.slow
@@ -32,10 +38,11 @@ async def proxied(
     http: aiohttp.ClientSession,
     redis_server: RedisServer,  # noqa: F811
     rekognition: FakeRekognition,
+    postgres_url: str,  # noqa: F811
 ) -> AsyncIterator[tuple[Cluster, Nginx]]:
     binary = need_binary("nginx", "/usr/sbin/nginx")
     cluster = Cluster(tmp_path, http, redis_server, rekognition,
-                      {"DATABASE_PATH": str(tmp_path / "shared.sqlite3")},
+                      {"DATABASE_URL": postgres_url},
                       env={"TRUSTED_PROXIES": '["127.0.0.1"]'})
     nginx: Nginx | None = None
     try:
