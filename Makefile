@@ -66,6 +66,7 @@ bench: install-test
 	$(IN_NETNS) $(PY) bench/webrtc_cost.py
 	$(IN_NETNS) $(PY) bench/webrtc_capacity.py
 	$(PY) bench/store_throughput.py
+	$(IN_NETNS) $(PY) bench/cluster.py --skip-store
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,9 +47,9 @@ def need(path: Path | str, package: str) -> str:
     return found
 
 
-def _wait(check: object, what: str, timeout_s: float = 30.0) -> None:
+def _wait(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not start within {timeout_s:.0f} s")
         time.sleep(0.1)
@@ -281,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with running(cluster):
+            assert cluster.redis is not None
             nodes = ", ".join(f"{n.node_id} {n.url}" for n in cluster.node_processes)
-            store = "SQLite" if args.sqlite else f"PostgreSQL {cluster.postgres.url}"  # type: ignore[union-attr]
+            store = "SQLite" if cluster.postgres is None else f"PostgreSQL {cluster.postgres.url}"
             print(f"cluster ready: open http://localhost:{args.port}/ "
-                  f"({nodes}; {store}; Redis {cluster.redis.url}; "  # type: ignore[union-attr]
+                  f"({nodes}; {store}; Redis {cluster.redis.url}; "
                   f"logs in {base}). Ctrl-C stops it.", flush=True)
             while not stop:
                 time.sleep(0.5)

@@ -160,7 +160,7 @@ class LeaseKeeper:
                 ident.node_id, ident.address, ident.incarnation, ident.started_at, now,
                 now + self.lease_s,
             )
-        except (StoreError, Exception) as exc:
+        except Exception as exc:  # StoreError, or any failure: the lease is at risk
             self.renew_failures.inc()
             self.healthy_since = None
             self.last_error = f"{type(exc).__name__}: {exc}"
