@@ -3,6 +3,7 @@ and wires the transports (REST, Socket.IO, static pages) onto one aiohttp applic
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,9 @@ from aiohttp import web
 
 from server.analysis.analyser import Analyser
 from server.analysis.backends import make_analyser, pose_calibration_factory
+from server.cluster.forwarding import cluster_middleware, node_cookie_middleware
+from server.cluster.node import NodeIdentity
+from server.cluster.routing import CLUSTER, ClusterNode, check_cluster_settings
 from server.config import Settings
 from server.observability import Instruments
 from server.session.alerts import AlertService
@@ -22,7 +26,7 @@ from server.session.store import Store
 from server.session.webhooks import WebhookSender
 from server.signaling import socketio_json
 from server.signaling.alerts_api import register_alert_routes
-from server.signaling.auth import ACCESS, Access
+from server.signaling.auth import ACCESS, Access, token_middleware
 from server.signaling.http_api import error_middleware
 from server.signaling.operator_api import register_operator_routes
 from server.signaling.rest import build_api
@@ -44,6 +48,7 @@ INSTRUMENTS = web.AppKey("instruments", Instruments)
 SOCKETIO = web.AppKey("socketio", socketio.AsyncServer)
 RTC = web.AppKey("rtc", RtcGateway)
 VIDEO_JOBS = web.AppKey("video_jobs", VideoJobs)
+NODE = web.AppKey("node", NodeIdentity)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 #: The cluster's Redis parts (REDIS_URL only).
 REDIS: web.AppKey[RedisParts] = web.AppKey("redis")
@@ -114,6 +119,9 @@ def create_app(
     # Settings checked before anything is built: a refusal leaves nothing to close.
     access = Access(settings)
     webhooks = WebhookSender(settings, instruments)
+    identity = NodeIdentity.from_settings(settings)
+    if settings.clustered:
+        check_cluster_settings(settings)
     analyser = analyser or make_analyser(settings, instruments)
     redis = None
     if settings.redis_url:  # a cluster node: budget, spend caps and video jobs in Redis
@@ -132,20 +140,35 @@ def create_app(
         shared_counters=redis.counters if redis else None,
     )
     manager.webhooks = webhooks
+    manager.node_id = identity.node_id
+    cluster: ClusterNode | None = None
+    if settings.clustered:
+        cluster = ClusterNode(settings, identity, manager, instruments)
+        manager.clustered = True
+        manager.session_id_tag = identity.tag
+        manager.before_store_close.append(cluster.leave)
+        access.share_candidate_tokens(manager.store)
+    middlewares = [proxy_middleware(settings)]
+    if cluster is not None:
+        middlewares += [
+            cluster_middleware(settings.cluster_secret),
+            node_cookie_middleware(identity.tag),
+        ]
+    middlewares += [host_middleware(settings), cors_middleware(settings), error_middleware]
+    if cluster is not None:
+        middlewares.append(token_middleware(access))
     app = web.Application(
         # App-wide ceiling; each route reads its body with its own, smaller limit.
         client_max_size=_max_body(settings),
-        middlewares=[
-            proxy_middleware(settings),
-            host_middleware(settings),
-            cors_middleware(settings),
-            error_middleware,
-        ],
+        middlewares=middlewares,
     )
     app[MANAGER] = manager
     app[SETTINGS] = settings
     app[INSTRUMENTS] = instruments
     app[ACCESS] = access
+    app[NODE] = identity
+    if cluster is not None:
+        app[CLUSTER] = cluster
     app[WEBHOOKS] = webhooks
 
     sio = GuardedServer(
@@ -162,14 +185,22 @@ def create_app(
         on_backpressure=lambda action: instruments.socketio_backpressure.labels(
             action=action
         ).inc(),
+        # Cluster: events to rooms reach their members on every node (over Redis).
+        **({"client_manager": cluster.fanout} if cluster is not None else {}),
     )
-    namespace = ProctorNamespace(manager, settings, access)
+    namespace = ProctorNamespace(manager, settings, access, cluster=cluster)
     sio.register_namespace(namespace)
     sio.attach(app)
     app[SOCKETIO] = sio
 
-    api = build_api(manager, settings, instruments, redis_health=redis.health if redis else None)
-    rtc = RtcGateway(manager, settings, instruments)
+    api = build_api(
+        manager,
+        settings,
+        instruments,
+        redis_health=redis.health if redis else None,
+        cluster=cluster,
+    )
+    rtc = RtcGateway(manager, settings, instruments, cluster=cluster)
     rtc.register(api)  # POST /api/rtc/offer, in the same OpenAPI document
     video_jobs = VideoJobs(manager, settings, queue=redis.queue if redis else None)
     manager.erase_hooks.append(video_jobs.forget_session)
@@ -216,6 +247,8 @@ def create_app(
     async def on_startup(app: web.Application) -> None:
         await webhooks.start()
         await manager.start()
+        if cluster is not None:  # the store is open: take the lease
+            await cluster.start()
         await video_jobs.start()
         namespace.feeds.start()
         if redis is not None:  # last: reaching Redis runs the spend and job resyncs
@@ -238,4 +271,26 @@ def create_app(
     # After the manager: sessions end first (pages get session_ended), then every peer,
     # task and decoder is released.
     app.on_shutdown.append(rtc.close)
+
+    async def close_sockets(app: web.Application) -> None:
+        # Sessions have ended (clients got session_ended): close every Socket.IO client, so
+        # no long-poll GET or websocket handler holds the stop for its ping interval.
+        # (Without waiting for each client to fetch its close packet: no new poll can
+        # reach a server that has stopped listening.)
+        for socket in list(sio.eio.sockets.values()):
+            try:
+                async with asyncio.timeout(1.0):
+                    await socket.close(wait=False)
+                socket.queue.put_nowait(None)  # ends a websocket's writer: it closes
+            except Exception:
+                log.exception("closing a Socket.IO client at shutdown failed")
+        sio.eio.sockets.clear()
+
+    app.on_shutdown.append(close_sockets)
+    if cluster is not None:
+        # Last: sessions ending above still send their events to other nodes.
+        async def close_cluster(app: web.Application) -> None:
+            await cluster.close()
+
+        app.on_shutdown.append(close_cluster)
     return app

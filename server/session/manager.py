@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +25,7 @@ from server.analysis.budget import Budget, CallBudget, Priority
 from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine, rules_from_settings
 from server.analysis.scoring import Scorer
+from server.cluster.node import new_session_id
 from server.config import Settings
 from server.errors import (
     BackendUnavailable,
@@ -129,6 +129,15 @@ class SessionManager:
         self.webhooks: WebhookSender | None = None
         self.erase_hooks: list[EraseHook] = []
         self.interrupted_at_start: list[str] = []
+        #: This node (sessions.node_id), and in a cluster the tag its session ids carry.
+        self.node_id: str | None = None
+        self.session_id_tag: str | None = None
+        #: In a cluster the store is shared: open() interrupts only this node's sessions,
+        #: and a start is committed before it is answered (another node may be asked
+        #: about the session, or its candidate token, right after).
+        self.clustered = False
+        #: Awaited at stop once sessions have ended, before the store closes.
+        self.before_store_close: list[Callable[[], Awaitable[None]]] = []
         #: What builds reports (a subclass can be swapped in, e.g. by tests).
         self.report_builder: type[ReportBuilder] = ReportBuilder
         self.session_observers: list[SessionObserver] = []
@@ -138,7 +147,9 @@ class SessionManager:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.interrupted_at_start = await self.store.open()
+        self.interrupted_at_start = await self.store.open(
+            self.node_id if self.clustered else None
+        )
         await self.spend.start()
         await self.analyser.start()
         self.evidence.start()
@@ -198,6 +209,8 @@ class SessionManager:
         # Snapshots still queued get what is left of a second, then are given up.
         await self.evidence.stop(timeout_s=max(0.0, min(1.0, deadline - loop.time() - reserve / 2)))
         await self._close_within(self.spend.stop(), deadline, "spend counters")
+        for hook in self.before_store_close:
+            await self._close_within(hook(), deadline, "cluster lease")
         await self.store.close(timeout_s=max(0.1, deadline - loop.time()))
         await self._close_within(self.analyser.close(), deadline, "analyser")
         await self._close_within(self.router.close(), deadline, "offline analyser")
@@ -220,6 +233,10 @@ class SessionManager:
 
     def live_sessions(self) -> list[LiveSession]:
         return list(self._live.values())
+
+    def has_live(self, session_id: str) -> bool:
+        """Whether this node runs the session (live or ending) in memory."""
+        return session_id in self._live or session_id in self._ending
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -248,7 +265,7 @@ class SessionManager:
         await self.spend.admit_start(client_address)
         self._check_capacity()  # again: others may have started meanwhile
         session = self._new_session(
-            secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+            new_session_id(self.session_id_tag),  # 128 random bits: its capability
             transport,
             dict(job_data),
             time.time() if started_at is None else started_at,
@@ -260,7 +277,13 @@ class SessionManager:
             session.id, transport, session.backend, session.job_data, session.started_at,
             rules=self._rules_record(session),
             backend_switches=session.backend_switches,
+            node_id=self.node_id,
         )
+        if self.clustered:
+            try:
+                await self.store.flush(session.id)
+            except StoreError as exc:  # the session runs; other nodes learn of it late
+                self.internal_error("store", exc, session)
         await self._announce(session)
         self._start_worker(session)
         self.instruments.sessions_started.labels(transport=transport).inc()
@@ -894,6 +917,13 @@ class SessionManager:
             raise _store_unavailable() from exc
         if stored is not None:
             return stored
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+        if record is not None and record["status"] == "live":
+            # Live on another node of the cluster (this node's own are in self._live).
+            raise ReportNotReady(f"session {session_id} is still live", code="session_live")
         return await self._make_report(session_id, use_llm=True)
 
     # --- review, erasure, retention ----------------------------------------------------

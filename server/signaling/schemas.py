@@ -148,6 +148,7 @@ class SessionRecord(BaseModel):
         description="A session live on this node: health {status: ok|warning|bad, "
         "reasons}, backend, duration_s, frames_analysed, alerts_active",
     )
+    node_id: str | None = Field(default=None, description="The node that runs (ran) it")
     review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
         default=None,
         description="not_reviewed | reviewed (every alert reviewed, all dismissed) | "
@@ -282,6 +283,12 @@ class Health(BaseModel):
     )
     uptime_s: float
     version: str
+    cluster: dict[str, Any] | None = Field(
+        default=None,
+        description="With REDIS_URL: this node (node_id, address, tag), redis ok|down, its "
+        "lease (state held|lapsed|conflict, age_s, expires_in_s) and peers (alive, "
+        "lease_age_s); status is degraded while Redis is down or the lease is not held",
+    )
 
 
 class AlertRecord(BaseModel):
