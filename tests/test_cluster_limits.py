@@ -52,6 +52,7 @@ def cluster(redis_server: RedisServer, postgres_url: str) -> dict[str, Any]:
 def cluster_settings(tmp_path: Path, cluster: dict[str, Any], **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "redis_url": cluster["redis"].url,
+        "cluster_secret": "test-cluster-secret",
         "database_url": cluster["database_url"],
         "redis_ping_interval_s": 0.2,
         "analyser_calls_per_s": RATE,
@@ -62,7 +63,10 @@ def cluster_settings(tmp_path: Path, cluster: dict[str, Any], **overrides: Any) 
 
 @contextlib.asynccontextmanager
 async def two_nodes(settings: Any, **app_kwargs: Any) -> AsyncIterator[list[RunningServer]]:
-    nodes = [await start_server(settings, **app_kwargs), await start_server(settings, **app_kwargs)]
+    nodes = [
+        await start_server(settings.model_copy(update={"node_id": f"node-{i}"}), **app_kwargs)
+        for i in range(2)
+    ]
     try:
         yield nodes
     finally:

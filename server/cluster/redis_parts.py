@@ -15,8 +15,10 @@ from server.observability import Instruments
 
 
 class RedisParts:
-    def __init__(self, settings: Settings, instruments: Instruments) -> None:
-        self.link = RedisLink(settings, instruments)
+    def __init__(
+        self, settings: Settings, instruments: Instruments, node_id: str | None = None
+    ) -> None:
+        self.link = RedisLink(settings, instruments, node_id)
         self.budget = SharedBudget(
             settings.analyser_calls_per_s,
             self.link,
