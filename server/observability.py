@@ -175,3 +175,31 @@ class Instruments:
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        # --- cluster (REDIS_URL) ---------------------------------------------------------
+        self.redis_up = Gauge(
+            "proctor_redis_up", "1 while this node reaches Redis (REDIS_URL), else 0", registry=r
+        )
+        self.redis_errors = Counter(
+            "proctor_redis_errors",
+            "Redis commands that failed, by what asked (budget, spend, video_queue, link)",
+            ["where"],
+            registry=r,
+        )
+        self.budget_shared = Gauge(
+            "proctor_budget_shared",
+            "1 while the Rekognition call budget is the cluster's shared one in Redis, 0 "
+            "while this node falls back to its local share",
+            registry=r,
+        )
+        self.budget_fallbacks = Counter(
+            "proctor_budget_fallbacks",
+            "Times the shared call budget fell back to the local share (Redis unreachable)",
+            registry=r,
+        )
+        self.video_jobs_enqueued = Counter(
+            "proctor_video_jobs_enqueued",
+            "Video jobs put on the Redis job queue: submitted (new or resumed) or "
+            "reenqueued (from the store, after a start or a Redis reconnect)",
+            ["how"],
+            registry=r,
+        )

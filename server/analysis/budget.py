@@ -22,9 +22,28 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 Priority = Literal["live", "background"]
+
+
+class Budget(Protocol):
+    """What the session worker asks of a budget: this module's `CallBudget` (one node) or
+    `server.cluster.shared_budget.SharedBudget` (one budget for every node)."""
+
+    rate_per_s: float
+
+    @property
+    def unlimited(self) -> bool: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    async def acquire(self, calls: int = 1, priority: Priority = "live") -> None: ...
+
+    def close(self) -> None: ...
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -56,6 +75,11 @@ class CallBudget:
     @property
     def unlimited(self) -> bool:
         return self._limit == 0
+
+    @property
+    def limit(self) -> int:
+        """Calls allowed in any window (0: unlimited)."""
+        return self._limit
 
     @property
     def waiting(self) -> int:
@@ -161,6 +185,29 @@ class CallBudget:
                 waiter = queue.popleft()
                 if not waiter.future.done():
                     waiter.future.cancel()
+
+    def try_take(self, calls: int) -> float:
+        """Take `calls` grants now if the window has room (0.0), else the seconds until
+        it will; never waits and ignores the queue (a caller with its own queue in front
+        of this budget, e.g. the shared budget's fallback, uses it)."""
+        if self.unlimited or calls <= 0:
+            return 0.0
+        calls = min(calls, self._limit)
+        now = time.monotonic()
+        self._expire(now)
+        wait = self._room(now, calls)
+        if wait == 0.0:
+            self._grant(now, calls, now)
+        return wait
+
+    def seed(self, ages: list[float]) -> None:
+        """Count grants made `ages` seconds ago elsewhere (the shared budget's own recent
+        grants, when it falls back to this one) as if made here."""
+        now = time.monotonic()
+        times = sorted(now - a for a in ages if 0 <= a < self.window_s)
+        merged = sorted([*self._grants, *times])[-(self._limit or 1) :]
+        self._grants.clear()
+        self._grants.extend(merged)
 
     def grants_in_window(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

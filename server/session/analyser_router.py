@@ -24,7 +24,7 @@ from server.analysis.observation import Checks, Observation
 from server.config import Settings
 from server.observability import Instruments
 from server.session.live_session import LiveSession
-from server.session.spend import REKOGNITION_CAP, SpendCaps
+from server.session.spend import REKOGNITION_CAP, Held, SpendCaps
 from server.session.store import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Route:
     backend: str
     reserved: int = 0
     reason: str = ""
+    held: Held = "local"  # where the reserved calls are counted (this node, or Redis)
 
 
 class AnalyserRouter:
@@ -92,8 +93,9 @@ class AnalyserRouter:
             if not self.capped:
                 return Route(self.primary, self.primary.name)
             calls = len(checks.names())
-            if self.spend.reserve_rekognition(calls):
-                return Route(self.primary, self.primary.name, reserved=calls)
+            held = await self.spend.reserve_rekognition(calls)
+            if held is not None:
+                return Route(self.primary, self.primary.name, reserved=calls, held=held)
             self._move(session, time.time())
             await self.store.set_backend(session.id, session.backend, session.backend_switches)
             log.warning(
@@ -112,7 +114,7 @@ class AnalyserRouter:
         """The calls an analysis really billed (the observation's `calls`) are counted."""
         if route.analyser is self.primary and self.capped:
             billed = 0 if obs is None else sum(obs.calls.values())
-            self.spend.settle_rekognition(route.reserved, billed)
+            self.spend.settle_rekognition(route.reserved, billed, route.held)
 
     def _move(self, session: LiveSession, at: float | None) -> None:
         """Put `session` on the offline backend; `at` None: it had moved before."""

@@ -15,17 +15,17 @@ import contextlib
 import functools
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from server.analysis.analyser import Analyser, PoseCalibration
 from server.analysis.backends import pose_calibration_factory as backend_pose_factory
-from server.analysis.budget import CallBudget, Priority
+from server.analysis.budget import Budget, CallBudget, Priority
 from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine, rules_from_settings
 from server.analysis.scoring import Scorer
+from server.cluster.node import new_session_id
 from server.config import Settings
 from server.errors import (
     BackendUnavailable,
@@ -56,6 +56,9 @@ from server.session.store import Store, StoreError, StoreTimeout, loads_object
 from server.session.webhooks import WebhookSender
 from server.session.worker import SessionPipeline
 
+if TYPE_CHECKING:
+    from server.cluster.shared_spend import SharedCounters
+
 log = logging.getLogger(__name__)
 
 NarratorFactory = Callable[[], Any]
@@ -77,9 +80,13 @@ class SessionManager:
         pose_calibration_factory: Callable[[], PoseCalibration] | None = None,
         *,
         offline_analyser: Analyser | None = None,
+        budget: Budget | None = None,
+        shared_counters: SharedCounters | None = None,
     ) -> None:
         """`offline_analyser`: an offline backend already started, for sessions moved off
-        a capped Rekognition (the caller owns it); default: one made when first needed."""
+        a capped Rekognition (the caller owns it); default: one made when first needed.
+        `budget`, `shared_counters`: the cluster's call budget and spend counters
+        (REDIS_URL); default: this node's own."""
         self.settings = settings
         self.analyser = analyser
         self.store = store
@@ -88,7 +95,7 @@ class SessionManager:
         self.pose_calibration_factory = pose_calibration_factory
         # Server-wide billed API calls per second (the Rekognition TPS quota), shared
         # round-robin by every session of every transport, live before background.
-        self.budget = CallBudget(settings.analyser_calls_per_s)
+        self.budget: Budget = budget or CallBudget(settings.analyser_calls_per_s)
         billed = bool(getattr(analyser, "billed", False))
         self.pacing = IdlePacing(
             billed,
@@ -96,7 +103,7 @@ class SessionManager:
             local_idle_s=settings.sampler_local_idle_interval_s,
             workers=int(getattr(analyser, "workers", 1) or 1),
         )
-        self.spend = SpendCaps(settings, store, instruments)
+        self.spend = SpendCaps(settings, store, instruments, shared_counters)
         self.router = AnalyserRouter(
             settings, analyser, self.spend, store, instruments,
             offline=offline_analyser,
@@ -122,6 +129,15 @@ class SessionManager:
         self.webhooks: WebhookSender | None = None
         self.erase_hooks: list[EraseHook] = []
         self.interrupted_at_start: list[str] = []
+        #: This node (sessions.node_id), and in a cluster the tag its session ids carry.
+        self.node_id: str | None = None
+        self.session_id_tag: str | None = None
+        #: In a cluster the store is shared: open() interrupts only this node's sessions,
+        #: and a start is committed before it is answered (another node may be asked
+        #: about the session, or its candidate token, right after).
+        self.clustered = False
+        #: Awaited at stop once sessions have ended, before the store closes.
+        self.before_store_close: list[Callable[[], Awaitable[None]]] = []
         #: What builds reports (a subclass can be swapped in, e.g. by tests).
         self.report_builder: type[ReportBuilder] = ReportBuilder
         self.session_observers: list[SessionObserver] = []
@@ -131,7 +147,9 @@ class SessionManager:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.interrupted_at_start = await self.store.open()
+        self.interrupted_at_start = await self.store.open(
+            self.node_id if self.clustered else None
+        )
         await self.spend.start()
         await self.analyser.start()
         self.evidence.start()
@@ -191,6 +209,8 @@ class SessionManager:
         # Snapshots still queued get what is left of a second, then are given up.
         await self.evidence.stop(timeout_s=max(0.0, min(1.0, deadline - loop.time() - reserve / 2)))
         await self._close_within(self.spend.stop(), deadline, "spend counters")
+        for hook in self.before_store_close:
+            await self._close_within(hook(), deadline, "cluster lease")
         await self.store.close(timeout_s=max(0.1, deadline - loop.time()))
         await self._close_within(self.analyser.close(), deadline, "analyser")
         await self._close_within(self.router.close(), deadline, "offline analyser")
@@ -213,6 +233,10 @@ class SessionManager:
 
     def live_sessions(self) -> list[LiveSession]:
         return list(self._live.values())
+
+    def has_live(self, session_id: str) -> bool:
+        """Whether this node runs the session (live or ending) in memory."""
+        return session_id in self._live or session_id in self._ending
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -237,9 +261,11 @@ class SessionManager:
                 status=413,
             )
         self._check_capacity()
-        self.spend.check_start(client_address)
+        # Checked and counted in one step (in a cluster, one Redis script for all nodes).
+        await self.spend.admit_start(client_address)
+        self._check_capacity()  # again: others may have started meanwhile
         session = self._new_session(
-            secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+            new_session_id(self.session_id_tag),  # 128 random bits: its capability
             transport,
             dict(job_data),
             time.time() if started_at is None else started_at,
@@ -247,12 +273,17 @@ class SessionManager:
         )
         self.router.starting(session)  # past the Rekognition cap: on the offline backend
         self._live[session.id] = session
-        await self.spend.record_start(client_address)
         await self.store.create_session(
             session.id, transport, session.backend, session.job_data, session.started_at,
             rules=self._rules_record(session),
             backend_switches=session.backend_switches,
+            node_id=self.node_id,
         )
+        if self.clustered:
+            try:
+                await self.store.flush(session.id)
+            except StoreError as exc:  # the session runs; other nodes learn of it late
+                self.internal_error("store", exc, session)
         await self._announce(session)
         self._start_worker(session)
         self.instruments.sessions_started.labels(transport=transport).inc()
@@ -827,7 +858,7 @@ class SessionManager:
         from server.session.narrative import Narrative, facts_from_report
 
         assert self.narrator is not None
-        if self.spend.reached("llm_tokens"):
+        if await self.spend.reached_now("llm_tokens"):
             self.spend.hit("llm_daily_tokens")
             log.warning("daily LLM token cap reached: rule-based narrative",
                         extra={"session_id": report.get("session_id")})
@@ -886,6 +917,13 @@ class SessionManager:
             raise _store_unavailable() from exc
         if stored is not None:
             return stored
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+        if record is not None and record["status"] == "live":
+            # Live on another node of the cluster (this node's own are in self._live).
+            raise ReportNotReady(f"session {session_id} is still live", code="session_live")
         return await self._make_report(session_id, use_llm=True)
 
     # --- review, erasure, retention ----------------------------------------------------

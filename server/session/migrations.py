@@ -177,6 +177,41 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX sessions_by_activity ON sessions (last_activity)",
         ),
     ),
+    Migration(
+        7,
+        "video jobs across nodes: who runs a job, until when, a cancel asked from elsewhere",
+        (
+            "ALTER TABLE video_jobs ADD COLUMN owner TEXT",  # node id + run token, while it runs
+            "ALTER TABLE video_jobs ADD COLUMN lease_until REAL",  # owner renews it (NODE_LEASE_S)
+            "ALTER TABLE video_jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+        ),
+        None,
+    ),
+    Migration(
+        8,
+        "cluster: session owners, node leases, candidate tokens shared by every node",
+        (
+            # The node that runs the session (its media, frames and worker).
+            "ALTER TABLE sessions ADD COLUMN node_id TEXT",
+            "CREATE INDEX sessions_by_status_node ON sessions (status, node_id)",
+            # One lease per node, renewed every NODE_LEASE_S / 3: a session is alive as
+            # long as its node's lease is (sessions never move between live nodes).
+            """CREATE TABLE nodes (
+                node_id TEXT PRIMARY KEY,
+                address TEXT NOT NULL,     -- NODE_ADDRESS: where peers forward to
+                incarnation TEXT NOT NULL, -- random per process start
+                started_at REAL NOT NULL,
+                renewed_at REAL NOT NULL,
+                lease_until REAL NOT NULL
+            )""",
+            """CREATE TABLE candidate_tokens (
+                digest TEXT PRIMARY KEY,   -- SHA-256 of the token, hex; never the token
+                session_id TEXT NOT NULL,
+                created_at REAL NOT NULL
+            )""",
+            "CREATE INDEX candidate_tokens_by_session ON candidate_tokens (session_id)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

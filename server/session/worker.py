@@ -25,7 +25,7 @@ from typing import Any
 
 from server.analysis import facts
 from server.analysis.analyser import Analyser
-from server.analysis.budget import CallBudget
+from server.analysis.budget import Budget
 from server.analysis.observation import Checks, Observation
 from server.analysis.rules import FrameFacts
 from server.analysis.scoring import FrameMetrics
@@ -104,7 +104,7 @@ class SessionPipeline:
         router: AnalyserRouter,
         store: Store,
         instruments: Instruments,
-        budget: CallBudget,
+        budget: Budget,
         pacing: IdlePacing,
         on_error: ErrorHook,
         evidence: EvidenceWriter | None = None,

@@ -148,6 +148,7 @@ class SessionRecord(BaseModel):
         description="A session live on this node: health {status: ok|warning|bad, "
         "reasons}, backend, duration_s, frames_analysed, alerts_active",
     )
+    node_id: str | None = Field(default=None, description="The node that runs (ran) it")
     review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
         default=None,
         description="not_reviewed | reviewed (every alert reviewed, all dismissed) | "
@@ -239,11 +240,38 @@ class StoreHealth(BaseModel):
     queue_capacity: int
 
 
+class RedisHealth(BaseModel):
+    url: str = Field(description="REDIS_URL without its password")
+    status: Literal["ok", "down"]
+    node: str = Field(description="this node's id in the cluster")
+    nodes_seen: int = Field(description="nodes that pinged Redis lately (this one too)")
+    last_error: str | None
+    last_error_at: float | None
+    down_since: float | None
+    outages: int = Field(description="times this node lost Redis")
+    data_losses: int = Field(
+        description="times Redis was found without its data (a restart between two pings)"
+    )
+    budget: dict[str, Any] = Field(
+        description="the Rekognition call budget: mode shared | local-fallback, its rate, "
+        "the local share used while Redis is down, fallbacks so far"
+    )
+    spend: Literal["shared", "local-fallback"]
+    video_queue: dict[str, Any] = Field(
+        description="the Redis job queue: name, depth (entries waiting or running, as of "
+        "the last ping), jobs running on this node"
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"] = Field(
-        description="degraded while store writes fail (still HTTP 200: the server serves)"
+        description="degraded while store writes fail or Redis (REDIS_URL) is unreachable "
+        "(still HTTP 200: the server serves)"
     )
     store: StoreHealth
+    redis: RedisHealth | None = Field(
+        default=None, description="the cluster's Redis link (null without REDIS_URL)"
+    )
     backend: str
     live_sessions: int
     auth: Literal["token", "none"] = Field(
@@ -255,6 +283,12 @@ class Health(BaseModel):
     )
     uptime_s: float
     version: str
+    cluster: dict[str, Any] | None = Field(
+        default=None,
+        description="With REDIS_URL: this node (node_id, address, tag), redis ok|down, its "
+        "lease (state held|lapsed|conflict, age_s, expires_in_s) and peers (alive, "
+        "lease_age_s); status is degraded while Redis is down or the lease is not held",
+    )
 
 
 class AlertRecord(BaseModel):

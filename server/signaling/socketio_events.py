@@ -14,16 +14,23 @@ A client that does not read what it is sent cannot hold memory or the pipeline: 
 only queue packets (engine.io's per-client queue, which is unbounded), so `GuardedServer`
 caps that queue — past SOCKETIO_SEND_QUEUE_MAX packets the client's `frame_analysis` and
 `live_metrics` are dropped, at twice that it is disconnected.
+
+In a cluster, an event naming a session another node runs is passed to that node as
+its REST request (server/cluster/routing.py), and this node answers its client from the
+owner's answer; the session's events reach the client's rooms here over Redis
+(server/cluster/fanout.py), since the owner emits every session's events to its rooms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import socketio
 from engineio.async_socket import AsyncSocket
@@ -47,6 +54,10 @@ from server.signaling.watchers import (
     watch_room,
 )
 
+if TYPE_CHECKING:
+    from server.cluster.leases import Peer
+    from server.cluster.routing import ClusterNode
+
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +80,24 @@ def _payload(data: Any) -> dict[str, Any]:
 COALESCABLE_PREFIXES = ('2["frame_analysis"', '2["live_metrics"')
 
 
+class _WholeBody:
+    """engine.io reads a long-polling POST with one `read(Content-Length)`, which on
+    aiohttp's stream returns only what has arrived so far: a packet that reaches us in
+    pieces (through a proxy, or a slow network) was cut short and refused as bad JSON.
+    This reads until it has all the bytes (or the stream ends)."""
+
+    def __init__(self, content: Any) -> None:
+        self._content = content
+
+    async def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return bytes(await self._content.read())
+        try:
+            return bytes(await self._content.readexactly(n))
+        except asyncio.IncompleteReadError as exc:
+            return bytes(exc.partial)
+
+
 class GuardedServer(socketio.AsyncServer):
     """python-socketio's server, with event packets shaped before dispatch: its own code
     indexes `data[0]` (a crash on `42{}` or `42[]`) and dispatches a client-sent `connect`
@@ -80,7 +109,9 @@ class GuardedServer(socketio.AsyncServer):
     but would grow that queue for as long as it stays connected. Past `send_queue_max`
     packets waiting, coalescable packets to it are dropped; at twice that it is
     disconnected and its queue freed. Every emit path (rooms, one client, pub/sub
-    managers delivering on this node) goes through `_send_eio_packet`."""
+    managers delivering on this node) goes through `_send_eio_packet`.
+
+    Long-polling bodies are read whole (`_WholeBody`)."""
 
     def __init__(
         self,
@@ -90,6 +121,16 @@ class GuardedServer(socketio.AsyncServer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        drivers = dict(self.eio._async)  # the module's own dict: copied, not changed
+        translate = drivers["translate_request"]
+
+        def translate_request(request: Any) -> dict[str, Any]:
+            environ = dict(translate(request))
+            environ["wsgi.input"] = _WholeBody(environ["wsgi.input"])
+            return environ
+
+        drivers["translate_request"] = translate_request
+        self.eio._async = drivers
         self.send_queue_max = send_queue_max
         self._on_backpressure = on_backpressure
         self._cut: weakref.WeakSet[AsyncSocket] = weakref.WeakSet()
@@ -168,6 +209,7 @@ class ProctorNamespace(socketio.AsyncNamespace):
         settings: Settings,
         access: Access,
         namespace: str = "/",
+        cluster: ClusterNode | None = None,
     ) -> None:
         super().__init__(namespace)
         self.manager = manager
@@ -180,9 +222,11 @@ class ProctorNamespace(socketio.AsyncNamespace):
             self._local_participants,
             local_rooms_only=self._rooms_are_local,
         )
+        self.cluster = cluster
         self._tokens: dict[str, str | None] = {}
         self._bases: dict[str, str] = {}
         self._addresses: dict[str, str | None] = {}  # the client address (spend caps)
+        self._hosts: dict[str, tuple[str, str]] = {}  # (host, scheme) the client used
         self._events: dict[str, TokenBucket] = {}
         self._errors: dict[str, TokenBucket] = {}
 
@@ -197,6 +241,7 @@ class ProctorNamespace(socketio.AsyncNamespace):
             return await self._limited_error(sid, event)
         data = args[1] if len(args) > 1 else None
         try:
+            await self._resolve_tokens(sid, data)
             if event == REJECTED_EVENT:
                 raise BadRequest(f"message refused: {data}", code="invalid_json")
             if not isinstance(event, str) or not hasattr(self, f"on_{event}"):
@@ -242,6 +287,33 @@ class ProctorNamespace(socketio.AsyncNamespace):
         await self.emit("error", body, to=sid)
         return {"status": "error", "error": body}
 
+    async def _resolve_tokens(self, sid: str, data: Any) -> None:
+        """Cluster: load tokens another node issued before `_authorize` looks at them."""
+        if self.cluster is None:
+            return
+        from server.errors import BackendUnavailable
+        from server.session.store import StoreError
+
+        token = None
+        if isinstance(data, str) and '"token"' in data:  # a JSON.stringify()'d payload
+            try:
+                data = safe_json.loads(data)
+            except safe_json.JsonRejected:
+                data = None
+        if isinstance(data, dict) and isinstance(data.get("token"), str):
+            token = data["token"]
+        try:
+            for t in (self._tokens.get(sid), token):
+                await self.access.resolve(t)
+        except StoreError:
+            raise BackendUnavailable(
+                "the session store cannot be read", code="store_unavailable"
+            ) from None
+
+    def _token(self, sid: str, payload: dict[str, Any]) -> str | None:
+        token = payload.get("token")
+        return token if isinstance(token, str) and token else self._tokens.get(sid)
+
     def _authorize(
         self, sid: str, payload: dict[str, Any], action: Action, session_id: object = None
     ) -> Principal:
@@ -251,11 +323,56 @@ class ProctorNamespace(socketio.AsyncNamespace):
         return self.access.authorize(token, action, session_id)
 
     async def _join(self, sid: str, session: LiveSession, who: Principal) -> None:
-        # One feed per session, whichever transport started it, sends to its rooms.
+        # One feed per session, whichever transport started it, sends to its rooms (the
+        # feeds follow every session from its start: in a cluster its watchers may be on
+        # any node).
         self.feeds.feed(session)
-        if session.id not in self.rooms(sid):
-            log.info("socket %s connected to the session", sid, extra={"session_id": session.id})
-        await self.enter_room(sid, session.id if who.is_operator else candidate_room(session.id))
+        await self._enter(sid, session.id, who)
+
+    async def _enter(self, sid: str, session_id: str, who: Principal) -> None:
+        if session_id not in self.rooms(sid):
+            log.info("socket %s connected to the session", sid, extra={"session_id": session_id})
+        await self.enter_room(sid, session_id if who.is_operator else candidate_room(session_id))
+
+    # --- sessions another node runs (cluster) -----------------------------------------
+
+    async def _owner(self, session_id: object) -> Peer | None:
+        if self.cluster is None:
+            return None
+        return await self.cluster.owner_of(session_id)
+
+    async def _on_owner(
+        self, sid: str, payload: dict[str, Any], peer: Peer, method: str, action: str,
+        kind: str, body: dict[str, Any] | None = None,
+    ) -> Any:
+        """The event as its REST request to the session's owner; its answer's JSON, or
+        the owner's error raised as ours."""
+        assert self.cluster is not None
+        session_id = str(payload.get("session_id"))
+        raw = None
+        if body is not None:
+            big = len(str(body.get("frame", ""))) > self.settings.offload_bytes
+            raw = (await asyncio.to_thread(json.dumps, body) if big else json.dumps(body)).encode()
+        host, scheme = self._hosts.get(sid, ("localhost", "http"))
+        answer = await self.cluster.call(
+            peer, method, f"/api/sessions/{quote(session_id, safe='')}/{action}", kind=kind,
+            token=self._token(sid, payload), client=self._addresses.get(sid), host=host,
+            scheme=scheme, body=raw,
+        )
+        data = answer.json()
+        if answer.status == 200 and isinstance(data, dict):
+            return data
+        error = data.get("error") if isinstance(data, dict) else None
+        if not isinstance(error, dict):
+            error = {"code": "owner_unavailable", "message": "the session's node failed"}
+        exc = ProctorError(
+            str(error.get("message", "")), code=str(error.get("code", "error")),
+            status=answer.status if answer.status >= 400 else 502,
+        )
+        retry = answer.headers.get("Retry-After", "")
+        if retry.isdigit():
+            exc.retry_after_s = int(retry)
+        raise exc
 
     def _local_participants(self, room: str) -> list[str]:
         assert self.server is not None
@@ -274,13 +391,17 @@ class ProctorNamespace(socketio.AsyncNamespace):
         # The aiohttp request, after web_guard's proxy rule (its REMOTE_ADDR is a constant).
         request = environ.get("aiohttp.request")
         self._addresses[sid] = getattr(request, "remote", None)
+        if request is not None:
+            self._hosts[sid] = (request.host, request.scheme)
         s = self.settings
         self._events[sid] = TokenBucket(s.socketio_events_per_s, s.socketio_event_burst)
         self._errors[sid] = TokenBucket(s.socketio_errors_per_s, s.socketio_errors_per_s)
         log.debug("socket %s connected (token %s)", sid, fingerprint(token))
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
-        for table in (self._tokens, self._bases, self._events, self._errors, self._addresses):
+        for table in (
+            self._tokens, self._bases, self._events, self._errors, self._addresses, self._hosts,
+        ):
             table.pop(sid, None)
         log.debug("socket %s disconnected", sid)
         for room in self.rooms(sid):
@@ -300,7 +421,7 @@ class ProctorNamespace(socketio.AsyncNamespace):
         session = await self.manager.start_session(
             job_data, transport="socketio", client_address=self._addresses.get(sid)
         )
-        token = self.access.issue_candidate_token(session.id)
+        token = await self.access.issue(session.id)
         await self._join(sid, session, who)
         started = {
             **self.manager.started_payload(session),
@@ -314,6 +435,15 @@ class ProctorNamespace(socketio.AsyncNamespace):
         payload = _payload(data)
         try:
             who = self._authorize(sid, payload, "frame", payload.get("session_id"))
+            if (peer := await self._owner(payload.get("session_id"))) is not None:
+                if "frame" not in payload:
+                    raise BadRequest("frame is missing", code="missing_field")
+                await self._enter(sid, str(payload["session_id"]), who)
+                body = {"frame": payload["frame"]}
+                if payload.get("timestamp") is not None:
+                    body["timestamp"] = payload["timestamp"]
+                return dict(await self._on_owner(sid, payload, peer, "POST", "frame", "frame",
+                                                 body))
             session = await self.manager.get_live(payload.get("session_id"))
             await self._join(sid, session, who)
             if "frame" not in payload:
@@ -334,6 +464,12 @@ class ProctorNamespace(socketio.AsyncNamespace):
         payload = _payload(data)
         try:
             who = self._authorize(sid, payload, "live_metrics", payload.get("session_id"))
+            if (peer := await self._owner(payload.get("session_id"))) is not None:
+                await self._enter(sid, str(payload["session_id"]), who)
+                # The owner shapes it for this token's view.
+                metrics = await self._on_owner(sid, payload, peer, "GET", "metrics", "metrics")
+                await self.emit("live_metrics", metrics, to=sid)
+                return {"status": "ok"}
             session = await self.manager.get_live(payload.get("session_id"))
         except ProctorError as exc:
             return await self._error(sid, "get_live_metrics", exc, payload)
@@ -346,6 +482,11 @@ class ProctorNamespace(socketio.AsyncNamespace):
         payload = _payload(data)
         try:
             who = self._authorize(sid, payload, "end", payload.get("session_id"))
+            if (peer := await self._owner(payload.get("session_id"))) is not None:
+                # In the rooms first: `session_ended` comes back from the owner over Redis.
+                await self._enter(sid, str(payload["session_id"]), who)
+                await self._on_owner(sid, payload, peer, "POST", "end", "end")
+                return {"status": "ok"}
             session = await self.manager.get_live(payload.get("session_id"))
             await self._join(sid, session, who)
             # `session_ended` reaches the rooms (this client included) from the session.

@@ -77,7 +77,7 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
         length = request.content_length
         if length is not None and length > settings.video_max_bytes + TEXT_FIELD_MAX * 4:
             raise VideoTooLarge(f"the upload exceeds the limit of {settings.video_max_bytes} bytes")
-        jobs.admit()  # before receiving a file that could not be queued
+        await jobs.admit()  # before receiving a file that could not be queued
         reader = await request.multipart()
         job_id, path = jobs.upload_path()
         saved = False
@@ -136,7 +136,7 @@ def register_video_routes(api: Api, jobs: VideoJobs, settings: Settings) -> None
         # Each job starts a session: it counts against SESSION_STARTS_PER_MINUTE, checked
         # before an upload is received, counted once the job is accepted.
         spend = jobs.manager.spend
-        spend.check_start(request.remote)
+        await spend.check_start(request.remote)
         if request.content_type.startswith("multipart/"):
             record = await upload(request)
         else:

@@ -12,6 +12,23 @@ Resumption: an interrupted job keeps its session (`interrupted` in the store) an
 file. `resume` reopens that same session in the manager (`reopen_session`: same id, clock
 and counters, aggregate rebuilt from the stored frames) and the sampler continues at the
 first sample after the last stored frame, so the job still has one session and one report.
+
+In a cluster (a `JobQueue`, REDIS_URL: `server.cluster.video_queue`) jobs are not queued
+in this process: a job is written to the store, then put on the Redis queue, and whichever
+node's worker takes it runs it here (`run_from_queue`). The store stays the record of
+every job and the arbiter between nodes:
+- a node runs a job only after claiming it with a conditional UPDATE (`queued` → running,
+  with its owner token), so a job delivered twice (a Redis restart, a re-enqueue) runs
+  once;
+- the owner renews a lease on it (NODE_LEASE_S) and checks, at each renewal, for a cancel
+  asked from another node; every node sweeps for running jobs whose lease lapsed (their
+  node died) and makes them `interrupted`, resumable from any node;
+- progress is written by the owner only while it holds the job, so any node's GET
+  answers from the store;
+- queued jobs are (re-)enqueued from the store at start, on every Redis reconnect and at
+  each sweep, under the job's id and run number, so Redis may lose everything.
+An upload is written to VIDEO_WORK_DIR on the node that receives it and read by the node
+that runs it: in a cluster that directory must be shared by the nodes.
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from server.config import Settings
 from server.errors import BackendUnavailable, Overloaded, ProctorError
@@ -45,6 +62,24 @@ State = Literal["queued", "downloading", "analysing", "done", "failed", "cancell
 RUNNING: frozenset[str] = frozenset({"downloading", "analysing"})
 FINISHED: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 ProgressCallback = Callable[["Job"], Awaitable[None] | None]
+
+
+class JobQueue(Protocol):
+    """The cluster's job queue (`server.cluster.video_queue.VideoQueue`)."""
+
+    node_id: str
+    #: Set by `VideoJobs`: runs a job the queue delivered (its id); answers what it did.
+    runner: Callable[[str], Awaitable[str]] | None
+
+    async def enqueue(self, job_id: str, run: int, *, how: str = "submitted") -> bool: ...
+
+    async def release_stuck(self, job_id: str, run: int) -> None: ...
+
+    def pause(self) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass
@@ -85,8 +120,12 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float = field(default_factory=time.time)
+    node: str | None = None  # the node running it, or that ran it last (cluster)
+    runs: int = 0  # times it was queued to run (cluster: its queue id is id:runs)
     # Not persisted: this process's bookkeeping.
     cancel_requested: bool = field(default=False, repr=False)
+    owner: str | None = field(default=None, repr=False)  # claim token while it runs here
+    lease_lost: bool = field(default=False, repr=False)
     run_started: float = field(default=0.0, repr=False)
     run_first_frame: int = field(default=0, repr=False)
 
@@ -108,6 +147,8 @@ class Job:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "updated_at": self.updated_at,
+            "node": self.node,
+            "runs": self.runs,
         }
 
     @classmethod
@@ -131,6 +172,8 @@ class Job:
             started_at=r.get("started_at"),
             finished_at=r.get("finished_at"),
             updated_at=float(r.get("updated_at") or r["created_at"]),
+            node=r.get("node"),
+            runs=int(r.get("runs") or 0),
         )
 
 
@@ -156,7 +199,9 @@ class VideoJobs:
         settings: Settings,
         guard: UrlGuard | None = None,
         on_progress: ProgressCallback | None = None,
+        queue: JobQueue | None = None,
     ) -> None:
+        """`queue`: the cluster's job queue (REDIS_URL); None: this process' own."""
         self.manager = manager
         self.settings = settings
         self.guard = guard or UrlGuard(settings.video_url_allow)
@@ -167,13 +212,25 @@ class VideoJobs:
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
+        self.queue = queue
+        if queue is not None:
+            queue.runner = self.run_from_queue
+        self._sweeper: asyncio.Task[None] | None = None
+        self.lease_s = max(1.0, settings.node_lease_s)
 
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         """After the manager started: queued jobs go back in the queue, jobs that were
-        running when the last process stopped become `interrupted`."""
+        running when the last process stopped become `interrupted`. In a cluster: jobs
+        whose node stopped renewing its lease become `interrupted` (now and at every
+        sweep); queued ones are enqueued when Redis answers (`requeue_from_store`)."""
         await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
+        if self.queue is not None:
+            await self._interrupt_lapsed()
+            await self.queue.start()
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="video-sweeper")
+            return
         store = self.manager.store
         pending = await store.list_video_jobs(
             limit=100_000, states=("queued", "downloading", "analysing")
@@ -197,6 +254,9 @@ class VideoJobs:
         """Before the manager stops: running jobs become `interrupted` (their sessions
         too), resumable after the restart."""
         self._stopping = True
+        if self.queue is not None:
+            await self._stop_cluster()
+            return
         for task in self._workers:
             task.cancel()
         for task in self._workers:
@@ -218,11 +278,21 @@ class VideoJobs:
             )
         return float(interval)
 
-    def admit(self) -> None:
-        """Raise 429 `too_many_jobs` when the queue is full."""
-        self._admit()
+    async def admit(self) -> None:
+        """Raise 429 `too_many_jobs` when the queue is full (in a cluster: the jobs
+        queued or running on every node, from the store)."""
+        await self._admit()
 
-    def _admit(self) -> None:
+    async def _admit(self) -> None:
+        if self.queue is not None:
+            active = await self.manager.store.count_video_jobs(("queued", *sorted(RUNNING)))
+            if active >= self.settings.video_queue_max:
+                raise Overloaded(
+                    f"{active} video jobs are queued or running in the cluster; the limit is "
+                    f"{self.settings.video_queue_max}",
+                    code="too_many_jobs",
+                )
+            return
         active = sum(1 for j in self._jobs.values() if j.state == "queued" or j.state in RUNNING)
         if active >= self.settings.video_queue_max or self._queue.full():
             raise Overloaded(
@@ -235,7 +305,7 @@ class VideoJobs:
         self, url: str, interval: float | None, job_data: dict[str, Any]
     ) -> dict[str, Any]:
         interval = self.check_interval(interval)
-        self._admit()
+        await self._admit()
         checked = await self.guard.check(url)  # 400 invalid_url before anything is queued
         job = Job(secrets.token_urlsafe(12), "url", interval, job_data, url=checked.url)
         return await self._enqueue(job)
@@ -256,7 +326,7 @@ class VideoJobs:
         unreadable file is refused (422) before the answer."""
         try:
             interval = self.check_interval(interval)
-            self._admit()
+            await self._admit()
             info = await asyncio.to_thread(probe, path)
             self._check_duration(info)
         except BaseException:
@@ -271,7 +341,7 @@ class VideoJobs:
     ) -> dict[str, Any]:
         """A video already on this machine (`proctor analyze FILE`): read in place."""
         interval = self.check_interval(interval)
-        self._admit()
+        await self._admit()
         info = await asyncio.to_thread(probe, path)
         self._check_duration(info)
         job = Job(
@@ -286,10 +356,26 @@ class VideoJobs:
         return await self._enqueue(job)
 
     async def _enqueue(self, job: Job) -> dict[str, Any]:
+        job.runs += 1
+        if self.queue is not None:
+            # In the store (committed) before any node can take it from the queue; if
+            # Redis is down it stays queued there and is enqueued when Redis is back.
+            await self._save(job)
+            await self._flush_or_503()
+            await self.queue.enqueue(job.id, job.runs)
+            return job.to_record()
         self._jobs[job.id] = job
         await self._save(job)
         self._queue.put_nowait(job.id)  # _admit made room
         return job.to_record()
+
+    async def _flush_or_503(self) -> None:
+        try:
+            await self.manager.store.flush()
+        except StoreError as exc:
+            raise BackendUnavailable(
+                "the job could not be stored yet; retry", code="store_unavailable"
+            ) from exc
 
     # --- queries and control --------------------------------------------------------------
 
@@ -325,6 +411,8 @@ class VideoJobs:
     async def cancel_or_erase(self, job_id: str, actor: str = "operator") -> dict[str, Any]:
         """Cancel a queued or running job; erase a finished or interrupted one (its
         session, frames, alerts and report too; audited under `actor`)."""
+        if self.queue is not None and job_id not in self._running:
+            return await self._cancel_or_erase_anywhere(job_id, actor)
         record = await self.get(job_id)
         job = self._jobs.get(job_id) or Job.from_record(record)
         if job.state == "queued":
@@ -379,9 +467,11 @@ class VideoJobs:
             raise JobStateConflict(
                 f"video job {job_id} is {record['state']}; only an interrupted job resumes"
             )
-        self._admit()
+        await self._admit()
         job = self._jobs.get(job_id) or Job.from_record(record)
         job.state, job.error = "queued", None
+        if self.queue is not None:
+            return await self._resume_anywhere(job)
         return await self._enqueue(job)
 
     # --- running --------------------------------------------------------------------------
@@ -423,7 +513,7 @@ class VideoJobs:
             self._finish(job, "done")
             await self._discard_file(job)
         except asyncio.CancelledError:
-            if job.cancel_requested or not self._stopping:
+            if job.cancel_requested or not (self._stopping or job.lease_lost):
                 self._finish(job, "cancelled")
                 if session is not None:
                     await self._end_quietly(session, "video_cancelled", job)
@@ -590,7 +680,10 @@ class VideoJobs:
 
     async def _save(self, job: Job) -> None:
         job.updated_at = time.time()
-        await self.manager.store.save_video_job(job.to_record())
+        if job.owner is not None:  # running here in a cluster: only while it holds the job
+            await self.manager.store.save_owned_video_job(job.to_record(), job.owner)
+        else:
+            await self.manager.store.save_video_job(job.to_record())
         await self._notify(job)
 
     async def _notify(self, job: Job) -> None:
@@ -598,6 +691,215 @@ class VideoJobs:
             result = self.on_progress(job)
             if result is not None:
                 await result
+
+    # --- the cluster (a JobQueue) --------------------------------------------------------
+
+    async def run_from_queue(self, job_id: str) -> str:
+        """Run a job the cluster's queue delivered to this node, if this node is the one
+        that claims it in the store (a job delivered twice runs once). What happened."""
+        assert self.queue is not None
+        if self._stopping:
+            return "stopping"  # still queued in the store: the next sweep enqueues it again
+        store = self.manager.store
+        try:
+            record = await store.get_video_job(job_id)
+            if record is None or record["state"] != "queued":
+                return "gone" if record is None else f"not queued ({record['state']})"
+            job = Job.from_record(record)
+            job.owner = f"{self.queue.node_id}/{secrets.token_hex(4)}"
+            job.node = self.queue.node_id
+            job.state = "downloading" if job.source == "url" and not job.file else "analysing"
+            job.updated_at = time.time()
+            if not await store.claim_video_job(
+                job.to_record(), job.owner, time.time() + self.lease_s
+            ):
+                return "taken"
+        except StoreError as exc:  # stays queued: enqueued again at the next sweep
+            log.warning("video job %s could not be claimed: %s", job_id, exc)
+            return "store_unavailable"
+        log.info("video job %s runs on this node (%s)", job.id, job.node)
+        self._jobs[job.id] = job
+        task = asyncio.create_task(self._run(job), name=f"video-{job.id[:8]}")
+        self._running[job.id] = task
+        holder = asyncio.create_task(self._hold_lease(job, task), name=f"lease-{job.id[:8]}")
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():  # the queue's worker is being stopped
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise
+            # Otherwise the job itself was cancelled (DELETE, lease lost, shutdown).
+        except Exception as exc:  # _run handles its own failures: a bug, counted
+            self.manager.internal_error("video_job", exc)
+        finally:
+            holder.cancel()
+            self._running.pop(job.id, None)
+            self._jobs.pop(job.id, None)
+        with contextlib.suppress(StoreError):  # other nodes read the outcome from the store
+            await store.flush()
+        return job.state
+
+    async def _hold_lease(self, job: Job, task: asyncio.Task[None]) -> None:
+        """Renew the job's lease while it runs; a cancel asked from any node, or the
+        lease taken away (this node was thought dead), stops it here."""
+        assert job.owner is not None
+        store = self.manager.store
+        every = max(0.2, min(1.0, self.lease_s / 3))
+        renewed = time.monotonic()
+        while not task.done():
+            await asyncio.sleep(every)
+            try:
+                held, cancel = await store.renew_video_lease(
+                    job.id, job.owner, time.time() + self.lease_s
+                )
+                renewed = time.monotonic()
+            except StoreError as exc:
+                log.warning("video job %s: lease not renewed: %s", job.id, exc)
+                if time.monotonic() - renewed < self.lease_s:
+                    continue
+                held, cancel = False, False
+            except Exception as exc:  # the holder must not die silently: stop the job
+                self.manager.internal_error("video_lease", exc)
+                held, cancel = False, False
+            if cancel:
+                job.cancel_requested = True
+                task.cancel()
+                return
+            if not held:
+                job.lease_lost = True
+                log.warning("video job %s: its lease was lost; stopped on this node", job.id)
+                task.cancel()
+                return
+
+    async def _interrupt_lapsed(self) -> None:
+        """Running jobs whose node stopped renewing their lease (it died) become
+        `interrupted`, their sessions too: resumable from any node."""
+        store = self.manager.store
+        now = time.time()
+        for record, owner in await store.lapsed_video_jobs(now):
+            if record["id"] in self._running:
+                continue  # ours: the renewal is only late
+            job = Job.from_record(record)
+            was = job.state
+            job.state = "interrupted"
+            job.progress.eta_s = None
+            job.updated_at = now
+            if not await store.replace_video_job(job.to_record(), was, owner):
+                continue  # renewed, finished or taken by another node's sweep meanwhile
+            if job.session_id:
+                await store.mark_interrupted(job.session_id, "node_lost")
+            log.warning(
+                "video job %s: node %s stopped renewing its lease: interrupted (resumable)",
+                job.id,
+                job.node or "?",
+            )
+
+    async def requeue_from_store(self) -> None:
+        """Put every job the store says is queued on the Redis queue (at start, on every
+        Redis reconnect, at each sweep): idempotent, one queue entry per job and run."""
+        if self.queue is None or self._stopping:
+            return
+        now = time.time()
+        records = await self.manager.store.list_video_jobs(limit=100_000, states=("queued",))
+        for record in reversed(records):  # oldest first
+            job = Job.from_record(record)
+            added = await self.queue.enqueue(job.id, job.runs, how="reenqueued")
+            if not added and now - job.updated_at > self.lease_s:
+                # On the queue, queued in the store for a whole lease: a delivery that
+                # was lost half-way (Redis failed under it) may hold it.
+                await self.queue.release_stuck(job.id, job.runs)
+
+    async def _sweep_loop(self) -> None:
+        every = max(0.5, self.lease_s / 3)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._interrupt_lapsed()
+                await self.requeue_from_store()
+            except StoreError as exc:
+                log.warning("video job sweep: %s", exc)
+            except Exception as exc:  # the sweeper must keep sweeping
+                self.manager.internal_error("video_sweeper", exc)
+
+    async def _stored(self, job_id: str) -> dict[str, Any]:
+        await self.manager.store.flush()
+        record = await self.manager.store.get_video_job(job_id)
+        if record is None:
+            raise JobNotFound(f"no video job with id {job_id}")
+        return record
+
+    async def _cancel_or_erase_anywhere(self, job_id: str, actor: str) -> dict[str, Any]:
+        """A job not running on this node: cancel it in the store if queued, ask its node
+        to cancel it if running (it notices at its next lease renewal), else erase it."""
+        store = self.manager.store
+        record = await self._stored(job_id)
+        if record["state"] == "queued":
+            job = Job.from_record(record)
+            self._finish(job, "cancelled")
+            job.updated_at = time.time()
+            if await store.replace_video_job(job.to_record(), "queued"):
+                await self._discard_file(job)
+                await store.save_video_job(job.to_record())  # without its file
+                await self._flush_or_503()
+                return job.to_record()
+            record = await self._stored(job_id)  # claimed meanwhile: it runs somewhere
+        if record["state"] in RUNNING:
+            await store.request_video_cancel(job_id)
+            deadline = time.monotonic() + max(10.0, 2 * self.lease_s)
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                now = await store.get_video_job(job_id)
+                if now is None:
+                    raise JobNotFound(f"no video job with id {job_id}")
+                record = now
+                if record["state"] not in RUNNING:
+                    break
+            return record
+        job = Job.from_record(record)
+        await self._discard_file(job)
+        if job.session_id:
+            await store.erase_session(job.session_id)
+            await self.manager.audit.record(
+                actor, "erase", job.session_id, {"video_job": job.id, "state": job.state}
+            )
+        await store.delete_video_job(job.id)
+        try:
+            await store.flush()
+        except StoreError as exc:
+            raise BackendUnavailable(
+                "the erase could not be stored yet; retry", code="store_unavailable"
+            ) from exc
+        return {**job.to_record(), "state": "erased"}
+
+    async def _resume_anywhere(self, job: Job) -> dict[str, Any]:
+        """Queue an interrupted job again, once however many nodes are asked at once."""
+        assert self.queue is not None
+        job.runs += 1
+        job.node = None
+        job.updated_at = time.time()
+        if not await self.manager.store.replace_video_job(job.to_record(), "interrupted"):
+            raise JobStateConflict(f"video job {job.id} was resumed or erased meanwhile")
+        await self.queue.enqueue(job.id, job.runs)
+        return job.to_record()
+
+    async def _stop_cluster(self) -> None:
+        """Running jobs become `interrupted` (resumable on any node); the queue's worker
+        stops taking jobs first."""
+        assert self.queue is not None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait({self._sweeper}, timeout=1.0)
+            self._sweeper = None
+        self.queue.pause()
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=self.settings.shutdown_timeout_s)
+        await self.queue.stop()
 
 
 class ThreadIterator(Generic[T]):
