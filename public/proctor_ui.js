@@ -1,5 +1,6 @@
 // Rendering shared by the two browser pages: public/index.html (WebRTC, app.js) and
-// client_example.html (the Socket.IO demo). It knows the server's JSON (analysis results,
+// client_example.html (the Socket.IO demo); the report itself is drawn by report_view.js,
+// the renderer every page shares (the console and `proctor analyze --html` too). It knows the server's JSON (analysis results,
 // alert episodes, live metrics, the final report), which is the same on every transport,
 // and nothing about how it arrives. Plain browser script, no build step: it defines
 // window.ProctorUI. Whatever the server sends is written with textContent only.
@@ -8,7 +9,7 @@
 //   LiveView   #metrics (bars are built inside), #faces-count, #dominant-emotion, #emotions,
 //              #labels, #text-seen, #frame-notes
 //   AlertList  #alerts-list, #alerts-empty, #active-alerts
-//   ReportView #report (an empty section; its contents are built here)
+//   ReportView #report (an empty section; report_view.js builds its contents)
 (() => {
   "use strict";
 
@@ -266,189 +267,22 @@
     }
   }
 
-  // --- the final report ------------------------------------------------------------------------
-  function cell(row, value, header = false) {
-    const c = el(header ? "th" : "td");
-    if (value !== null && typeof value === "object") {
-      c.textContent = Array.isArray(value) && value.every((v) => typeof v !== "object")
-        ? value.join(", ") : JSON.stringify(value);
-    } else {
-      c.textContent = value === null || value === undefined || value === "" ? "—" : String(value);
-      if (typeof value === "number") c.className = "num";
-    }
-    row.append(c);
-    return c;
-  }
-  function headerRow(table, names) {
-    const tr = el("tr");
-    for (const n of names) cell(tr, n, true);
-    table.append(tr);
-  }
-  function summaryValue(key, value) {
-    if (key.endsWith("_at")) {
-      const d = toDate(value);
-      if (d) return d.toLocaleString();
-    }
-    if (key === "duration_seconds") return fmtDuration(value);
-    if (typeof value === "boolean") return value ? "yes" : "no";
-    if (typeof value === "number") return fmtNum(value, 2);
-    if (value && typeof value === "object" && !Array.isArray(value)) {
-      const parts = Object.entries(value).map(([k, v]) => `${k} ${v}`);
-      return parts.length ? parts.join(", ") : "—";
-    }
-    return value;
-  }
-  function renderSummary(table, summary) {
-    table.replaceChildren();
-    for (const [key, value] of Object.entries(summary || {})) {
-      const tr = el("tr");
-      tr.dataset.key = key;
-      cell(tr, human(key), true);
-      cell(tr, summaryValue(key, value)).dataset.testid = `summary-${key}`;
-      table.append(tr);
-    }
-  }
-  function renderScores(table, scores) {
-    table.replaceChildren();
-    headerRow(table, ["Metric", "Average", "Min", "Max", "Trend"]);
-    for (const [metric, s] of Object.entries(scores || {})) {
-      const tr = el("tr");
-      tr.dataset.metric = metric;
-      cell(tr, human(metric), true);
-      const o = s && typeof s === "object" ? s : { average: s };
-      cell(tr, fmtNum(o.average));
-      cell(tr, fmtNum(o.min));
-      cell(tr, fmtNum(o.max));
-      cell(tr, o.trend ? human(o.trend) : "—");
-      table.append(tr);
-    }
-  }
-  // body_language / cultural_fit: a text assessment, an optional AI one, and signal bands.
-  function renderAssessment(container, part) {
-    container.replaceChildren();
-    if (!part) { container.append(el("p", "Not available.", "empty")); return; }
-    if (typeof part === "string") { container.append(el("p", part)); return; }
-    if (part.assessment) container.append(el("p", part.assessment));
-    if (part.ai_assessment) {
-      const ai = typeof part.ai_assessment === "string" ? part.ai_assessment : JSON.stringify(part.ai_assessment);
-      const p = el("p", ai);
-      p.dataset.testid = "report-ai-assessment";
-      container.append(el("div", "AI assessment", "fine"), p);
-    }
-    const bands = Object.entries(part.signals || part)
-      .filter(([k, v]) => typeof v === "string" && !["source", "assessment", "role", "ai_assessment"].includes(k))
-      .map(([k, v]) => `${human(k)}: ${v}`);
-    if (bands.length) {
-      const c = el("div", null, "chips");
-      chips(c, bands);
-      container.append(c);
-    }
-  }
-  function renderAlertHistory(table, alerts) {
-    table.replaceChildren();
-    headerRow(table, ["Type", "Severity", "Onset", "Ended", "Duration", "Message"]);
-    const list = Array.isArray(alerts) ? alerts : [];
-    if (!list.length) {
-      const tr = el("tr");
-      const c = cell(tr, "No alerts were raised.");
-      c.colSpan = 6;
-      c.className = "empty";
-      table.append(tr);
-      return;
-    }
-    for (const a of list) {
-      const tr = el("tr", null, SEVERITIES.includes(a.severity) ? a.severity : "info");
-      tr.dataset.testid = "report-alert";
-      tr.dataset.type = a.type || "";
-      cell(tr, human(a.type || "") + (a.object ? ` (${a.object})` : ""));
-      cell(tr, a.severity);
-      // A recorded video's alerts are placed in video time (mm:ss), the rest by the clock.
-      cell(tr, a.video_time_start || fmtTime(a.started_at));
-      cell(tr, a.video_time_end || (a.ended_at ? fmtTime(a.ended_at) : "—"));
-      cell(tr, a.duration_s === null || a.duration_s === undefined ? "—" : fmtDuration(a.duration_s));
-      cell(tr, a.message || "");
-      table.append(tr);
-    }
-  }
-
+  // --- the final report: drawn by the one report renderer (report_view.js) ----------------------
   class ReportView {
     constructor(root = document) {
-      const section = need(root, "report");
-      const n = (this.nodes = {
-        text: named("div", "report-text"),
-        headline: named("p", "report-headline", "headline"),
-        summary: named("table", "report-summary"),
-        scores: named("table", "report-scores"),
-        body: named("div", "report-body-language"),
-        fit: named("div", "report-cultural-fit"),
-        aiBlock: named("div", "report-ai-summary-block"),
-        aiProvider: named("span", "report-ai-provider", "fine"),
-        ai: named("p", "report-ai-summary"),
-        alerts: named("table", "report-alerts"),
-        charts: named("div", "report-charts"),
-        tokens: named("p", "report-tokens"),
-        raw: named("pre", "report-raw"),
-      });
-      n.text.append(n.headline);
-      const grid = el("div", null, "report-grid");
-      const left = el("div");
-      left.append(el("h3", "Summary"), n.summary);
-      const right = el("div");
-      right.append(el("h3", "Behavioural scores"), n.scores, el("h3", "Body language"), n.body,
-                   el("h3", "Cultural fit"), n.fit);
-      grid.append(left, right);
-      const aiTitle = el("h3", "AI summary ");
-      aiTitle.append(n.aiProvider);
-      n.aiBlock.hidden = true;
-      n.aiBlock.append(aiTitle, n.ai);
-      const details = el("details");
-      details.append(el("summary", "Raw report JSON"), n.raw);
-      section.replaceChildren(el("h2", "Final report"), n.text, grid, n.aiBlock,
-                              n.charts, el("h3", "Alert history"), n.alerts, el("h3", "Token usage"), n.tokens,
-                              details);
-      this.section = section;
+      this.section = need(root, "report");
     }
 
     // Returns false (and shows nothing) when given no report: a candidate whose server sends
     // only the session's state (CANDIDATE_VIEW=status) gets {"status": "ended"}.
-    render(report) {
+    render(report, opts = {}) {
       if (!isReport(report)) { this.hide(); return false; }
-      const n = this.nodes;
-      const narrative = report.narrative;
-      n.headline.textContent = typeof narrative === "string" ? narrative
-        : (narrative && narrative.summary) || "";
-      renderSummary(n.summary, report.summary || {});
-      renderScores(n.scores, report.behavioural_scores || {});
-      renderAssessment(n.body, report.body_language);
-      const emotions = Object.entries(report.emotion_distribution || {}).slice(0, 5);
-      if (emotions.length) {
-        const c = el("div", null, "chips");
-        c.dataset.testid = "report-emotions";
-        chips(c, emotions.map(([name, share]) => `${human(name.toLowerCase())} ${fmtNum(share * 100, 0)}%`));
-        n.body.append(el("div", "Apparent expressions over the session", "fine"), c);
+      this.section.hidden = false;  // laid out first: the charts size themselves to it
+      if (!window.ReportRenderer) {
+        this.section.replaceChildren(el("p", "The report renderer (report_view.js) is not loaded.", "empty"));
+        return true;
       }
-      renderAssessment(n.fit, report.cultural_fit);
-      const ai = report.ai_summary;
-      const aiText = ai && (typeof ai === "string" ? ai : ai.text);
-      n.aiBlock.hidden = !aiText;
-      n.ai.textContent = aiText || "";
-      n.aiProvider.textContent = ai && ai.provider ? `(${ai.provider}${ai.model ? `, ${ai.model}` : ""})` : "";
-      renderAlertHistory(n.alerts, report.alerts);
-      // Charts come from report_view.js (uPlot) when the page loads it.
-      n.charts.hidden = !window.ReportCharts;
-      if (window.ReportCharts) window.ReportCharts.render(n.charts, report);
-      const tokens = report.token_usage || {};
-      n.tokens.textContent = tokens.total_tokens
-        ? `${tokens.prompt_tokens} prompt + ${tokens.completion_tokens} completion = ${tokens.total_tokens} tokens`
-          + (Object.keys(tokens.by_provider || {}).length ? ` (${Object.keys(tokens.by_provider).join(", ")})` : "")
-        : "No LLM was used: the narrative parts are rule-based.";
-      const llm = report.llm;
-      if (llm && llm.error) {
-        // The report is complete without the LLM; say why its narrative is missing.
-        n.tokens.textContent += ` The AI summary (${llm.provider}) failed: ${llm.error}.`;
-      }
-      n.raw.textContent = JSON.stringify(report, null, 2);
-      this.section.hidden = false;
+      this.drawn = window.ReportRenderer.render(this.section, report, opts);
       this.section.scrollIntoView({ behavior: "smooth", block: "start" });
       return true;
     }

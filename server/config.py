@@ -71,10 +71,12 @@ class Settings(BaseSettings):
     store_retry_max_backoff_s: float = 2.0  # the wait between attempts never exceeds this
     store_flush_timeout_s: float = 10.0  # flush() raises instead of waiting longer than this
 
-    # --- cluster (Redis) -----------------------------------------------------------------
-    # redis://[:password@]host:port/db. Set: the node joins a cluster — shared Rekognition
-    # budget and spend caps, recorded-video jobs on a Redis queue (README "Running a
-    # cluster"). Empty: one node, everything in process.
+    # --- more than one machine (README "Running a cluster") -------------------------------
+    # redis://[:password@]host:port/db. Set: this node joins a cluster. Socket.IO events
+    # travel between nodes over Redis, the node holds a lease on its sessions in the store,
+    # requests for a session another node owns are forwarded to it, the Rekognition budget
+    # and spend caps are shared, recorded-video jobs go on a Redis queue. The store must
+    # then be shared by every node. Empty: one node, everything in process.
     redis_url: str = ""
     redis_timeout_s: float = 0.5  # a Redis command (or connect) gives up after this
     redis_ping_interval_s: float = 1.0  # the link is checked this often (down → up noticed)
@@ -82,9 +84,19 @@ class Settings(BaseSettings):
     # ANALYSER_CALLS_PER_S divided by the larger of this and the nodes last seen, so the
     # nodes together stay under the account's quota.
     cluster_size_hint: int = 1
-    # A node holds a lease on what it runs (its video jobs); one that has not renewed it
-    # for this long is taken for dead, and its running jobs become `interrupted`.
+    node_id: str = ""  # this node's name in the cluster; empty: host name + ":" + port
+    # How the other nodes reach this one (http://10.0.0.5:5001); empty: http://HOST:PORT,
+    # with the host name when HOST is 0.0.0.0 / ::.
+    node_address: str = ""
+    # A node renews its leases (on its sessions and its running video jobs) every third of
+    # this; a node silent for this long is dead: another node marks its live sessions
+    # interrupted (end_reason "node_lost") and its running jobs `interrupted`.
     node_lease_s: float = 15.0
+    # Shared by every node: signs node-to-node requests (HMAC), so only a peer may pass
+    # on a client's address. Required with REDIS_URL.
+    cluster_secret: str = ""
+    cluster_connect_timeout_s: float = 2.0  # a forwarded request's connection to its owner
+    fanout_queue_size: int = 10_000  # Socket.IO events waiting for Redis; dropped beyond
     # --- review, audit and privacy ----------------------------------------------------------
     # off: no emotion or facial expression is inferred or stored (EU AI Act Art. 5(1)(f));
     # engagement then comes from eye contact alone.
@@ -124,6 +136,11 @@ class Settings(BaseSettings):
     socketio_events_per_s: float = 30.0  # per connection, sustained
     socketio_event_burst: int = 60  # per connection, burst
     socketio_errors_per_s: float = 5.0  # rate-limit error events sent back per connection
+    # Packets waiting for one Socket.IO client; past it its frame_analysis / live_metrics are
+    # dropped, at twice it the client is disconnected (a stalled reader holds no memory).
+    socketio_send_queue_max: int = 256
+    # The console: live_metrics pushed to each live session's watch_session watchers.
+    watch_metrics_interval_s: float = 2.0
     jpeg_quality: int = 85
 
     # --- spend caps (counted in the store: a restart does not reset them) ---------------------
@@ -294,6 +311,10 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_forever(cls, value: Any) -> Any:
         return 0.0 if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.redis_url)
 
     @property
     def secured(self) -> bool:

@@ -124,6 +124,13 @@ class Instruments:
         self.usage_cap = Gauge(
             "proctor_usage_cap", "Daily cap per kind of spend (0 = none)", ["kind"], registry=r
         )
+        self.socketio_backpressure = Counter(
+            "proctor_socketio_backpressure",
+            "Socket.IO clients too far behind (SOCKETIO_SEND_QUEUE_MAX): frame_analysis / "
+            "live_metrics packets dropped for them, and clients disconnected",
+            ["action"],
+            registry=r,
+        )
         self.webhook_deliveries = Counter(
             "proctor_webhook_deliveries",
             "Webhook deliveries by final outcome: delivered, rejected (a 4xx or redirect, "

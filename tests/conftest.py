@@ -79,18 +79,26 @@ def free_port() -> int:
 
 
 async def serve_subprocess(
-    tmp_path: Path, http: aiohttp.ClientSession, env: dict[str, str]
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    env: dict[str, str],
+    *,
+    log: Path | None = None,
+    port: int | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`proctor serve` as its own process (a test can SIGKILL it) on a free loopback
-    port, with `env` over the environment; returns once /health answers."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port (or `port`), with `env` over the environment; returns once /health answers.
+    `log`: a file for its stderr (for a failing test to show), else discarded."""
+    port = port or free_port()
+    with open(log, "ab") if log is not None else open(os.devnull, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port",
+             str(port)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:

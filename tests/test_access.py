@@ -407,11 +407,15 @@ async def test_socketio_role_matrix(
         "start_session": {"operator"},
         "analyze_frame": {"candidate", "operator"},
         "get_live_metrics": {"candidate", "operator"},
+        "watch_session": {"operator"},  # the console's (tests/test_watchers.py)
+        "watch_all": {"operator"},
     }
     payloads = {
         "start_session": {"job_data": {}},
         "analyze_frame": {"session_id": sid, "frame": face_data_url()},
         "get_live_metrics": {"session_id": sid},
+        "watch_session": {"session_id": sid},
+        "watch_all": {},
     }
     for role, token in tokens.items():
         c = await connect(token)

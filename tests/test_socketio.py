@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import socketio
 
@@ -192,3 +194,33 @@ async def test_analysing_a_frame_of_an_ended_session(clients: list[Client]) -> N
     await c.wait("session_ended")
     ack = await c.sio.call("analyze_frame", {"session_id": sid, "frame": face_data_url()})
     assert ack["error"]["code"] == "session_ended" and ack["error"]["status"] == 409
+
+
+async def test_a_polling_packet_arriving_in_pieces_is_read_whole(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    """Through a proxy or a slow network a long-polling POST arrives in pieces;
+    engine.io's single read of it got only the first ones (refused as bad JSON)."""
+    base = f"{server.url}/socket.io/?EIO=4&transport=polling"
+    async with http.get(base) as r:
+        sid = json.loads((await r.text())[1:])["sid"]
+    url = f"{base}&sid={sid}"
+    async with http.post(url, data="40") as r:
+        assert r.status == 200
+    async with http.get(url) as r:
+        assert (await r.text()).startswith("40")
+    packet = ("42" + json.dumps(["analyze_frame", {"session_id": "nope", "frame": face_data_url()}])
+              ).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        half = len(packet) // 2
+        yield packet[:half]
+        await asyncio.sleep(0.2)  # the server has started reading by now
+        yield packet[half:]
+
+    async with http.post(url, data=pieces(),
+                         headers={"Content-Length": str(len(packet))}) as r:
+        assert r.status == 200
+    async with http.get(url) as r:
+        text = await r.text()
+    assert '"error"' in text and "session_not_found" in text, text[:300]

@@ -73,6 +73,15 @@ class PendingFrame:
             self.future.set_exception(exc)
 
 
+@dataclass(frozen=True, slots=True)
+class LastResult:
+    """The latest analysed frame, as the console's health column needs it."""
+
+    at: float  # time.monotonic() when it was analysed
+    degraded: bool  # a check failed (throttled, unreachable backend, timeout)
+    insufficient: bool  # too dark, washed out or blurred to judge
+
+
 @dataclass(eq=False)
 class LiveSession:
     id: str
@@ -104,6 +113,10 @@ class LiveSession:
     #: Moves to another backend (a spend cap): [{"at", "from", "to", "reason"}]; once
     #: moved, the session stays on the offline backend.
     backend_switches: list[dict[str, Any]] = field(default_factory=list)
+    last_result: LastResult | None = None
+    #: Set by a transport that has its own numbers (the WebRTC peer: connection state,
+    #: fps, decode lag...); read for live metrics and the console's health column.
+    transport_stats: Callable[[], dict[str, Any]] | None = None
     #: EMOTION_ANALYSIS: off, nothing about emotions or expressions is inferred or kept.
     emotion_analysis: bool = True
     aggregate: SessionAggregate = field(init=False)

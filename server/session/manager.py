@@ -15,10 +15,9 @@ import contextlib
 import functools
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from server.analysis.analyser import Analyser, PoseCalibration
 from server.analysis.backends import pose_calibration_factory as backend_pose_factory
@@ -26,6 +25,7 @@ from server.analysis.budget import Budget, CallBudget, Priority
 from server.analysis.cadence import CheckCadence
 from server.analysis.rules import AlertEngine, rules_from_settings
 from server.analysis.scoring import Scorer
+from server.cluster.node import new_session_id
 from server.config import Settings
 from server.errors import (
     BackendUnavailable,
@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NarratorFactory = Callable[[], Any]
+#: Told of every session that goes live on this node, whatever its transport (started or
+#: reopened), before its first frame: the Socket.IO watchers attach here.
+SessionObserver = Callable[[LiveSession], Awaitable[None]]
 #: Told that a session is about to be erased (after it was found, before its rows go):
 #: e.g. the video jobs stop and forget the session's job.
 EraseHook = Callable[[str], Awaitable[None]]
@@ -126,15 +129,27 @@ class SessionManager:
         self.webhooks: WebhookSender | None = None
         self.erase_hooks: list[EraseHook] = []
         self.interrupted_at_start: list[str] = []
+        #: This node (sessions.node_id), and in a cluster the tag its session ids carry.
+        self.node_id: str | None = None
+        self.session_id_tag: str | None = None
+        #: In a cluster the store is shared: open() interrupts only this node's sessions,
+        #: and a start is committed before it is answered (another node may be asked
+        #: about the session, or its candidate token, right after).
+        self.clustered = False
+        #: Awaited at stop once sessions have ended, before the store closes.
+        self.before_store_close: list[Callable[[], Awaitable[None]]] = []
         #: What builds reports (a subclass can be swapped in, e.g. by tests).
         self.report_builder: type[ReportBuilder] = ReportBuilder
+        self.session_observers: list[SessionObserver] = []
         store.on_write_error = self._store_write_failed
         instruments.store_queue_depth.set_function(lambda: store.queue_depth)
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.interrupted_at_start = await self.store.open()
+        self.interrupted_at_start = await self.store.open(
+            self.node_id if self.clustered else None
+        )
         await self.spend.start()
         await self.analyser.start()
         self.evidence.start()
@@ -194,6 +209,8 @@ class SessionManager:
         # Snapshots still queued get what is left of a second, then are given up.
         await self.evidence.stop(timeout_s=max(0.0, min(1.0, deadline - loop.time() - reserve / 2)))
         await self._close_within(self.spend.stop(), deadline, "spend counters")
+        for hook in self.before_store_close:
+            await self._close_within(hook(), deadline, "cluster lease")
         await self.store.close(timeout_s=max(0.1, deadline - loop.time()))
         await self._close_within(self.analyser.close(), deadline, "analyser")
         await self._close_within(self.router.close(), deadline, "offline analyser")
@@ -216,6 +233,10 @@ class SessionManager:
 
     def live_sessions(self) -> list[LiveSession]:
         return list(self._live.values())
+
+    def has_live(self, session_id: str) -> bool:
+        """Whether this node runs the session (live or ending) in memory."""
+        return session_id in self._live or session_id in self._ending
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -244,7 +265,7 @@ class SessionManager:
         await self.spend.admit_start(client_address)
         self._check_capacity()  # again: others may have started meanwhile
         session = self._new_session(
-            secrets.token_urlsafe(16),  # 128 random bits: the session's capability
+            new_session_id(self.session_id_tag),  # 128 random bits: its capability
             transport,
             dict(job_data),
             time.time() if started_at is None else started_at,
@@ -254,19 +275,28 @@ class SessionManager:
         self._live[session.id] = session
         await self.store.create_session(
             session.id, transport, session.backend, session.job_data, session.started_at,
-            rules={
-                **session.engine.describe(),
-                "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
-                # Off: the report lists what was not computed (EMOTION_ANALYSIS).
-                "emotion_analysis": self.settings.emotion_analysis,
-            },
+            rules=self._rules_record(session),
             backend_switches=session.backend_switches,
+            node_id=self.node_id,
         )
+        if self.clustered:
+            try:
+                await self.store.flush(session.id)
+            except StoreError as exc:  # the session runs; other nodes learn of it late
+                self.internal_error("store", exc, session)
+        await self._announce(session)
         self._start_worker(session)
         self.instruments.sessions_started.labels(transport=transport).inc()
         log.info("session %s started (%s, backend %s)", short_id(session.id), transport,
                  session.backend, extra={"session_id": session.id})
         return session
+
+    async def _announce(self, session: LiveSession) -> None:
+        for observer in list(self.session_observers):
+            try:
+                await observer(session)
+            except Exception as exc:  # an observer's bug must not refuse the session
+                self.internal_error("session_observer", exc, session)
 
     def _check_capacity(self) -> None:
         if len(self._live) >= self.settings.max_live_sessions:
@@ -284,12 +314,7 @@ class SessionManager:
         priority: Priority,
     ) -> LiveSession:
         s = self.settings
-        # WebRTC and recorded video: the server picks the frames, so rules and cadences
-        # count capture time; push clients pick their own pace and keep the per-frame
-        # meaning.
-        capture_clock = transport in CAPTURE_CLOCK_TRANSPORTS
-        sampled = transport == "webrtc"  # the sampler forces slow checks on scene changes
-        dwell = s.rule_frame_interval_s if capture_clock else None
+        engine, cadence, clock = self._transport_parts(transport)
         session = LiveSession(
             id=session_id,
             transport=transport,
@@ -303,15 +328,12 @@ class SessionManager:
                 positive_emotions=tuple(s.positive_emotions),
                 gaze_min_confidence=s.eye_direction_min_confidence,
             ),
-            engine=AlertEngine(rules_from_settings(s), dwell_interval_s=dwell),
-            cadence=CheckCadence(
-                s.sampler_labels_interval_s if sampled else s.labels_interval_s,
-                s.sampler_text_interval_s if sampled else s.text_interval_s,
-            ),
+            engine=engine,
+            cadence=cadence,
             pose_calibration=self.pose_calibration_factory()
             if self.pose_calibration_factory
             else None,
-            clock="capture" if capture_clock else "arrival",
+            clock=clock,
             priority=priority,
             emotion_analysis=s.emotion_analysis,
         )
@@ -319,6 +341,51 @@ class SessionManager:
         if self.webhooks is not None and self.webhooks.enabled:
             session.subscribe(functools.partial(self.webhooks.on_session_event, session_id))
         return session
+
+    def _rules_record(self, session: LiveSession) -> dict[str, Any]:
+        """The alert settings a session is judged with, as its report states them."""
+        return {
+            **session.engine.describe(),
+            "eye_direction_min_confidence": self.settings.eye_direction_min_confidence,
+            # Off: the report lists what was not computed (EMOTION_ANALYSIS).
+            "emotion_analysis": self.settings.emotion_analysis,
+        }
+
+    def _transport_parts(
+        self, transport: str
+    ) -> tuple[AlertEngine, CheckCadence, Literal["capture", "arrival"]]:
+        """What depends on who picks the frames. WebRTC and recorded video: the server
+        does, so rules and cadences count capture time; push clients pick their own pace
+        and keep the per-frame meaning."""
+        s = self.settings
+        capture_clock = transport in CAPTURE_CLOCK_TRANSPORTS
+        sampled = transport == "webrtc"  # the sampler forces slow checks on scene changes
+        dwell = s.rule_frame_interval_s if capture_clock else None
+        return (
+            AlertEngine(rules_from_settings(s), dwell_interval_s=dwell),
+            CheckCadence(
+                s.sampler_labels_interval_s if sampled else s.labels_interval_s,
+                s.sampler_text_interval_s if sampled else s.text_interval_s,
+            ),
+            "capture" if capture_clock else "arrival",
+        )
+
+    async def adopt_transport(self, session: LiveSession, transport: str) -> bool:
+        """A session started by the operator (REST, Socket.IO) for a candidate who then
+        joins over `transport` (the join link's WebRTC page): before its first frame it
+        becomes that transport's session, so its rules count time as that transport's
+        do. Once frames have arrived nothing changes (False)."""
+        if session.transport == transport:
+            return True
+        if session.counters.received or session.counters.analysed or session.analysing:
+            return False
+        previous = session.transport
+        session.engine, session.cadence, session.clock = self._transport_parts(transport)
+        session.transport = transport
+        await self.store.set_transport(session.id, transport, self._rules_record(session))
+        log.info("session joined over %s (started over %s)", transport, previous,
+                 extra={"session_id": session.id})
+        return True
 
     def _start_worker(self, session: LiveSession) -> None:
         session.worker = asyncio.create_task(
@@ -401,6 +468,7 @@ class SessionManager:
             })
         self._live[session.id] = session
         await self.store.set_session_status(session.id, "live", None)
+        await self._announce(session)
         self._start_worker(session)
         log.info("session reopened after frame %d", last_i, extra={"session_id": session.id})
         return session
@@ -849,6 +917,13 @@ class SessionManager:
             raise _store_unavailable() from exc
         if stored is not None:
             return stored
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            raise _store_unavailable() from exc
+        if record is not None and record["status"] == "live":
+            # Live on another node of the cluster (this node's own are in self._live).
+            raise ReportNotReady(f"session {session_id} is still live", code="session_live")
         return await self._make_report(session_id, use_llm=True)
 
     # --- review, erasure, retention ----------------------------------------------------

@@ -187,6 +187,31 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         None,
     ),
+    Migration(
+        8,
+        "cluster: session owners, node leases, candidate tokens shared by every node",
+        (
+            # The node that runs the session (its media, frames and worker).
+            "ALTER TABLE sessions ADD COLUMN node_id TEXT",
+            "CREATE INDEX sessions_by_status_node ON sessions (status, node_id)",
+            # One lease per node, renewed every NODE_LEASE_S / 3: a session is alive as
+            # long as its node's lease is (sessions never move between live nodes).
+            """CREATE TABLE nodes (
+                node_id TEXT PRIMARY KEY,
+                address TEXT NOT NULL,     -- NODE_ADDRESS: where peers forward to
+                incarnation TEXT NOT NULL, -- random per process start
+                started_at REAL NOT NULL,
+                renewed_at REAL NOT NULL,
+                lease_until REAL NOT NULL
+            )""",
+            """CREATE TABLE candidate_tokens (
+                digest TEXT PRIMARY KEY,   -- SHA-256 of the token, hex; never the token
+                session_id TEXT NOT NULL,
+                created_at REAL NOT NULL
+            )""",
+            "CREATE INDEX candidate_tokens_by_session ON candidate_tokens (session_id)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -133,6 +133,50 @@ class EmotionTimeline:
         return out
 
 
+#: The metrics the report charts over time (the console's live chart shows the first two).
+TIMELINE_METRICS = ("eye_contact", "engagement", "facial_expression", "posture")
+
+
+class MetricsTimeline:
+    """Average of each charted metric per time bucket (the emotion timeline's buckets),
+    fed one frame at a time; a bucket without a face has no values (a gap in the chart)."""
+
+    def __init__(self, like: EmotionTimeline) -> None:
+        self.started_at = like.started_at
+        self.bucket_s = like.bucket_s
+        self.buckets: dict[int, dict[str, list[float]]] = {}
+        self.frames: dict[int, int] = {}
+
+    def add(self, t: float, summary: dict[str, Any]) -> None:
+        b = int((t - self.started_at) // self.bucket_s)
+        self.frames[b] = self.frames.get(b, 0) + 1
+        metrics = summary.get("metrics")
+        if not isinstance(metrics, dict):
+            return
+        acc = self.buckets.setdefault(b, {})
+        for name in TIMELINE_METRICS:
+            v = _number(metrics.get(name))
+            if v is not None:
+                pair = acc.setdefault(name, [0.0, 0.0])
+                pair[0] += v
+                pair[1] += 1
+
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for b in sorted(self.frames):
+            acc = self.buckets.get(b, {})
+            point: dict[str, Any] = {
+                "t_offset_s": round(b * self.bucket_s, 1),
+                "time": _iso(self.started_at + b * self.bucket_s),
+                "frames": self.frames[b],
+            }
+            for name in TIMELINE_METRICS:
+                total, n = acc.get(name, (0.0, 0.0))
+                point[name] = round(total / n, 1) if n else None
+            out.append(point)
+        return out
+
+
 def body_language(agg: SessionAggregate, emotions: bool = True) -> dict[str, Any]:
     avg = {name: stat.average for name, stat in agg.metrics.items()}
     parts = []
@@ -270,6 +314,7 @@ class ReportBuilder:
             self.note("corrupt_session_row")
         self.agg = aggregate or SessionAggregate(started_at=self.started_at or 0.0)
         self.timeline: EmotionTimeline | None = None
+        self.metrics_timeline: MetricsTimeline | None = None
 
     def note(self, reason: str, n: int = 1) -> None:
         self.reasons[reason] = self.reasons.get(reason, 0) + n
@@ -290,6 +335,7 @@ class ReportBuilder:
             self.agg.started_at = span.t_min or 0.0
         self._t_max = span.t_max
         self.timeline = EmotionTimeline(self.started_at or 0.0, span.t_min, span.t_max)
+        self.metrics_timeline = MetricsTimeline(self.timeline)
         for row in rows:
             try:
                 self.add_row(*row)
@@ -328,6 +374,8 @@ class ReportBuilder:
             self._last_t = ts
             if self.timeline is not None:
                 self.timeline.add(ts, summary)
+            if self.metrics_timeline is not None:
+                self.metrics_timeline.add(ts, summary)
         self.agg.add(ts, summary)
 
     # --- alerts ---------------------------------------------------------------------
@@ -428,6 +476,11 @@ class ReportBuilder:
             "emotion_timeline": self._part(
                 "emotion_timeline",
                 lambda: [] if self.timeline is None else self.timeline.to_json(),
+                [],
+            ),
+            "metrics_timeline": self._part(
+                "metrics_timeline",
+                lambda: [] if self.metrics_timeline is None else self.metrics_timeline.to_json(),
                 [],
             ),
             "emotion_note": EMOTION_NOTE,
@@ -536,6 +589,7 @@ def fallback_report(session: dict[str, Any], reasons: Iterable[str]) -> dict[str
             "body_language": {},
             "cultural_fit": {},
             "emotion_timeline": [],
+            "metrics_timeline": [],
             "alerts": [],
             "ai_summary": None,
             "llm": None,

@@ -74,6 +74,7 @@ SESSION_TABLES: tuple[tuple[str, str], ...] = (
     ("alert_reviews", "session_id"),
     ("reports", "session_id"),
     ("video_jobs", "session_id"),
+    ("candidate_tokens", "session_id"),
     ("sessions", "id"),
 )
 
@@ -142,23 +143,35 @@ class Store:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def open(self) -> list[str]:
+    async def open(self, node_id: str | None = None) -> list[str]:
         """Bring the schema to the newest version (an existing database migrates in
         place); sessions left live by a previous process become `interrupted`. Returns
-        their ids. A database migrated by a newer server is refused (`SchemaTooNew`)."""
+        their ids. A database migrated by a newer server is refused (`SchemaTooNew`).
+
+        `node_id`: this node in a cluster, whose store other live nodes share: only its own
+        sessions (its previous incarnation's) and those of no node (written before
+        clusters) are interrupted here; a dead peer's are the lease reaper's
+        (server/cluster/leases.py). None: a single server, every live session was ours."""
         applied = await self.db.open()  # versioned (server/session/migrations.py)
         if applied:
             log.info("store %s: applied schema migration(s) %s", self.db.describe(), applied)
-        rows = await self.db.fetch_all("SELECT id FROM sessions WHERE status='live'")
+        if node_id is None:
+            rows = await self.db.fetch_all("SELECT id FROM sessions WHERE status='live'")
+        else:
+            rows = await self.db.fetch_all(
+                "SELECT id FROM sessions WHERE status='live' AND (node_id=? OR node_id IS NULL)",
+                (node_id,),
+            )
         interrupted = [str(r["id"]) for r in rows]
         if interrupted:
             await self.db.execute_batch(
                 [
                     (
                         "UPDATE sessions SET status='interrupted', end_reason='server_restart' "
-                        "WHERE status='live'",
-                        (),
+                        "WHERE id=? AND status='live'",
+                        (sid,),
                     )
+                    for sid in interrupted
                 ]
             )
         have = await self._tables()
@@ -407,11 +420,14 @@ class Store:
         started_at: float,
         rules: dict[str, Any] | None = None,
         backend_switches: list[dict[str, Any]] | None = None,
+        node_id: str | None = None,
     ) -> None:
+        """`node_id`: the node that runs the session (cluster ownership)."""
         await self._put(
             session_id,
             "INSERT INTO sessions (id, status, transport, backend, job_data, started_at, "
-            "last_activity, rules, backend_switches) VALUES (?, 'live', ?, ?, ?, ?, ?, ?, ?)",
+            "last_activity, rules, backend_switches, node_id) "
+            "VALUES (?, 'live', ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 session_id,
                 transport,
@@ -421,6 +437,7 @@ class Store:
                 started_at,
                 None if rules is None else _dumps(rules),
                 _dumps(backend_switches) if backend_switches else None,
+                node_id,
             ),
         )
 
@@ -432,6 +449,17 @@ class Store:
             session_id,
             "UPDATE sessions SET backend=?, backend_switches=? WHERE id=?",
             (backend, _dumps(switches), session_id),
+        )
+
+    async def set_transport(
+        self, session_id: str, transport: str, rules: dict[str, Any]
+    ) -> None:
+        """A session whose candidate joined over another transport before its first frame
+        (its alert rules count time as that transport's do)."""
+        await self._put(
+            session_id,
+            "UPDATE sessions SET transport=?, rules=? WHERE id=?",
+            (transport, _dumps(rules), session_id),
         )
 
     async def update_counters(
@@ -659,6 +687,124 @@ class Store:
             for r in await self._fetch_all(sql, params)
         ]
 
+    # --- cluster: owners, leases, candidate tokens ----------------------------------------
+
+    async def _write_now(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """One transaction outside the write queue, for leases: a renewal stuck behind
+        thousands of queued frame writes would let the lease lapse while the node is
+        alive. Raises StoreError when the database refuses or fails."""
+        try:
+            await self.db.execute_batch(statements)
+        except Exception as exc:
+            if self.db.is_read_error(exc) or self.db.is_transient(exc):
+                raise StoreError(f"store write failed: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def renew_node(
+        self, node_id: str, address: str, incarnation: str, started_at: float, now: float,
+        lease_until: float,
+    ) -> None:
+        """Register this node or renew its lease (at once, not through the queue)."""
+        await self._write_now(
+            [
+                (
+                    "INSERT INTO nodes (node_id, address, incarnation, started_at, renewed_at, "
+                    "lease_until) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+                    "address=excluded.address, incarnation=excluded.incarnation, "
+                    "started_at=excluded.started_at, renewed_at=excluded.renewed_at, "
+                    "lease_until=excluded.lease_until",
+                    (node_id, address, incarnation, started_at, now, lease_until),
+                )
+            ]
+        )
+
+    async def remove_node(self, node_id: str, incarnation: str) -> None:
+        """A node leaving gracefully (its sessions have ended)."""
+        await self._write_now(
+            [("DELETE FROM nodes WHERE node_id=? AND incarnation=?", (node_id, incarnation))]
+        )
+
+    async def prune_nodes(self, before: float) -> None:
+        """Forget nodes whose lease lapsed before `before` and who own no live session."""
+        await self._write_now(
+            [
+                (
+                    "DELETE FROM nodes WHERE lease_until < ? AND NOT EXISTS (SELECT 1 FROM "
+                    "sessions s WHERE s.node_id = nodes.node_id AND s.status='live')",
+                    (before,),
+                )
+            ]
+        )
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        rows = await self._fetch_all(
+            "SELECT node_id, address, incarnation, started_at, renewed_at, lease_until "
+            "FROM nodes ORDER BY node_id"
+        )
+        return [dict(r) for r in rows]
+
+    async def orphaned_sessions(self, now: float, node_id: str) -> list[tuple[str, str]]:
+        """(session id, owner) of live sessions whose owner holds no lease at `now` (dead,
+        or gone without ending them), other than `node_id`'s own."""
+        rows = await self._fetch_all(
+            "SELECT s.id AS id, s.node_id AS node_id FROM sessions s WHERE s.status='live' "
+            "AND s.node_id IS NOT NULL AND s.node_id <> ? AND NOT EXISTS (SELECT 1 FROM "
+            "nodes n WHERE n.node_id = s.node_id AND n.lease_until >= ?)",
+            (node_id, now),
+        )
+        return [(str(r["id"]), str(r["node_id"])) for r in rows]
+
+    async def interrupt_sessions(self, session_ids: Sequence[str], reason: str) -> None:
+        """Mark live sessions interrupted, now (idempotent: only rows still live change,
+        so several nodes reaping the same dead node agree). Frames, alerts and reports are
+        untouched."""
+        if session_ids:
+            await self._write_now(
+                [
+                    (
+                        "UPDATE sessions SET status='interrupted', end_reason=? "
+                        "WHERE id=? AND status='live'",
+                        (reason, sid),
+                    )
+                    for sid in session_ids
+                ]
+            )
+
+    async def session_owner(self, session_id: str) -> tuple[str | None, str] | None:
+        """(owner node id, status) of a session, or None when there is no such session."""
+        row = await self._fetch_one(
+            "SELECT node_id, status FROM sessions WHERE id=?", (session_id,)
+        )
+        if row is None:
+            return None
+        return (None if row["node_id"] is None else str(row["node_id"])), str(row["status"])
+
+    async def node_session_statuses(self, node_id: str, ids: Sequence[str]) -> dict[str, str]:
+        """Status of each of these sessions of `node_id` (a node checking whether peers
+        reaped its sessions while its own lease had lapsed)."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = await self._fetch_all(
+            f"SELECT id, status FROM sessions WHERE node_id=? AND id IN ({marks})",
+            (node_id, *ids),
+        )
+        return {str(r["id"]): str(r["status"]) for r in rows}
+
+    async def save_candidate_token(self, digest: str, session_id: str) -> None:
+        await self._put(
+            session_id,
+            "INSERT INTO candidate_tokens (digest, session_id, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (digest) DO UPDATE SET session_id=excluded.session_id",
+            (digest, session_id, time.time()),
+        )
+
+    async def candidate_token_session(self, digest: str) -> str | None:
+        row = await self._fetch_one(
+            "SELECT session_id FROM candidate_tokens WHERE digest=?", (digest,)
+        )
+        return None if row is None else str(row["session_id"])
+
     # --- spend caps -------------------------------------------------------------------
 
     async def record_start(self, address: str, at: float) -> None:
@@ -826,6 +972,7 @@ class Store:
             "counters": counters or {},
             "rules": loads_object(row["rules"]),
             "backend_switches": _loads_list(row["backend_switches"]),
+            "node_id": row["node_id"],
         }
         corrupt = [
             name for name, v in (("job_data", job_data), ("counters", counters)) if v is None

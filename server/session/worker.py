@@ -36,7 +36,7 @@ from server.media.latest_slot import SlotClosed
 from server.observability import Instruments, current_session
 from server.session.analyser_router import AnalyserRouter, Route
 from server.session.evidence import EvidenceJob, EvidenceWriter
-from server.session.live_session import LiveSession, PendingFrame
+from server.session.live_session import LastResult, LiveSession, PendingFrame
 from server.session.pacing import IdlePacing
 from server.session.store import Store
 
@@ -312,6 +312,7 @@ class SessionPipeline:
                 "budget_wait_ms": round(session.budget_wait_s * 1000, 2),
             },
         }
+        session.last_result = LastResult(time.monotonic(), bool(obs.degraded), obs.insufficient)
         await session.publish("frame_analysis", {"session_id": session.id, "result": result})
         if events:
             await session.publish("alerts", {"session_id": session.id, "alerts": events})

@@ -1,11 +1,15 @@
 """REST endpoints of the operator's alert tools: the alert list with evidence links, the
 evidence snapshots and re-scoring (SPEC "Evidence, review and re-scoring"). Every one needs
-the operator token in secured mode: evidence shows the candidate's face."""
+the operator token in secured mode: evidence shows the candidate's face.
+
+In a cluster, a session another node runs live is asked of that node: its latest alerts,
+evidence and frames may still be in that node's write queue."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from server.cluster.routing import forward_to_owner
 from server.session.alerts import AlertService
 from server.signaling.auth import actor_of, authorize_request
 from server.signaling.http_api import Api, json_response, parse_body
@@ -26,6 +30,8 @@ def register_alert_routes(api: Api, alerts: AlertService) -> None:
     )
     async def list_alerts(request: web.Request) -> web.Response:
         authorize_request(request, "operator")
+        if (remote := await forward_to_owner(request, "alerts")) is not None:
+            return remote
         return json_response(await alerts.list_alerts(request.match_info["session_id"]))
 
     @api.route(
@@ -39,6 +45,8 @@ def register_alert_routes(api: Api, alerts: AlertService) -> None:
     )
     async def alert_evidence(request: web.Request) -> web.Response:
         authorize_request(request, "operator")
+        if (remote := await forward_to_owner(request, "evidence")) is not None:
+            return remote
         jpeg = await alerts.evidence(
             request.match_info["session_id"], request.match_info["alert_id"]
         )
@@ -61,6 +69,8 @@ def register_alert_routes(api: Api, alerts: AlertService) -> None:
     )
     async def rescore(request: web.Request) -> web.Response:
         who = authorize_request(request, "operator")
+        if (remote := await forward_to_owner(request, "rescore", RESCORE_BODY_MAX)) is not None:
+            return remote
         body = await parse_body(request, RescoreRequest, RESCORE_BODY_MAX)
         sid = request.match_info["session_id"]
         return json_response(await alerts.rescore(sid, body.rules, actor_of(who)))

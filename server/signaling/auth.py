@@ -16,6 +16,11 @@ Tokens are compared as SHA-256 digests: operators' with `hmac.compare_digest` ag
 every configured one (no early exit), candidates' by dictionary lookup of the digest
 (timing reveals nothing about a token whose hash is not known). Only a short
 fingerprint of a token ever reaches a log.
+
+In a cluster a candidate token issued by one node must work on every node: tokens are
+then also stored (as digests, committed before the start is answered) and a node loads a
+token it does not know from the store once (`resolve`, before authorising), remembering
+unknown ones too, so hostile guesses cost one read each, not one per request.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from aiohttp import web
 
 from server.config import ConfigError, Settings
 from server.errors import ProctorError, Unauthorized
+
+if TYPE_CHECKING:
+    from server.session.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +139,15 @@ class Access:
     """The operator tokens and the candidate tokens issued so far (hashed, bounded).
     Raises ConfigError for a malformed API_TOKEN / API_TOKENS (see `operator_tokens`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        """`store`: in a cluster, where candidate tokens are shared between nodes."""
         self.settings = settings
         self._operators = [
             (_digest(token), name) for name, token in operator_tokens(settings).items()
         ]
         self._candidates: OrderedDict[bytes, str] = OrderedDict()
+        self._store = store
+        self._unknown: OrderedDict[bytes, None] = OrderedDict()
 
     @property
     def secured(self) -> bool:
@@ -164,6 +175,46 @@ class Access:
             "candidate token %s issued for session %s", fingerprint(token), short_id(session_id)
         )
         return token
+
+    def share_candidate_tokens(self, store: Store) -> None:
+        """Cluster: keep candidate tokens in the shared store too (see `issue`, `resolve`)."""
+        self._store = store
+
+    async def issue(self, session_id: str) -> str:
+        """A candidate token for the session, usable on every node once this returns."""
+        token = self.issue_candidate_token(session_id)
+        if self._store is not None:
+            from server.session.store import StoreError
+
+            await self._store.save_candidate_token(_digest(token).hex(), session_id)
+            try:
+                await self._store.flush(session_id)
+            except StoreError as exc:  # valid here; other nodes will not know it
+                log.error("candidate token %s of session %s not stored: %s",
+                          fingerprint(token), short_id(session_id), exc)
+        return token
+
+    async def resolve(self, token: str | None) -> None:
+        """Learn a candidate token another node issued (cluster only; a no-op for tokens
+        known here, the operator's, and tokens already found unknown). Raises StoreError
+        when the store cannot be read."""
+        if not token or self._store is None:
+            return
+        digest = _digest(token)
+        if digest in self._candidates or digest in self._unknown:
+            return
+        if self._operator_name(digest) is not None:
+            return
+        session_id = await self._store.candidate_token_session(digest.hex())
+        if session_id is None:
+            # Tokens are random: one unknown now was never issued, and never will be.
+            self._unknown[digest] = None
+            while len(self._unknown) > self.settings.candidate_tokens_max:
+                self._unknown.popitem(last=False)
+            return
+        self._candidates[digest] = session_id
+        while len(self._candidates) > self.settings.candidate_tokens_max:
+            self._candidates.popitem(last=False)
 
     def identify(self, token: str | None) -> Principal:
         if token:
@@ -222,6 +273,26 @@ def presented_token(request: web.Request) -> str | None:
 
 def authorize_request(request: web.Request, action: Action, session_id: object = None) -> Principal:
     return request.app[ACCESS].authorize(presented_token(request), action, session_id)
+
+
+def token_middleware(access: Access) -> Any:
+    """Cluster: a candidate token issued by another node is loaded before any handler
+    authorises with it (handlers authorise synchronously)."""
+
+    @web.middleware
+    async def tokens(request: web.Request, handler: Any) -> web.StreamResponse:
+        from server.errors import BackendUnavailable
+        from server.session.store import StoreError
+
+        try:
+            await access.resolve(presented_token(request))
+        except StoreError:
+            raise BackendUnavailable(
+                "the session store cannot be read", code="store_unavailable"
+            ) from None
+        return await handler(request)
+
+    return tokens
 
 
 def join_url(base: str, session_id: str, token: str) -> str:

@@ -89,6 +89,7 @@ def fit_report(message: dict[str, Any]) -> dict[str, Any]:
     report = dict(message.get("report") or {})
     alerts = report.pop("alerts", None) or []
     report.pop("emotion_timeline", None)
+    report.pop("metrics_timeline", None)
     report["alerts_count"] = len(alerts)
     report["truncated"] = True
     return {**message, "report": report}

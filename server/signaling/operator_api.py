@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.cluster.routing import forward_to_owner
 from server.errors import BackendUnavailable, BadRequest
 from server.session.manager import SessionManager
 from server.session.store import StoreError
@@ -74,6 +75,9 @@ def register_operator_routes(api: Api, manager: SessionManager) -> None:
     )
     async def erase_session(request: web.Request) -> web.Response:
         who = authorize_request(request, "operator")
+        # A live session is ended first, by the node that runs it.
+        if (remote := await forward_to_owner(request, "erase")) is not None:
+            return remote
         erased = await manager.erase_session(request.match_info["session_id"], actor_of(who))
         return json_response(erased)
 

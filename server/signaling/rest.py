@@ -10,14 +10,22 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
+from server.cluster.forwarding import forwarded
+from server.cluster.routing import ClusterNode, forward_to_owner
 from server.config import Settings
 from server.errors import BackendUnavailable, BadRequest
 from server.observability import Instruments
+from server.session.health import live_overview
 from server.session.live_session import LiveSession
 from server.session.manager import SessionManager
 from server.signaling.auth import ACCESS, authorize_request, join_url
 from server.signaling.frame_intake import frame_from_client
-from server.signaling.http_api import Api, json_response, parse_body
+from server.signaling.http_api import (
+    DEFAULT_BODY_MAX,
+    Api,
+    json_response,
+    parse_body,
+)
 from server.signaling.schemas import (
     FrameRequest,
     FrameResult,
@@ -48,10 +56,21 @@ def build_api(
     settings: Settings,
     instruments: Instruments,
     redis_health: Callable[[], dict[str, Any]] | None = None,
+    cluster: ClusterNode | None = None,
 ) -> Api:
-    """`redis_health`: the cluster's Redis block of /health (REDIS_URL), if any."""
+    """`redis_health`: the cluster's Redis block of /health (REDIS_URL), if any.
+    `cluster`: this node's cluster membership; requests for a session another node runs
+    are forwarded to it (after this node has authorised them)."""
     api = Api("Proctoring server", __version__)
     started = time.monotonic()
+
+    async def forward(
+        request: web.Request,
+        kind: str,
+        max_body: int = DEFAULT_BODY_MAX,
+        too_large_code: str = "request_too_large",
+    ) -> web.Response | None:
+        return await forward_to_owner(request, kind, max_body, too_large_code)
 
     # Room for base64 (4/3) and the JSON around the largest allowed frame.
     frame_body_max = settings.max_frame_bytes * 4 // 3 + 4096
@@ -67,15 +86,25 @@ def build_api(
         # liveness probe does) would interrupt every live session without mending a disk.
         # Monitoring alerts on `status` and on proctor_internal_errors_total{where="store"}.
         store = manager.store.health()
+        status = store["status"]
         redis = redis_health() if redis_health is not None else None
-        down = redis is not None and redis["status"] != "ok"
+        if redis is not None and redis["status"] != "ok":
+            status = "degraded"
+        extra: dict[str, Any] = {}
+        if cluster is not None:
+            extra["cluster"] = await cluster.health()
+            if not extra["cluster"]["healthy"]:
+                status = "degraded"
         return json_response(
             {
-                "status": "degraded" if down else store["status"],
+                "status": status,
+                **extra,
                 "store": store,
                 "redis": redis,
                 "backend": manager.analyser.name,
                 "live_sessions": manager.live_count,
+                # Whether clients need a token (the console asks before it signs in).
+                "auth": "token" if request.app[ACCESS].secured else "none",
                 "spend": manager.spend.to_json(),
                 "uptime_s": round(time.monotonic() - started, 3),
                 "version": __version__,
@@ -97,7 +126,7 @@ def build_api(
         session = await manager.start_session(
             body.job_data, transport="rest", client_address=request.remote
         )
-        token = request.app[ACCESS].issue_candidate_token(session.id)
+        token = await request.app[ACCESS].issue(session.id)
         base = settings.public_url or f"{request.scheme}://{request.host}"
         return json_response(
             {
@@ -117,10 +146,20 @@ def build_api(
     )
     async def analyse_frame(request: web.Request) -> web.Response:
         who = authorize_request(request, "frame", request.match_info["session_id"])
+        remote = await forward(request, "frame", frame_body_max, "frame_too_large")
+        if remote is not None:
+            return remote
         session = await live(request)
         body = await parse_body(request, FrameRequest, frame_body_max, "frame_too_large")
         frame = await frame_from_client(body.frame, body.timestamp, settings)
         result = await manager.submit(session, frame)
+        via = forwarded(request)
+        if via is not None and via.via == "socketio":
+            # A Socket.IO client on another node: its acknowledgement, whatever the
+            # backend did (Socket.IO reports outages in the result, not as an error).
+            if result.get("status") == "dropped":
+                return json_response(dict(result))
+            return json_response({"status": "analysed", "frame_index": result["frame_index"]})
         view = who.view(settings)
         if result.get("status") == "dropped":
             return json_response(frame_answer({"session_id": session.id, **result}, view))
@@ -142,6 +181,8 @@ def build_api(
     )
     async def session_metrics(request: web.Request) -> web.Response:
         who = authorize_request(request, "live_metrics", request.match_info["session_id"])
+        if (remote := await forward(request, "metrics")) is not None:
+            return remote
         metrics = (await live(request)).live_metrics()
         return json_response(candidate_payload("live_metrics", metrics, who.view(settings)))
 
@@ -155,6 +196,8 @@ def build_api(
     async def end_session(request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
         who = authorize_request(request, "end", session_id)
+        if (remote := await forward(request, "end")) is not None:
+            return remote
         report = await manager.end_session(session_id)
         return json_response(end_answer(report, who.view(settings)))
 
@@ -173,7 +216,8 @@ def build_api(
     @api.route(
         "GET",
         "/api/sessions",
-        summary="List sessions (newest first); ?status=live|ended|interrupted&limit=&offset=",
+        summary="List sessions (newest first) with their alert counts, and the health of "
+        "live ones; ?status=live|ended|interrupted&limit=&offset=",
         response=SessionList,
         errors=(400,),
         operator=True,
@@ -191,6 +235,12 @@ def build_api(
         if not (1 <= limit <= LIST_LIMIT_MAX) or offset < 0:
             raise BadRequest(f"limit must be 1..{LIST_LIMIT_MAX}, offset ≥ 0", code="invalid_field")
         sessions = await manager.list_sessions(status, limit, offset)
+        live = {s.id: s for s in manager.live_sessions()}
+        for record in sessions:
+            record["alert_count"] = (record.get("review_counts") or {}).get("alerts", 0)
+            session = live.get(record["session_id"])
+            if session is not None:  # live on this node: what the console's table shows
+                record["live"] = live_overview(session)
         return json_response({"sessions": sessions, "count": len(sessions)})
 
     @api.route(

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -39,7 +39,7 @@ from server.media.sampler import (
 from server.observability import Instruments
 from server.session.manager import SessionManager
 from server.signaling.auth import ACCESS, authorize_request, presented_token, short_id
-from server.signaling.http_api import Api, json_response, parse_body
+from server.signaling.http_api import Api, json_response, parse_json, read_body, validate
 from server.signaling.ice import (
     CandidatePolicy,
     ice_servers,
@@ -58,6 +58,9 @@ from server.signaling.sdp import (
 )
 from server.signaling.turn import client_ice_servers
 from server.signaling.views import View
+
+if TYPE_CHECKING:
+    from server.cluster.routing import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +101,12 @@ class RtcGateway:
         settings: Settings,
         instruments: Instruments,
         policy_factory: Callable[[], SamplingPolicy] | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
+        """`cluster`: an offer naming a session another node runs goes to that node (its
+        answer's ICE candidates are the owner's, so the media goes there directly)."""
         self.manager = manager
+        self.cluster = cluster
         self.settings = settings
         self._ice_servers = ice_servers(settings)
         self.policy_factory = policy_factory or self._default_policy
@@ -169,15 +176,18 @@ class RtcGateway:
             errors=(400, 404, 409, 429, 503),
         )
         async def rtc_offer(request: web.Request) -> web.Response:
-            body = await parse_body(
-                request, RtcOfferRequest, self.settings.offer_body_max_bytes
-            )
+            raw = await read_body(request, self.settings.offer_body_max_bytes)
+            body = validate(RtcOfferRequest, await parse_json(raw) if raw.strip() else {})
             # A new session is the operator's to start; joining one takes its candidate
             # token (or the operator's).
             if body.session_id is None:
                 who = authorize_request(request, "start")
             else:
                 who = authorize_request(request, "frame", body.session_id)
+                if self.cluster is not None and not self.manager.has_live(body.session_id):
+                    peer = await self.cluster.owner_of(body.session_id, request)
+                    if peer is not None:
+                        return await self.cluster.proxy(request, peer, raw, "offer")
             try:
                 answer = await self.answer(body, who.view(self.settings), request.remote)
             except ProctorError as exc:
@@ -276,6 +286,8 @@ class RtcGateway:
                     old = self._peers.pop(session.id, None)
                     if old is not None:
                         self._background_task(old.close("replaced"))
+                    # The operator's session, joined from its link: a WebRTC session now.
+                    await self.manager.adopt_transport(session, "webrtc")
                 else:
                     session = await self.manager.start_session(
                         body.job_data, transport="webrtc", client_address=client_address

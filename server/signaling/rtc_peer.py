@@ -77,6 +77,7 @@ class RtcPeer:
         manager = gw.manager
         self.session = session
         self._unsubscribe = session.subscribe(self._on_session_event)
+        session.transport_stats = self.stats
         self._send_event("session_started", manager.started_payload(session))
         self.drain = TrackDrain(self.video_track, on_frame=lambda: manager.frame_received(session))
         self.loop = SampleLoop(
@@ -288,6 +289,8 @@ class RtcPeer:
                 await self._linger(linger_s)
             if self._unsubscribe is not None:
                 self._unsubscribe()
+            if self.session is not None and self.session.transport_stats == self.stats:
+                self.session.transport_stats = None  # a reconnect's peer may have replaced it
             current = asyncio.current_task()
             tasks = [t for t in self._tasks if t is not current]
             for task in tasks:

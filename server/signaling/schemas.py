@@ -142,6 +142,13 @@ class SessionRecord(BaseModel):
     started_at: float
     ended_at: float | None
     end_reason: str | None
+    alert_count: int = Field(default=0, description="Alert episodes raised so far")
+    live: dict[str, Any] | None = Field(
+        default=None,
+        description="A session live on this node: health {status: ok|warning|bad, "
+        "reasons}, backend, duration_s, frames_analysed, alerts_active",
+    )
+    node_id: str | None = Field(default=None, description="The node that runs (ran) it")
     review_status: Literal["not_reviewed", "reviewed", "confirmed_alerts"] | None = Field(
         default=None,
         description="not_reviewed | reviewed (every alert reviewed, all dismissed) | "
@@ -267,12 +274,21 @@ class Health(BaseModel):
     )
     backend: str
     live_sessions: int
+    auth: Literal["token", "none"] = Field(
+        description="token: secured mode (API_TOKEN set); none: development mode"
+    )
     spend: dict[str, Any] = Field(
         description="today's (UTC) Rekognition calls and LLM tokens against their daily "
         "caps, and the per-address session start limit"
     )
     uptime_s: float
     version: str
+    cluster: dict[str, Any] | None = Field(
+        default=None,
+        description="With REDIS_URL: this node (node_id, address, tag), redis ok|down, its "
+        "lease (state held|lapsed|conflict, age_s, expires_in_s) and peers (alive, "
+        "lease_age_s); status is degraded while Redis is down or the lease is not held",
+    )
 
 
 class AlertRecord(BaseModel):

@@ -1,7 +1,7 @@
-"""The self-contained HTML report of `proctor analyze`: the shared browser renderer
-(public/proctor_ui.js with its charts in public/report_view.js) and uPlot from
+"""The self-contained HTML report of `proctor analyze`: the one report renderer of every
+page (public/report_view.js, reached through public/proctor_ui.js) and uPlot from
 node_modules, inlined with the report's JSON into one file that needs no server and no
-network."""
+network; printable (the print stylesheet of proctor_ui.css)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def render_html(report: dict[str, Any], settings: Settings) -> str:
 <main>
 <h1>{html.escape(title)}</h1>
 <p class="fine" id="video-facts"></p>
-<section id="report" class="card report" hidden></section>
+<section id="report" data-testid="report" class="card report" hidden></section>
 </main>
 <script type="application/json" id="report-data">{data}</script>
 {inline}
@@ -70,7 +70,7 @@ def render_html(report: dict[str, Any], settings: Settings) -> str:
       `${{v.duration || ""}} of video (${{v.codec || "?"}}, ${{v.width}}×${{v.height}}), ` +
       `a frame every ${{v.interval_seconds}} s: ${{v.frames_sampled}} frames analysed.`;
   }}
-  new ProctorUI.ReportView(document).render(report);
+  new ProctorUI.ReportView(document).render(report, {{ printable: true }});
   document.body.dataset.rendered = "true";
 }})();
 </script>

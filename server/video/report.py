@@ -27,7 +27,7 @@ def video_report(report: dict[str, Any], job: dict[str, Any], started_at: float)
         if end is not None:
             alert["video_time_end_s"] = round(float(end) - started_at, 3)
             alert["video_time_end"] = mmss(float(end) - started_at)
-    for point in out.get("emotion_timeline", []):
+    for point in [*out.get("emotion_timeline", []), *out.get("metrics_timeline", [])]:
         point["video_time"] = mmss(point.get("t_offset_s"))
     out["video"] = {
         "job_id": job["id"],
