@@ -22,7 +22,8 @@ from server.app import REDIS
 from server.cluster.redis_link import RedisLink
 from server.cluster.shared_budget import SharedBudget
 from server.observability import Instruments
-from tests.conftest import RunningServer, make_settings, start_server
+from tests.cluster_kit import start_node
+from tests.conftest import RunningServer, make_settings
 from tests.fakes.rekognition import FakeRekognition
 from tests.services import RedisServer
 from tests.test_spend_caps import assert_rate_limited, frame, json_of, metric, rest_start
@@ -52,7 +53,6 @@ def cluster(redis_server: RedisServer, postgres_url: str) -> dict[str, Any]:
 def cluster_settings(tmp_path: Path, cluster: dict[str, Any], **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "redis_url": cluster["redis"].url,
-        "cluster_secret": "test-cluster-secret",
         "database_url": cluster["database_url"],
         "redis_ping_interval_s": 0.2,
         "analyser_calls_per_s": RATE,
@@ -64,8 +64,8 @@ def cluster_settings(tmp_path: Path, cluster: dict[str, Any], **overrides: Any) 
 @contextlib.asynccontextmanager
 async def two_nodes(settings: Any, **app_kwargs: Any) -> AsyncIterator[list[RunningServer]]:
     nodes = [
-        await start_server(settings.model_copy(update={"node_id": f"node-{i}"}), **app_kwargs)
-        for i in range(2)
+        await start_node(settings, "node-a", **app_kwargs),
+        await start_node(settings, "node-b", **app_kwargs),
     ]
     try:
         yield nodes

@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 
 from server.app import REDIS
-from tests.conftest import RunningServer, serve_subprocess, start_server
+from tests.cluster_kit import SECRET, start_node
+from tests.conftest import RunningServer, serve_subprocess
 from tests.fakes.rekognition import FakeRekognition
 from tests.services import RedisServer
 from tests.test_video_api import (
@@ -50,7 +51,6 @@ def node_settings(
     values: dict[str, Any] = {
         **store_engine,
         "redis_url": redis.url,
-        "cluster_secret": "test-cluster-secret",
         "node_lease_s": LEASE_S,
         "redis_ping_interval_s": 0.2,
         "video_jobs": 1,
@@ -69,10 +69,7 @@ async def nodes(
     rekognition.faces_from_image = True
     rekognition.latency_s = 0.03
     settings = node_settings(tmp_path, redis_server, store_engine)
-    started = [
-        await start_server(settings.model_copy(update={"node_id": f"node-{i}"}))
-        for i in range(2)
-    ]
+    started = [await start_node(settings, "node-a"), await start_node(settings, "node-b")]
     yield started
     for node in started:
         await node.stop()
@@ -249,10 +246,10 @@ async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhe
         {
             **rekognition.env(),
             **store_env,
+            "NODE_ID": "node-a",
+            "CLUSTER_SECRET": SECRET,
             "VIDEO_WORK_DIR": str(settings.video_work_dir),
             "REDIS_URL": redis_server.url,
-            "CLUSTER_SECRET": "test-cluster-secret",
-            "NODE_ID": "node-killed",
             "NODE_LEASE_S": str(LEASE_S),
             "REDIS_PING_INTERVAL_S": "0.2",
             "ANALYSER_BACKEND": "rekognition",
@@ -269,7 +266,7 @@ async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhe
         _s, job = await post_upload(http, url, data, interval="0.5")
         seen = await wait_state(http, url, job["id"], {"analysing"})
         # The other node starts while the job runs on the first: it leaves it alone.
-        survivor = await start_server(settings.model_copy(update={"node_id": "node-survivor"}))
+        survivor = await start_node(settings, "node-b")
         while seen["progress"]["frames_done"] < 5:
             seen = await wait_state(http, url, job["id"], {"analysing"})
         assert seen["node"] != survivor.app[REDIS].link.node_id
