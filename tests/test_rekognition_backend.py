@@ -480,14 +480,15 @@ async def test_calls_in_flight_are_bounded_and_the_loop_stays_responsive(
     checks = Checks(faces=True, labels=True, text=True)
     frames = [jpeg_frame(seed=i) for i in range(20)]
 
-    lags: list[float] = []
+    # What the event loop saw of the fake while the calls ran: a blocking call on the loop
+    # would hold it until that call returned, so no tick could ever see one in flight.
+    seen_in_flight: list[int] = []
     stop = asyncio.Event()
 
     async def ticker() -> None:
         while not stop.is_set():
-            before = time.perf_counter()
             await asyncio.sleep(0.005)
-            lags.append(time.perf_counter() - before - 0.005)
+            seen_in_flight.append(fake.in_flight)
 
     tick = asyncio.create_task(ticker())
     started = time.monotonic()
@@ -503,10 +504,9 @@ async def test_calls_in_flight_are_bounded_and_the_loop_stays_responsive(
     # ...and the pool is actually used in parallel.
     assert fake.max_in_flight == 4
     assert elapsed >= 60 / 4 * 0.05 * 0.95
-    # The event loop kept turning while 60 blocking calls ran in threads.
-    assert len(lags) > 20
-    assert max(lags) < 0.1, f"event loop stalled for {max(lags) * 1000:.0f} ms"
-    print(f"60 calls in {elapsed:.2f}s, max loop lag {max(lags) * 1000:.1f} ms")
+    # The event loop kept turning while blocking calls ran in threads (how promptly is
+    # the benchmarks' business, not a test's).
+    assert max(seen_in_flight) >= 1
 
 
 async def test_close_stops_the_worker_threads(
