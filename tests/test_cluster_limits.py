@@ -22,7 +22,7 @@ from server.app import REDIS
 from server.cluster.redis_link import RedisLink
 from server.cluster.shared_budget import SharedBudget
 from server.observability import Instruments
-from tests.conftest import RunningServer, make_settings, start_server
+from tests.conftest import RunningServer, make_settings, start_node
 from tests.fakes.rekognition import FakeRekognition
 from tests.services import RedisServer
 from tests.test_spend_caps import assert_rate_limited, frame, json_of, metric, rest_start
@@ -62,7 +62,10 @@ def cluster_settings(tmp_path: Path, cluster: dict[str, Any], **overrides: Any) 
 
 @contextlib.asynccontextmanager
 async def two_nodes(settings: Any, **app_kwargs: Any) -> AsyncIterator[list[RunningServer]]:
-    nodes = [await start_server(settings, **app_kwargs), await start_server(settings, **app_kwargs)]
+    nodes = [
+        await start_node(settings, "node-a", **app_kwargs),
+        await start_node(settings, "node-b", **app_kwargs),
+    ]
     try:
         yield nodes
     finally:
