@@ -127,7 +127,7 @@ def create_app(
     if settings.redis_url:  # a cluster node: budget, spend caps and video jobs in Redis
         from server.cluster.redis_parts import RedisParts
 
-        redis = RedisParts(settings, instruments)
+        redis = RedisParts(settings, instruments, identity.node_id)
     manager = SessionManager(
         settings,
         analyser,

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from server.app import create_app
 from server.cluster.node import node_tag
-from tests.conftest import serve_subprocess
+from server.config import Settings
+from tests.conftest import RunningServer, free_port, serve_subprocess
 from tests.fakes.rekognition import FakeRekognition
 from tests.services import RedisServer
 
@@ -175,3 +178,22 @@ async def eventually(
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(step)
+
+
+async def start_node(settings: Settings, name: str, **app_kwargs: Any) -> RunningServer:
+    """A cluster node in this process: its own NODE_ID, port and address, the shared
+    CLUSTER_SECRET; `settings` carry the rest (REDIS_URL, the store)."""
+    port = free_port()
+    own = settings.model_copy(
+        update={
+            "node_id": name,
+            "port": port,
+            "node_address": f"http://127.0.0.1:{port}",
+            "cluster_secret": SECRET,
+        }
+    )
+    app = create_app(own, **app_kwargs)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return RunningServer(f"http://127.0.0.1:{port}", app, runner, own)

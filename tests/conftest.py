@@ -59,30 +59,14 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-async def start_server(settings: Settings, *, port: int = 0, **app_kwargs: Any) -> RunningServer:
+async def start_server(settings: Settings, **app_kwargs: Any) -> RunningServer:
     app = create_app(settings, **app_kwargs)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     return RunningServer(f"http://127.0.0.1:{port}", app, runner, settings)
-
-
-CLUSTER_TEST_SECRET = "test-cluster-secret-do-not-use"
-
-
-async def start_node(settings: Settings, node_id: str, **app_kwargs: Any) -> RunningServer:
-    """A cluster node (REDIS_URL) in this process: its own NODE_ID, and a free port that
-    its NODE_ADDRESS names, so its peers can forward to it."""
-    port = free_port()
-    node = settings.model_copy(update={
-        "node_id": node_id,
-        "port": port,
-        "node_address": f"http://127.0.0.1:{port}",
-        "cluster_secret": settings.cluster_secret or CLUSTER_TEST_SECRET,
-    })
-    return await start_server(node, port=port, **app_kwargs)
 
 
 ROOT = Path(__file__).resolve().parent.parent

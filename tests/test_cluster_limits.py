@@ -22,7 +22,8 @@ from server.app import REDIS
 from server.cluster.redis_link import RedisLink
 from server.cluster.shared_budget import SharedBudget
 from server.observability import Instruments
-from tests.conftest import RunningServer, make_settings, start_node
+from tests.cluster_kit import start_node
+from tests.conftest import RunningServer, make_settings
 from tests.fakes.rekognition import FakeRekognition
 from tests.services import RedisServer
 from tests.test_spend_caps import assert_rate_limited, frame, json_of, metric, rest_start

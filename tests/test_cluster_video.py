@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 
 from server.app import REDIS
-from tests.conftest import CLUSTER_TEST_SECRET, RunningServer, serve_subprocess, start_node
+from tests.cluster_kit import SECRET, start_node
+from tests.conftest import RunningServer, serve_subprocess
 from tests.fakes.rekognition import FakeRekognition
 from tests.services import RedisServer
 from tests.test_video_api import (
@@ -245,10 +246,10 @@ async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhe
         {
             **rekognition.env(),
             **store_env,
+            "NODE_ID": "node-a",
+            "CLUSTER_SECRET": SECRET,
             "VIDEO_WORK_DIR": str(settings.video_work_dir),
             "REDIS_URL": redis_server.url,
-            "CLUSTER_SECRET": CLUSTER_TEST_SECRET,
-            "NODE_ID": "victim",
             "NODE_LEASE_S": str(LEASE_S),
             "REDIS_PING_INTERVAL_S": "0.2",
             "ANALYSER_BACKEND": "rekognition",
@@ -265,7 +266,7 @@ async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhe
         _s, job = await post_upload(http, url, data, interval="0.5")
         seen = await wait_state(http, url, job["id"], {"analysing"})
         # The other node starts while the job runs on the first: it leaves it alone.
-        survivor = await start_node(settings, "survivor")
+        survivor = await start_node(settings, "node-b")
         while seen["progress"]["frames_done"] < 5:
             seen = await wait_state(http, url, job["id"], {"analysing"})
         assert seen["node"] != survivor.app[REDIS].link.node_id

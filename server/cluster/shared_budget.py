@@ -58,8 +58,9 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["shared", "local-fallback"]
 #: A live request that waits for the shared window keeps background requests of every
-#: node waiting until its slot, plus this (time for its node to wake and take it).
-LIVE_MARGIN_S = 0.05
+#: node waiting until its slot, plus this (time for its node to wake and take it, on a
+#: busy machine too; its node clears the mark as soon as it has no live request left).
+LIVE_MARGIN_S = 0.25
 
 # KEYS: the grant log (sorted set), its member counter, the live waiters (sorted set:
 # node → until when it waits), the log's start (when grants may begin: a log found
