@@ -214,7 +214,7 @@ async def main(args: argparse.Namespace) -> None:
                 "ANALYSER_BACKEND": "rekognition", "ANALYSER_CALLS_PER_S": "0",
                 "SESSION_STARTS_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
                 "OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", "API_TOKEN": "",
-                "VIDEO_WORK_DIR": str(tmp / name / "videos"),
+                "VIDEO_WORK_DIR": str(tmp / "videos"),
             }
             node = NodeProcess(name, port, env, tmp / f"{name}.log")
             node.start(tmp)

@@ -75,8 +75,6 @@ class Cluster:
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def node_env(self, name: str) -> dict[str, str]:
-        work = self.tmp_path / name
-        work.mkdir(exist_ok=True)
         return {
             **self.rekognition.env(),
             **self.store_env,
@@ -91,7 +89,8 @@ class Cluster:
             "OPENAI_API_KEY": "",
             "ANTHROPIC_API_KEY": "",
             "SESSION_STARTS_PER_MINUTE": "0",
-            "VIDEO_WORK_DIR": str(work / "videos"),
+            # One directory for all: an upload is read by whichever node runs its job.
+            "VIDEO_WORK_DIR": str(self.tmp_path / "videos"),
             "LOG_LEVEL": "INFO",
             **self.env,
         }

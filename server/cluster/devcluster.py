@@ -225,7 +225,8 @@ class DevCluster:
                 "NODE_ADDRESS": f"http://127.0.0.1:{port}",
                 "CLUSTER_SECRET": secret,
                 "TRUSTED_PROXIES": '["127.0.0.1"]',
-                "VIDEO_WORK_DIR": str(self.dir / node_id / "videos"),
+                # One directory for all: an upload is read by whichever node runs its job.
+                "VIDEO_WORK_DIR": str(self.dir / "videos"),
                 **self.extra_env,
             }
             node = NodeProcess(node_id, port, env, self.dir / f"{node_id}.log")
