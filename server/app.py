@@ -127,7 +127,11 @@ def create_app(
     if settings.redis_url:  # a cluster node: budget, spend caps and video jobs in Redis
         from server.cluster.redis_parts import RedisParts
 
-        redis = RedisParts(settings, instruments, identity.node_id)
+        # One name per process start: the cluster's node id and this incarnation, so a
+        # job's `node` and the node registry name the node the operator configured.
+        redis = RedisParts(
+            settings, instruments, f"{identity.node_id}:{identity.incarnation}"
+        )
     manager = SessionManager(
         settings,
         analyser,

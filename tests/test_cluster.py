@@ -1,8 +1,9 @@
 """Two nodes of a cluster (SPEC "More than one machine") as real processes on loopback,
-sharing a private PostgreSQL (one test also a SQLite file) and a private redis-server: sessions are seen, watched, fed, ended and
-reported from either node whichever node runs them; a node killed with SIGKILL has its
-sessions marked interrupted by the other, everything they stored kept; Redis restarted
-mid-session: events flow between the nodes again."""
+sharing a private PostgreSQL (one test also a SQLite file) and a private redis-server:
+sessions are seen, watched (the brief's events and the console's watch_all /
+watch_session), fed, ended and reported from either node whichever node runs them; a
+node killed with SIGKILL has its sessions marked interrupted by the other, everything
+they stored kept; Redis restarted mid-session: events flow between the nodes again."""
 
 from __future__ import annotations
 
@@ -75,8 +76,15 @@ async def test_a_session_of_one_node_is_listed_watched_fed_and_reported_on_the_o
     cluster: Cluster, rekognition: FakeRekognition
 ) -> None:
     a, b = await cluster.start_all("node-a", "node-b")
+    # The proctor's console on B watches everything, before the session exists.
+    console = await watcher(b.url)
+    assert (await console.sio.call("watch_all", {}, timeout=10))["status"] == "ok"
     started = await cluster.start_session(a, jobTitle="SRE")
     sid, candidate = started["session_id"], started["candidate_token"]
+    [announced] = await console.wait("session_started", timeout=10)
+    assert announced["session_id"] == sid
+    ack = await console.sio.call("watch_session", {"session_id": sid}, timeout=10)
+    assert ack == {"status": "ok", "session_id": sid}
     assert sid.endswith("." + a.tag)  # the owner's tag: the proxy's shortcut
     health = await cluster.health(a)
     assert health["cluster"]["node"]["tag"] == a.tag and health["cluster"]["redis"] == "ok"
@@ -108,6 +116,13 @@ async def test_a_session_of_one_node_is_listed_watched_fed_and_reported_on_the_o
         assert analysis["session_id"] == sid and analysis["result"]["faces_count"] == 2
         alerts = await watch.wait("alerts", timeout=10)
         assert "multiple_faces_detected" in alert_types(alerts)
+        # The console too: the alert once (watch_all and watch_session), the analysis.
+        assert "multiple_faces_detected" in alert_types(await console.wait("alerts", timeout=10))
+        [seen] = await console.wait("frame_analysis", timeout=10)
+        assert seen["result"]["frame_index"] == 0
+        # A's pushes of the session's live metrics reach B's watch_session room.
+        [pushed] = await console.wait("live_metrics", timeout=10)
+        assert pushed["session_id"] == sid and "health" in pushed
 
         # The candidate token A issued works on B; B forwards to A.
         rekognition.set_scene(faces=[fake_face()])
@@ -142,8 +157,14 @@ async def test_a_session_of_one_node_is_listed_watched_fed_and_reported_on_the_o
         assert (status, answer) == (200, {"status": "ended"})
         [ended] = await watch.wait("session_ended", timeout=10)
         assert ended["session_id"] == sid and ended["report"]["summary"]["frames_analysed"] == 3
+        [ended] = await console.wait("session_ended", timeout=10)
+        assert ended["session_id"] == sid
+        onsets = [a for e in console.received["alerts"] for a in e["alerts"]
+                  if a["status"] == "onset"]
+        assert len(onsets) == 1  # one delivery, though the console is in two of its rooms
     finally:
         await watch.sio.disconnect()
+        await console.sio.disconnect()
     status, report = await cluster.call("GET", f"{b.url}/api/sessions/{sid}/report")
     assert status == 200 and report["summary"]["frames_analysed"] == 3
     assert "multiple_faces_detected" in {x["type"] for x in report["alerts"]}
