@@ -127,11 +127,7 @@ def create_app(
     if settings.redis_url:  # a cluster node: budget, spend caps and video jobs in Redis
         from server.cluster.redis_parts import RedisParts
 
-        # One name per process start: the cluster's node id and this incarnation, so a
-        # job's `node` and the node registry name the node the operator configured.
-        redis = RedisParts(
-            settings, instruments, f"{identity.node_id}:{identity.incarnation}"
-        )
+        redis = RedisParts(settings, instruments, identity.node_id)
     manager = SessionManager(
         settings,
         analyser,

@@ -18,6 +18,7 @@ class RedisParts:
     def __init__(
         self, settings: Settings, instruments: Instruments, node_id: str | None = None
     ) -> None:
+        """`node_id`: this node's NODE_ID (default: host, pid and a random tail)."""
         self.link = RedisLink(settings, instruments, node_id)
         self.budget = SharedBudget(
             settings.analyser_calls_per_s,
