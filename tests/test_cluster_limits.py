@@ -207,7 +207,9 @@ async def test_live_requests_go_first_on_a_node_and_across_nodes(
     links = [RedisLink(settings, Instruments()) for _ in range(2)]
     for link in links:
         await link.start()
-    a, b = (SharedBudget(2, link, link.instruments) for link in links)
+    # A live request's mark outlasts its slot by a full second here (250 ms in service),
+    # so a loaded machine waking B's pump late cannot let A's background request in.
+    a, b = (SharedBudget(2, link, link.instruments, live_margin_s=1.0) for link in links)
     order: list[str] = []
 
     async def ask(budget: SharedBudget, name: str, priority: Any) -> None:

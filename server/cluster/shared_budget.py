@@ -155,8 +155,10 @@ class SharedBudget:
         window_s: float = 1.0,
         size_hint: int = 1,
         key: str = PREFIX + "budget:analyser_calls",
+        live_margin_s: float = LIVE_MARGIN_S,
     ) -> None:
         """`rate_per_s` ≤ 0 means unlimited (no Redis involved)."""
+        self.live_margin_s = live_margin_s
         self.rate_per_s = rate_per_s
         self.window_s = window_s
         self._limit = max(1, math.floor(rate_per_s * window_s)) if rate_per_s > 0 else 0
@@ -294,7 +296,7 @@ class SharedBudget:
                 int(live),
                 self.link.node_id,
                 int(more_live),
-                int(LIVE_MARGIN_S * 1e6),
+                int(self.live_margin_s * 1e6),
             ]
             args += [int(age * 1e6) for age in backfill]
             try:
