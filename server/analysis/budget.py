@@ -55,10 +55,53 @@ class BudgetStats:
 
 
 @dataclass(eq=False)
-class _Waiter:
+class Waiter:
     future: asyncio.Future[None]
     calls: int
     asked_at: float
+    priority: Priority = "live"
+
+
+class WaitQueue:
+    """Waiters in budget order: every live one before any background one, first come
+    first served within a priority. Shared by the local and the cluster's budget."""
+
+    def __init__(self) -> None:
+        self._queues: dict[Priority, deque[Waiter]] = {"live": deque(), "background": deque()}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def count(self, priority: Priority) -> int:
+        return len(self._queues[priority])
+
+    def add(self, waiter: Waiter) -> None:
+        self._queues[waiter.priority].append(waiter)
+
+    def head(self) -> Waiter | None:
+        """The next waiter to serve (waiters cancelled while queued are dropped)."""
+        for priority in ("live", "background"):
+            queue = self._queues[priority]
+            while queue and queue[0].future.done():  # cancelled while queued
+                queue.popleft()
+            if queue:
+                return queue[0]
+        return None
+
+    def remove(self, waiter: Waiter) -> None:
+        """Take `waiter` out, wherever it is (no-op when it is not queued)."""
+        queue = self._queues[waiter.priority]
+        if queue and queue[0] is waiter:
+            queue.popleft()
+        elif waiter in queue:
+            queue.remove(waiter)
+
+    def cancel_all(self) -> None:
+        for queue in self._queues.values():
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.cancel()
 
 
 class CallBudget:
@@ -68,7 +111,7 @@ class CallBudget:
         self.window_s = window_s
         self._limit = max(1, math.floor(rate_per_s * window_s)) if rate_per_s > 0 else 0
         self._grants: deque[float] = deque(maxlen=self._limit or 1)  # one entry per call
-        self._waiters: dict[Priority, deque[_Waiter]] = {"live": deque(), "background": deque()}
+        self._waiters = WaitQueue()
         self._timer: asyncio.TimerHandle | None = None
         self.stats = BudgetStats()
 
@@ -83,7 +126,7 @@ class CallBudget:
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self._waiters.values())
+        return len(self._waiters)
 
     def _room(self, now: float, calls: int) -> float:
         """0 when `calls` grants are possible now, else seconds until they are."""
@@ -107,15 +150,6 @@ class CallBudget:
             self.stats.wait_s_total += wait
             self.stats.max_wait_s = max(self.stats.max_wait_s, wait)
 
-    def _head(self) -> _Waiter | None:
-        for priority in ("live", "background"):
-            queue = self._waiters[priority]
-            while queue and queue[0].future.done():  # cancelled while queued
-                queue.popleft()
-            if queue:
-                return queue[0]
-        return None
-
     async def acquire(self, calls: int = 1, priority: Priority = "live") -> None:
         """Wait for the right to make `calls` API calls. Cancellation-safe: a cancelled
         waiter leaves the queue and consumes nothing."""
@@ -125,18 +159,16 @@ class CallBudget:
         calls = min(calls, self._limit)  # a request larger than the window still passes
         now = time.monotonic()
         self._expire(now)
-        if self._head() is None and self._room(now, calls) == 0.0:
+        if self._waiters.head() is None and self._room(now, calls) == 0.0:
             self._grant(now, calls, now)
             return
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), calls, now)
-        self._waiters[priority].append(waiter)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), calls, now, priority)
+        self._waiters.add(waiter)
         self._schedule()
         try:
             await waiter.future
         except asyncio.CancelledError:
-            queue = self._waiters[priority]
-            if waiter in queue:
-                queue.remove(waiter)
+            self._waiters.remove(waiter)
             if waiter.future.done() and not waiter.future.cancelled():
                 # Granted and cancelled in the same tick: the calls were not made.
                 for _ in range(waiter.calls):
@@ -155,7 +187,7 @@ class CallBudget:
     def _schedule(self) -> None:
         if self._timer is not None:
             return
-        head = self._head()
+        head = self._waiters.head()
         if head is None:
             return
         now = time.monotonic()
@@ -167,11 +199,8 @@ class CallBudget:
         self._timer = None
         now = time.monotonic()
         self._expire(now)
-        while (head := self._head()) is not None and self._room(now, head.calls) == 0.0:
-            for queue in self._waiters.values():
-                if queue and queue[0] is head:
-                    queue.popleft()
-                    break
+        while (head := self._waiters.head()) is not None and self._room(now, head.calls) == 0.0:
+            self._waiters.remove(head)
             self._grant(now, head.calls, head.asked_at)
             head.future.set_result(None)
         self._schedule()
@@ -180,11 +209,7 @@ class CallBudget:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for queue in self._waiters.values():
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.future.done():
-                    waiter.future.cancel()
+        self._waiters.cancel_all()
 
     def try_take(self, calls: int) -> float:
         """Take `calls` grants now if the window has room (0.0), else the seconds until

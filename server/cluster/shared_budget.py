@@ -47,10 +47,9 @@ import math
 import random
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.analysis.budget import BudgetStats, CallBudget, Priority
+from server.analysis.budget import BudgetStats, CallBudget, Priority, Waiter, WaitQueue
 from server.cluster.redis_link import PREFIX, REDIS_ERRORS, RedisLink
 from server.observability import Instruments
 
@@ -137,14 +136,6 @@ return {0, wait, 0, now}
 """
 
 
-@dataclass(eq=False)
-class _Waiter:
-    future: asyncio.Future[None]
-    calls: int
-    asked_at: float
-    priority: Priority
-
-
 class SharedBudget:
     def __init__(
         self,
@@ -167,7 +158,7 @@ class SharedBudget:
         self.size_hint = max(1, size_hint)
         self._keys = [key, key + ":seq", key + ":live", key + ":begins"]
         self._take_script = link.client.register_script(TAKE_LUA)
-        self._waiters: dict[Priority, deque[_Waiter]] = {"live": deque(), "background": deque()}
+        self._waiters = WaitQueue()
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self.mode: Mode = "shared"
@@ -188,7 +179,7 @@ class SharedBudget:
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self._waiters.values())
+        return len(self._waiters)
 
     @property
     def fallback_rate_per_s(self) -> float:
@@ -205,48 +196,28 @@ class SharedBudget:
             return
         if self._closed:
             raise asyncio.CancelledError("the budget is closed")
-        waiter = _Waiter(
+        waiter = Waiter(
             asyncio.get_running_loop().create_future(),
             min(calls, self._limit),
             time.monotonic(),
             priority,
         )
-        self._waiters[priority].append(waiter)
+        self._waiters.add(waiter)
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run(), name="shared-budget")
         self._wake.set()
         try:
             await waiter.future
         except asyncio.CancelledError:
-            queue = self._waiters[priority]
-            if waiter in queue:
-                queue.remove(waiter)
+            self._waiters.remove(waiter)
             raise
-
-    def _head(self) -> _Waiter | None:
-        for priority in ("live", "background"):
-            queue = self._waiters[priority]
-            while queue and queue[0].future.done():  # cancelled while queued
-                queue.popleft()
-            if queue:
-                return queue[0]
-        return None
-
-    def _pop(self, waiter: _Waiter) -> None:
-        for queue in self._waiters.values():
-            if queue and queue[0] is waiter:
-                queue.popleft()
-                return
-            if waiter in queue:
-                queue.remove(waiter)
-                return
 
     # --- the pump ----------------------------------------------------------------------
 
     async def _run(self) -> None:
         refused_at = -math.inf  # when the window last made this node wait
         while not self._closed:
-            head = self._head()
+            head = self._waiters.head()
             if head is None:
                 self._wake.clear()
                 await self._wake.wait()
@@ -260,7 +231,7 @@ class SharedBudget:
                 self.instruments.internal_errors.labels(where="budget").inc()
                 wait, first = self._take_local(head.calls), None
             if wait <= 0.0:
-                self._pop(head)
+                self._waiters.remove(head)
                 if head.future.done():  # cancelled while the grant was being taken
                     if first is not None:
                         await self._release(first, head.calls)
@@ -277,7 +248,7 @@ class SharedBudget:
             # the same instant.
             await asyncio.sleep(min(wait, self.window_s) + random.uniform(0.0, 0.002))
 
-    async def _take(self, head: _Waiter) -> tuple[float, int | None]:
+    async def _take(self, head: Waiter) -> tuple[float, int | None]:
         """(0, first member) when granted, else (seconds to wait, None)."""
         calls = head.calls
         if self.mode == "shared" and not self.link.up and self.link.checked:
@@ -288,7 +259,7 @@ class SharedBudget:
             now = time.monotonic()
             backfill = [now - t for t in self._local_grants if now - t < self.window_s]
             live = head.priority == "live"
-            more_live = live and len(self._waiters["live"]) > 1
+            more_live = live and self._waiters.count("live") > 1
             args: list[int | str] = [
                 self._limit,
                 int(self.window_s * 1e6),
@@ -331,7 +302,7 @@ class SharedBudget:
             async with asyncio.timeout(self.link.settings.redis_timeout_s):
                 await self.link.client.zrem(self._keys[0], *range(first, first + calls))
 
-    def _granted(self, waiter: _Waiter) -> None:
+    def _granted(self, waiter: Waiter) -> None:
         s = self.stats
         s.granted += waiter.calls
         wait = time.monotonic() - waiter.asked_at
@@ -383,11 +354,7 @@ class SharedBudget:
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
-        for queue in self._waiters.values():
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.future.done():
-                    waiter.future.cancel()
+        self._waiters.cancel_all()
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
