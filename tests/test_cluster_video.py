@@ -280,10 +280,10 @@ async def test_a_node_killed_mid_job_leaves_it_interrupted_and_resumable_elsewhe
         assert job_now["state"] == "interrupted", job_now
         assert time.monotonic() - killed_at < 30
         record = await survivor.manager.store.get_session(job_now["session_id"])
-        # (Marked by the lapsed job lease, "node_lost", unless the survivor's store
-        # marked every live session at its own start: the session leases of "More than
-        # one machine" are another part of the cluster work.)
+        # Marked by the lapsed job lease, committed before the job reads `interrupted`
+        # (or by the session lease's reaper, whichever comes first: both say node_lost).
         assert record is not None and record["status"] == "interrupted"
+        assert record["end_reason"] == "node_lost"
         async with http.post(f"{survivor.url}/api/videos/{job['id']}/resume") as r:
             assert r.status == 202, await r.text()
             assert (await r.json())["runs"] == 2
