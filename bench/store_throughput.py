@@ -23,32 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from report_build import SUMMARY  # the same stored frame summary as the report bench
+
 from server.session.database import Database
 from server.session.postgres_database import PostgresDatabase
 from server.session.sqlite_database import SQLiteDatabase
 from server.session.store import Store
 from tests.services import PG_BIN, PostgresServer
-
-SUMMARY = {
-    "metrics": {
-        "eye_contact": 90.1,
-        "engagement": 70.2,
-        "facial_expression": 60.0,
-        "posture": 88.0,
-        "confidence": 99.0,
-    },
-    "faces": 1,
-    "dominant_emotion": "CALM",
-    "emotions": {"CALM": 80.0, "HAPPY": 15.0, "SAD": 5.0},
-    "pose": [1.0, 2.0, 0.5],
-    "labels": [],
-    "text_lines": 0,
-    "insufficient": False,
-    "quality_reason": None,
-    "degraded": [],
-    "calls": {"DetectFaces": 1},
-    "latency_ms": 12.3,
-}
 
 
 async def frames_per_second(db: Database, frames: int, counters: bool) -> float:

@@ -5,6 +5,7 @@ input, unknown ids, and tokens that stop the server from starting."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -58,6 +59,16 @@ async def session_with_alert(
     alerts = frame["result"]["alerts"]
     assert [a["type"] for a in alerts] == ["multiple_faces_detected"]
     rekognition.set_scene(faces=[fake_face()])
+    # The evidence snapshot is encoded and stored off the live path: wait for it, so the
+    # alert reads the same (with its evidence_url) in every answer a test compares.
+    for _ in range(200):
+        status, listed = await call(http, "GET", f"{server.url}/api/sessions/{sid}/alerts", token)
+        assert status == 200, listed
+        if listed["alerts"] and listed["alerts"][0]["evidence_url"] is not None:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"the alert's evidence was never stored: {listed}")
     return sid, alerts[0]["episode_id"]
 
 
