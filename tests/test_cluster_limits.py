@@ -234,7 +234,12 @@ async def test_live_requests_go_first_on_a_node_and_across_nodes(
         # Across nodes: A has background requests waiting, then B a live one; the live
         # one gets the next slot although A asked first.
         order.clear()
-        await a.acquire(2)
+        # The window filled by two grants 0.3 s apart, so slots free one at a time: two
+        # freed at once would go to B's live request and then, a millisecond later, to
+        # A's background one, and which task appends first is the event loop's choice.
+        await a.acquire(1)
+        await asyncio.sleep(0.3)
+        await a.acquire(1)
         tasks = [asyncio.create_task(ask(a, f"a-background-{i}", "background")) for i in range(2)]
         await queued()
         tasks.append(asyncio.create_task(ask(b, "b-live", "live")))
