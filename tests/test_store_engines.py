@@ -130,6 +130,42 @@ async def test_frames_alerts_and_reports_are_upserts(store: Store) -> None:
     assert await store.get_report("other") is None
 
 
+async def test_a_backlog_writes_each_session_counters_once_and_the_latest(
+    store: Store,
+) -> None:
+    """Counters updates are latest-wins: in one batch only the last per session runs, so
+    a backlog's frames go together; the stored result is the same as running them all."""
+    for sid in ("a", "b"):
+        await store.create_session(sid, "rest", "local", {}, 1000.0)
+    await store.flush()
+    executed: list[list[str]] = []
+    real = store.db.execute_batch
+
+    async def counting(statements: Any) -> None:
+        executed.append([sql for sql, _ in statements])
+        await real(statements)
+
+    store.db.execute_batch = counting  # type: ignore[method-assign]
+    for i in range(50):
+        for sid in ("a", "b"):
+            await store.add_frame(sid, i, 1000.0 + i, {"faces": 1})
+            await store.update_counters(sid, {"frames_analysed": i + 1}, 1000.0 + i)
+    await store.end_session("b", 1100.0, "ended", {"frames_analysed": 99})
+    await store.update_counters("b", {"frames_analysed": 50}, 1050.0)  # after the end
+    await store.flush()
+    statements = [sql for batch in executed for sql in batch]
+    updates = [sql for sql in statements if sql.startswith("UPDATE sessions SET counters")]
+    assert len(executed) == 1 and len(updates) == 2  # one batch: one per session
+    assert sum(sql.startswith("INSERT INTO frames") for sql in statements) == 100
+    a, b = await store.get_session("a"), await store.get_session("b")
+    assert a is not None and a["counters"] == {"frames_analysed": 50}
+    assert a["last_activity"] == 1049.0
+    # Written in order around the end: the end's counters, then the later update.
+    assert b is not None and b["status"] == "ended" and b["counters"] == {"frames_analysed": 50}
+    span, frames = await store.scan_frames("b", lambda sp, it: (sp, list(it)), (0.0, 1e12))
+    assert span.rows == 50 and [i for i, _t, _s in frames] == list(range(50))
+
+
 async def test_video_jobs_are_listed_by_state_newest_first(store: Store) -> None:
     for i, state in enumerate(["queued", "done", "failed", "queued"]):
         await store.save_video_job(

@@ -212,6 +212,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX candidate_tokens_by_session ON candidate_tokens (session_id)",
         ),
     ),
+    Migration(
+        9,
+        "no index on sessions.last_activity: every analysed frame updates it",
+        (
+            # An indexed column changed by each counters update makes every one of them
+            # rewrite the index (PostgreSQL: no HOT update). Its one reader, the retention
+            # sweep, scans the sessions table, one row per session, a few times a day.
+            "DROP INDEX sessions_by_activity",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

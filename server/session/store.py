@@ -44,6 +44,21 @@ class _Write:
     session_id: str
     sql: str
     params: Sequence[Any]
+    #: Writes with the same key only assign absolute values that no other statement
+    #: reads: in one batch, the last of them is all that needs to run.
+    latest_wins: str | None = None
+
+
+def _statements(batch: Sequence[_Write]) -> list[tuple[str, Sequence[Any]]]:
+    """The batch's statements, in order, without the `latest_wins` writes that a later one
+    of the same key replaces: a backlog of a session's frames and counters updates becomes
+    its frames (consecutive, so one round trip on PostgreSQL) and one counters update."""
+    last = {w.latest_wins: i for i, w in enumerate(batch) if w.latest_wins is not None}
+    return [
+        (w.sql, w.params)
+        for i, w in enumerate(batch)
+        if w.latest_wins is None or last[w.latest_wins] == i
+    ]
 
 
 @dataclass(frozen=True)
@@ -245,10 +260,12 @@ class Store:
 
     # --- writing ----------------------------------------------------------------------
 
-    async def _put(self, session_id: str, sql: str, params: Sequence[Any]) -> None:
+    async def _put(
+        self, session_id: str, sql: str, params: Sequence[Any], latest_wins: str | None = None
+    ) -> None:
         # Bounded: if the disk cannot keep up, producers wait here instead of growing memory.
         self._seq += 1
-        await self._queue.put(_Write(self._seq, session_id, sql, params))
+        await self._queue.put(_Write(self._seq, session_id, sql, params, latest_wins))
 
     def mark(self) -> int:
         """The number of the latest write queued: `flush(since=mark)` asks only about the
@@ -302,7 +319,7 @@ class Store:
                 return
 
     async def _write(self, batch: list[_Write]) -> None:
-        statements = [(w.sql, w.params) for w in batch]
+        statements = _statements(batch)
         first_failure: float | None = None
         attempt = 0
         while True:
@@ -469,6 +486,7 @@ class Store:
             session_id,
             "UPDATE sessions SET counters=?, last_activity=? WHERE id=?",
             (_dumps(counters), last_activity, session_id),
+            latest_wins="counters:" + session_id,
         )
 
     async def end_session(
