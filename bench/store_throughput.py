@@ -6,8 +6,8 @@ queued (up to 500 statements a transaction) exactly as it does in the server.
 
 Two write patterns: frames alone (a recorded video's backlog, or a bench), and frames as
 live sessions write them, each followed by its session's counters update: all of one
-session (the same row updated again and again), and interleaved over --sessions. PostgreSQL is
-a private cluster this script starts (fsync on, like a real server) on loopback, on a free
+session (the same row updated again and again), and interleaved over --sessions.
+PostgreSQL is a private cluster this script starts (fsync on, like a real server) on loopback, on a free
 port, in a temporary directory (tests/services.py's PostgresServer); SQLite is a file in
 WAL mode in another temporary directory.
 """
@@ -34,8 +34,8 @@ from tests.services import PG_BIN, PostgresServer
 
 
 async def frames_per_second(db: Database, frames: int, counters: bool, sessions: int) -> float:
-    # A generous flush bound: PostgreSQL's same-row updates can take longer than the
-    # server's 10 s for a whole backlog written at once.
+    # A generous flush bound: a large --frames backlog, written at once, can take longer
+    # than the server's 10 s.
     store = Store(db, queue_size=100_000, flush_timeout_s=600.0)
     await store.open()
     try:

@@ -5,7 +5,6 @@ input, unknown ids, and tokens that stop the server from starting."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from server.config import ConfigError
 from server.signaling.auth import operator_tokens
+from tests.cluster_kit import eventually
 from tests.conftest import ROOT, RunningServer, free_port, make_settings
 from tests.fakes.rekognition import FakeRekognition, fake_face
 from tests.media import face_data_url
@@ -61,14 +61,12 @@ async def session_with_alert(
     rekognition.set_scene(faces=[fake_face()])
     # The evidence snapshot is encoded and stored off the live path: wait for it, so the
     # alert reads the same (with its evidence_url) in every answer a test compares.
-    for _ in range(200):
+    async def evidence_stored() -> bool:
         status, listed = await call(http, "GET", f"{server.url}/api/sessions/{sid}/alerts", token)
         assert status == 200, listed
-        if listed["alerts"] and listed["alerts"][0]["evidence_url"] is not None:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError(f"the alert's evidence was never stored: {listed}")
+        return bool(listed["alerts"]) and listed["alerts"][0]["evidence_url"] is not None
+
+    assert await eventually(evidence_stored, within=10, step=0.05), "evidence never stored"
     return sid, alerts[0]["episode_id"]
 
 

@@ -790,14 +790,13 @@ class VideoJobs:
             if not await store.replace_video_job(job.to_record(), was, owner):
                 continue  # renewed, finished or taken by another node's sweep meanwhile
             if job.session_id:
-                mark = store.mark()
-                await store.mark_interrupted(job.session_id, "node_lost")
-                # Committed now, not with the next batch: the job already reads
-                # `interrupted`, and a resume from any node must find its session so too.
+                # At once, as the session reaper does (the job already reads `interrupted`,
+                # and a resume from any node must find its session so too); if this fails,
+                # the reaper marks it when the dead node's lease lapses.
                 try:
-                    await store.flush(job.session_id, since=mark)
-                except StoreError:
-                    log.warning("video job %s: its session's state is not committed yet", job.id)
+                    await store.interrupt_sessions([job.session_id], "node_lost")
+                except StoreError as exc:
+                    log.warning("video job %s: its session not marked yet: %s", job.id, exc)
             log.warning(
                 "video job %s: node %s stopped renewing its lease: interrupted (resumable)",
                 job.id,
