@@ -7,9 +7,9 @@ queued (up to 500 statements a transaction) exactly as it does in the server.
 Two write patterns: frames alone (a recorded video's backlog, or a bench), and frames as
 live sessions write them, each followed by its session's counters update: all of one
 session (the same row updated again and again), and interleaved over --sessions.
-PostgreSQL is a private cluster this script starts (fsync on, like a real server) on loopback, on a free
-port, in a temporary directory (tests/services.py's PostgresServer); SQLite is a file in
-WAL mode in another temporary directory.
+PostgreSQL is a private cluster this script starts (fsync on, like a real server) on
+loopback, on a free port, in a temporary directory (tests/services.py's PostgresServer);
+SQLite is a file in WAL mode in another temporary directory.
 """
 
 from __future__ import annotations
